@@ -1,0 +1,122 @@
+"""A small artifact store: files keyed by a hash of the parameters that made them.
+
+``store.path("clip", params)`` names a directory ``<root>/clip/<hash>/`` that holds the
+artifact and a ``params.json`` saying what made it. Writes are atomic (temporary file,
+then ``os.replace``), so an interrupted run never leaves a half-written artifact that a
+later run would mistake for a finished one, and a finished artifact is never
+overwritten by a failed run.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import tempfile
+from collections.abc import Callable
+from dataclasses import asdict, is_dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+
+def _jsonable(obj: Any) -> Any:
+    if is_dataclass(obj):
+        return _jsonable(asdict(obj))
+    if isinstance(obj, dict):
+        return {str(k): _jsonable(v) for k, v in sorted(obj.items())}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, Path):
+        return str(obj)
+    if hasattr(obj, "item") and getattr(obj, "ndim", 1) == 0:  # numpy / torch scalars
+        return obj.item()
+    return obj
+
+
+def params_key(params: Any) -> str:
+    """A short, stable hash of JSON-able parameters (dict key order does not matter)."""
+    text = json.dumps(_jsonable(params), sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
+    """Write ``data`` to ``path`` via a temporary file in the same directory."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def atomic_write_json(path: str | Path, obj: Any) -> Path:
+    return atomic_write_bytes(path, (json.dumps(_jsonable(obj), indent=2) + "\n").encode())
+
+
+def atomic_torch_save(obj: Any, path: str | Path) -> Path:
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    return atomic_write_bytes(path, buffer.getvalue())
+
+
+def safe_torch_load(path: str | Path, map_location: str | torch.device = "cpu") -> Any:
+    """``torch.load(weights_only=True)`` with errors that say which file is wrong and what to do."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"No checkpoint at {path}. Check the path, or delete the parameter to train one.")
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as err:  # torch raises several types for truncated or foreign files
+        raise ValueError(
+            f"Could not read checkpoint {path} ({type(err).__name__}: {str(err)[:200]}). "
+            "The file is corrupt, truncated or not a PyTorch state dict: delete it and rerun to rebuild it, "
+            "or point to a valid checkpoint.") from err
+
+
+class ArtifactStore:
+    """Directory of artifacts, each under ``<root>/<kind>/<params hash>/``."""
+
+    def __init__(self, root: str | Path) -> None:
+        self.root = Path(root)
+
+    def path(self, kind: str, params: Any) -> Path:
+        """The directory for this kind and parameters (created, with its ``params.json``)."""
+        d = self.root / kind / params_key(params)
+        if not (d / "params.json").exists():
+            atomic_write_json(d / "params.json", params)
+        return d
+
+    def get_or_create(self, kind: str, params: Any, filename: str,
+                      build: Callable[[Path], Any], load: Callable[[Path], Any]) -> Any:
+        """Load ``<dir>/filename`` if present, else ``build(dir)`` (which must write it) and load it."""
+        d = self.path(kind, params)
+        target = d / filename
+        if not target.exists():
+            build(d)
+            if not target.exists():
+                raise RuntimeError(f"Building {kind} did not write {target}.")
+        return load(target)
+
+
+def write_results(results_dir: str | Path, chapter: str, numbers: dict[str, Any],
+                  params: dict[str, Any]) -> Path:
+    """Write a chapter's headline numbers, with the parameters that produced them."""
+    return atomic_write_json(Path(results_dir) / f"{chapter}.json",
+                             {"chapter": chapter, "results": numbers, "parameters": params})
+
+
+def read_results(results_dir: str | Path, chapter: str) -> dict[str, Any]:
+    path = Path(results_dir) / f"{chapter}.json"
+    if not path.exists():
+        raise FileNotFoundError(f"No results for chapter {chapter!r} at {path}: run that chapter first.")
+    return json.loads(path.read_text())
