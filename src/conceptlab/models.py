@@ -12,8 +12,10 @@ shows progress, checkpoints atomically and resumes where an interrupted run stop
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import json
+import logging
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
@@ -31,6 +33,19 @@ from .world import ConceptWorld, WorldConfig
 open_clip.add_model_config(Path(__file__).parent / "model_configs")
 WORLD_ARCHS = ("ConceptWorld-ViT", "ConceptWorld-RN")
 CLASS_PROMPTS: tuple[str, ...] = ("a photo of a {}.", "a {}.")
+
+
+@contextlib.contextmanager
+def _quiet_random_init():
+    """open_clip logs a warning on the root logger whenever it builds an architecture without
+    weights; here that is intended (weights follow from our own checkpoint or training)."""
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        root.setLevel(level)
 
 
 def pick_device(device: str | None = None) -> torch.device:
@@ -60,7 +75,8 @@ def load_clip(name: str, pretrained: str | None = None, device: str | None = Non
     _check_model_name(name)
     dev = pick_device(device)
     if pretrained and _looks_like_path(pretrained):
-        model, _, preprocess = open_clip.create_model_and_transforms(name, pretrained=None)
+        with _quiet_random_init():
+            model, _, preprocess = open_clip.create_model_and_transforms(name, pretrained=None)
         load_weights(model, pretrained)
     else:
         if pretrained and not name.startswith("hf-hub:"):
@@ -86,12 +102,16 @@ def load_weights(model: torch.nn.Module, path: str | Path) -> None:
     if not isinstance(state, dict):
         raise ValueError(f"{path} holds a {type(state).__name__}, not a state dict.")
     state = {k.removeprefix("module."): v for k, v in state.items()}
-    result = model.load_state_dict(state, strict=False)
-    if result.missing_keys or result.unexpected_keys:
-        raise ValueError(f"Checkpoint {path} does not fit this architecture: "
-                         f"{len(result.missing_keys)} missing keys (e.g. {result.missing_keys[:3]}), "
-                         f"{len(result.unexpected_keys)} unexpected (e.g. {result.unexpected_keys[:3]}). "
+    own = model.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    wrong_shape = [k for k in own if k in state and tuple(state[k].shape) != tuple(own[k].shape)]
+    if missing or unexpected or wrong_shape:
+        raise ValueError(f"Checkpoint {path} does not fit this architecture: {len(missing)} missing keys "
+                         f"(e.g. {missing[:3]}), {len(unexpected)} unexpected (e.g. {unexpected[:3]}), "
+                         f"{len(wrong_shape)} of another shape (e.g. {wrong_shape[:3]}). "
                          "Pass the model name the checkpoint was trained with.")
+    model.load_state_dict(state)
 
 
 def image_size(model: torch.nn.Module) -> int:
@@ -202,7 +222,8 @@ def train_world_clip(world: ConceptWorld, cfg: TrainConfig, out_dir: str | Path,
     """
     out_dir = Path(out_dir)
     torch.manual_seed(cfg.seed)
-    model = open_clip.create_model(cfg.arch)
+    with _quiet_random_init():
+        model = open_clip.create_model(cfg.arch)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.98))
     loss_fn = open_clip.loss.ClipLoss()
     state_path, history, start = out_dir / "state.pt", [], 0

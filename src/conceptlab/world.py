@@ -14,7 +14,7 @@ creature in every world.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
@@ -62,6 +62,7 @@ CAPTION_STYLES: tuple[str, ...] = ("visual", "class", "habitat", "behaviour", "s
 ONTOLOGY_SEED = 20240717
 _BLOCK = 512  # images per random-number block: the unit of reproducible streaming
 _SPLITS = {"train": 0, "val": 1, "test": 2, "corpus": 3}
+Edit = Callable[[np.ndarray, np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]
 
 
 @dataclass(frozen=True)
@@ -181,14 +182,19 @@ class ConceptWorld:
         self._palette = np.array(list(COLOURS.values()), dtype=np.float32)
 
     # ------------------------------------------------------------------ sampling
-    def sample(self, n: int, split: str = "train", start: int = 0) -> WorldBatch:
-        """Images ``start .. start+n`` of a split. Independent of how the split is chunked."""
+    def sample(self, n: int, split: str = "train", start: int = 0, edit: Edit | None = None) -> WorldBatch:
+        """Images ``start .. start+n`` of a split. Independent of how the split is chunked.
+
+        ``edit(labels, attributes, habitats) -> (attributes, habitats)`` changes the ground truth
+        before drawing while pose, background phase and noise stay the same: counterfactual images
+        (swap the habitat, recolour a part) of exactly the same creatures.
+        """
         if split not in _SPLITS:
             raise ValueError(f"split={split!r}: use one of {list(_SPLITS)}.")
         if n <= 0:
             raise ValueError(f"n={n}: ask for at least one image.")
         first, last = start // _BLOCK, (start + n - 1) // _BLOCK
-        parts = [self._render_block(split, b) for b in range(first, last + 1)]
+        parts = [self._render_block(split, b, edit) for b in range(first, last + 1)]
         batch = parts[0] if len(parts) == 1 else _concat(parts)
         offset = start - first * _BLOCK
         return _slice(batch, offset, offset + n)
@@ -212,7 +218,7 @@ class ConceptWorld:
         return np.array([HABITATS.index(self.classes[c].habitat) for c in labels], dtype=int)
 
     # ------------------------------------------------------------------ rendering
-    def _render_block(self, split: str, block: int) -> WorldBatch:
+    def _render_block(self, split: str, block: int, edit: Edit | None = None) -> WorldBatch:
         cfg = self.config
         rng = np.random.default_rng([cfg.seed, _SPLITS[split], block])
         n = _BLOCK
@@ -225,6 +231,9 @@ class ConceptWorld:
         attrs = np.where(flip & present[..., None], random_vals, attrs)
         own = self.home_habitats(labels)
         habitats = np.where(rng.random(n) < cfg.habitat_correlation, own, rng.integers(len(HABITATS), size=n))
+        if edit is not None:
+            attrs, habitats = edit(labels, attrs.copy(), habitats.copy())
+            present = attrs[:, :, 0] >= 0
         geometry = {
             "cx": rng.uniform(-cfg.position_jitter, cfg.position_jitter, n),
             "cy": rng.uniform(-cfg.position_jitter, cfg.position_jitter, n),

@@ -1,0 +1,106 @@
+"""Project plumbing: paired notebooks, parameters cells, environment.yml, smoke runs of every chapter."""
+
+from __future__ import annotations
+
+import json
+import re
+import tomllib
+from pathlib import Path
+
+import jupytext
+import pytest
+import yaml
+
+from conceptlab.bookrun import NOTEBOOKS, ROOT, chapters, run_chapter, smoke_parameters
+
+CHAPTERS = chapters()
+
+
+def _cells(nb):
+    return [(c.cell_type, c.source.strip()) for c in nb.cells]
+
+
+def test_every_notebook_has_a_twin_and_they_are_in_sync():
+    ipynbs = {p.stem for p in NOTEBOOKS.glob("*.ipynb")}
+    pys = {p.stem for p in NOTEBOOKS.glob("*.py")}
+    assert ipynbs == pys, f"unpaired notebooks: {ipynbs ^ pys}"
+    for stem in sorted(ipynbs):
+        a, b = jupytext.read(NOTEBOOKS / f"{stem}.ipynb"), jupytext.read(NOTEBOOKS / f"{stem}.py")
+        assert _cells(a) == _cells(b), f"{stem}: run `jupytext --sync notebooks/{stem}.py`"
+
+
+@pytest.mark.parametrize("chapter", CHAPTERS)
+def test_notebook_has_parameters_cell_first_and_no_outputs(chapter):
+    raw = json.loads((NOTEBOOKS / f"{chapter}.ipynb").read_text())
+    code = [c for c in raw["cells"] if c["cell_type"] == "code"]
+    assert "parameters" in code[0]["metadata"].get("tags", []), "the first code cell must be tagged `parameters`"
+    assert all(not c.get("outputs") for c in code), "commit notebooks without outputs"
+    params = set(re.findall(r"^(\w+)\s*=", "".join(code[0]["source"]), flags=re.M))
+    assert {"artifacts_dir", "results_dir"} <= params
+
+
+@pytest.mark.parametrize("chapter", CHAPTERS)
+def test_smoke_parameters_exist_for_every_chapter_and_are_real_parameters(chapter):
+    table = yaml.safe_load((NOTEBOOKS / "smoke.yml").read_text())
+    assert chapter in table, f"add a `{chapter}` block to notebooks/smoke.yml"
+    source = jupytext.read(NOTEBOOKS / f"{chapter}.py").cells
+    first_code = next(c for c in source if c.cell_type == "code").source
+    declared = set(re.findall(r"^(\w+)\s*=", first_code, flags=re.M))
+    own = set(table[chapter] or {})
+    assert own <= declared, f"smoke.yml sets parameters {own - declared} that {chapter} does not declare"
+
+
+@pytest.mark.notebook
+@pytest.mark.parametrize("chapter", CHAPTERS)
+def test_chapter_runs_with_smoke_parameters_and_writes_its_results(chapter, tmp_path):
+    params = smoke_parameters(chapter, tmp_path)
+    out = run_chapter(chapter, tmp_path / "executed", params)
+    nb = json.loads(out.read_text())
+    errors = [o for c in nb["cells"] for o in c.get("outputs", []) if o.get("output_type") == "error"]
+    assert not errors
+    results = json.loads((tmp_path / "results" / f"{chapter}.json").read_text())
+    assert results["chapter"] == chapter and results["results"]
+    numbers = [v for v in results["results"].values() if isinstance(v, (int, float))]
+    assert numbers and all(v == v for v in numbers), "results must hold real numbers (no NaN)"
+
+
+def test_environment_yml_matches_pyproject():
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    env = yaml.safe_load((ROOT / "environment.yml").read_text())
+    deps = env["dependencies"]
+    python = next(d for d in deps if isinstance(d, str) and d.startswith("python="))
+    major_minor = tuple(int(x) for x in python.split("=")[1].split(".")[:2])
+    minimum = tuple(int(x) for x in re.search(r">=\s*([\d.]+)", project["requires-python"]).group(1).split("."))
+    assert major_minor >= minimum
+    assert "pip" in deps
+    pip_lines = next(d["pip"] for d in deps if isinstance(d, dict))
+    extras = set(project["optional-dependencies"]) - {"all"}
+    all_extra = re.findall(r"\[(.*)\]", project["optional-dependencies"]["all"][0])[0]
+    assert set(all_extra.split(",")) == extras, "the `all` extra must name every other extra"
+    installed = [line for line in pip_lines if line.startswith("-e .")]
+    assert installed, "environment.yml must install the project itself"
+    named = set(re.findall(r"\[(.*)\]", installed[0])[0].split(","))
+    assert named == {"all"} or named == extras, f"environment.yml installs extras {named}, pyproject has {extras}"
+    assert "-c constraints.txt" in pip_lines, "pin the same versions as `make install`"
+
+
+def test_constraints_pin_every_direct_dependency():
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    pins = {re.split(r"==", line)[0].lower().replace("_", "-")
+            for line in (ROOT / "constraints.txt").read_text().splitlines() if "==" in line}
+    direct = list(project["dependencies"]) + [d for extra in project["optional-dependencies"].values() for d in extra]
+    names = {re.split(r"[<>=\[ ]", d)[0].lower().replace("_", "-") for d in direct} - {"conceptlab"}
+    assert names <= pins, f"constraints.txt does not pin {names - pins}"
+
+
+def test_every_chapter_is_in_the_table_of_contents():
+    toc = (ROOT / "_toc.yml").read_text()
+    missing = [c for c in CHAPTERS if f"book/chapters/{c}" not in toc]
+    assert not missing, f"add {missing} to _toc.yml"
+
+
+def test_readme_shows_the_two_commands_and_ci_calls_the_test_command():
+    readme = (ROOT / "README.md").read_text()
+    assert "make book" in readme and "make test" in readme
+    assert "make test" in (ROOT / ".ci" / "run").read_text()
+    assert Path(ROOT / "Makefile").read_text().count("pytest") >= 1
