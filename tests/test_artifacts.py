@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -64,3 +65,25 @@ def test_results_round_trip(tmp_path):
     assert read_results(tmp_path, "ch") == {"chapter": "ch", "results": {"acc": 0.5}, "parameters": {"seed": 0}}
     with pytest.raises(FileNotFoundError, match="run that chapter"):
         read_results(tmp_path, "other")
+
+
+def test_concurrent_requests_build_an_artifact_once(tmp_path):
+    import multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    with ctx.Pool(2) as pool:
+        pool.starmap(_build_slowly, [(str(tmp_path), i) for i in range(2)])
+    builds = (tmp_path / "builds.log").read_text().split()
+    assert len(builds) == 1
+
+
+def _build_slowly(root: str, worker: int) -> None:
+    import time
+
+    def build(d):
+        with open(Path(root) / "builds.log", "a") as log:
+            log.write(f"{worker}\n")
+        time.sleep(2.0)  # long enough for the two workers to overlap
+        atomic_write_bytes(d / "x.bin", b"done")
+
+    ArtifactStore(root).get_or_create("slow", {"n": 1}, "x.bin", build, lambda p: p.read_bytes())

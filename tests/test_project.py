@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
+import subprocess
+import sys
 import tomllib
 from pathlib import Path
 
@@ -50,18 +53,51 @@ def test_smoke_parameters_exist_for_every_chapter_and_are_real_parameters(chapte
     assert own <= declared, f"smoke.yml sets parameters {own - declared} that {chapter} does not declare"
 
 
+@pytest.fixture(scope="session")
+def run_smoke(tmp_path_factory):
+    """Run a chapter on its smoke parameters once per test session; returns its work folder."""
+    workdir, done = tmp_path_factory.mktemp("smoke"), {}
+
+    def run(chapter: str) -> Path:
+        if chapter not in done:
+            run_chapter(chapter, workdir / "executed", smoke_parameters(chapter, workdir))
+            done[chapter] = workdir
+        return done[chapter]
+
+    return run
+
+
 @pytest.mark.notebook
 @pytest.mark.parametrize("chapter", CHAPTERS)
-def test_chapter_runs_with_smoke_parameters_and_writes_its_results(chapter, tmp_path):
-    params = smoke_parameters(chapter, tmp_path)
-    out = run_chapter(chapter, tmp_path / "executed", params)
-    nb = json.loads(out.read_text())
+def test_chapter_runs_with_smoke_parameters_and_writes_its_results(chapter, run_smoke):
+    workdir = run_smoke(chapter)
+    nb = json.loads((workdir / "executed" / f"{chapter}.ipynb").read_text())
     errors = [o for c in nb["cells"] for o in c.get("outputs", []) if o.get("output_type") == "error"]
     assert not errors
-    results = json.loads((tmp_path / "results" / f"{chapter}.json").read_text())
+    assert any("image/png" in o.get("data", {}) for c in nb["cells"] for o in c.get("outputs", [])), "no figure"
+    results = json.loads((workdir / "results" / f"{chapter}.json").read_text())
     assert results["chapter"] == chapter and results["results"]
     numbers = [v for v in results["results"].values() if isinstance(v, (int, float))]
     assert numbers and all(v == v for v in numbers), "results must hold real numbers (no NaN)"
+
+
+@pytest.mark.notebook
+def test_book_builds_from_executed_chapters_without_reexecuting(run_smoke, tmp_path):
+    book = tmp_path / "book_root"
+    (book / "book" / "chapters").mkdir(parents=True)
+    for name in ("_config.yml", "_toc.yml"):
+        shutil.copy(ROOT / name, book / name)
+    shutil.copy(ROOT / "book" / "intro.md", book / "book" / "intro.md")
+    for chapter in CHAPTERS:
+        shutil.copy(run_smoke(chapter) / "executed" / f"{chapter}.ipynb", book / "book" / "chapters")
+    jb = Path(sys.executable).with_name("jupyter-book")
+    proc = subprocess.run([str(jb), "build", "--all", str(book)], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert "Executing" not in proc.stdout, "jupyter-book must not execute notebooks"
+    for chapter in CHAPTERS:
+        html = (book / "_build" / "html" / "book" / "chapters" / f"{chapter}.html").read_text()
+        assert "<img" in html and "Traceback" not in html, chapter
+    assert (book / "_build" / "html" / "index.html").exists()
 
 
 def test_environment_yml_matches_pyproject():

@@ -9,12 +9,14 @@ overwritten by a failed run.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import io
 import json
 import os
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, is_dataclass
 from pathlib import Path
 from typing import Any
@@ -96,15 +98,27 @@ class ArtifactStore:
             atomic_write_json(d / "params.json", params)
         return d
 
+    @contextlib.contextmanager
+    def building(self, kind: str, params: Any) -> Iterator[Path]:
+        """Hold an exclusive lock on the artifact's directory while it is checked and built, so
+        that two kernels asking for the same artifact build it once (the second one waits)."""
+        d = self.path(kind, params)
+        with open(d / ".lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            try:
+                yield d
+            finally:
+                fcntl.flock(lock, fcntl.LOCK_UN)
+
     def get_or_create(self, kind: str, params: Any, filename: str,
                       build: Callable[[Path], Any], load: Callable[[Path], Any]) -> Any:
         """Load ``<dir>/filename`` if present, else ``build(dir)`` (which must write it) and load it."""
-        d = self.path(kind, params)
-        target = d / filename
-        if not target.exists():
-            build(d)
+        with self.building(kind, params) as d:
+            target = d / filename
             if not target.exists():
-                raise RuntimeError(f"Building {kind} did not write {target}.")
+                build(d)
+                if not target.exists():
+                    raise RuntimeError(f"Building {kind} did not write {target}.")
         return load(target)
 
 

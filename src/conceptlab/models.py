@@ -278,9 +278,9 @@ def world_clip(store: ArtifactStore, world_cfg: WorldConfig, train_cfg: TrainCon
     Returns ``(model, preprocess, tokenizer, history)``.
     """
     params = {"world": asdict(world_cfg), "train": asdict(train_cfg)}
-    d = store.path("world_clip", params)
-    if not (d / "model.pt").exists():
-        train_world_clip(ConceptWorld(world_cfg), train_cfg, d, progress=progress)
+    with store.building("world_clip", params) as d:
+        if not (d / "model.pt").exists():
+            train_world_clip(ConceptWorld(world_cfg), train_cfg, d, progress=progress)
     model, preprocess, tokenizer = load_clip(train_cfg.arch, str(d / "model.pt"), device="cpu")
     history = json.loads((d / "history.json").read_text())
     return model, preprocess, tokenizer, history

@@ -1,0 +1,205 @@
+"""Target CNNs for filter explanation: a ResNet-18 trained on Concept World, or any torchvision CNN.
+
+``world_cnn(store, world_cfg, cnn_cfg)`` trains (or loads from the artifact store) a
+torchvision ResNet-18 whose stem is adapted to 64x64 images: ``conv1`` is a 3x3 stride-2
+convolution and the max-pool is removed, so ``layer1 .. layer4`` see 32, 16, 8 and 4 cells a
+side (the ImageNet stem would leave ``layer4`` with 2x2 cells). ``load_torchvision_cnn(arch,
+weights)`` builds any torchvision classification architecture and loads a local state dict
+with ``weights_only=True``. Both come with the input transform they expect
+(:class:`CNNInput`), since world and ImageNet models are normalised differently.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from copy import deepcopy
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+import torchvision
+from tqdm.auto import tqdm
+
+from .artifacts import ArtifactStore, atomic_torch_save, atomic_write_json, safe_torch_load
+from .models import load_weights
+from .world import ConceptWorld, WorldConfig
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+WORLD_MEAN = (0.5, 0.5, 0.5)
+WORLD_STD = (0.25, 0.25, 0.25)
+
+
+@dataclass(frozen=True)
+class CNNInput:
+    """How uint8 images become a CNN's input: resize to ``size`` and normalise."""
+
+    size: int
+    mean: tuple[float, float, float] = WORLD_MEAN
+    std: tuple[float, float, float] = WORLD_STD
+
+    def __call__(self, images: np.ndarray) -> torch.Tensor:
+        x = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float().div_(255)
+        if x.shape[-1] != self.size or x.shape[-2] != self.size:
+            x = F.interpolate(x, size=(self.size, self.size), mode="bilinear", align_corners=False)
+        return (x - torch.tensor(self.mean).view(1, 3, 1, 1)) / torch.tensor(self.std).view(1, 3, 1, 1)
+
+
+@dataclass(frozen=True)
+class CNNConfig:
+    """How the world target CNN is trained. Part of its artifact key, with the WorldConfig."""
+
+    n_train: int = 8000
+    steps: int = 220
+    batch_size: int = 48
+    lr: float = 2e-3
+    weight_decay: float = 1e-4
+    seed: int = 0
+    checkpoint_every: int = 50
+
+    def __post_init__(self) -> None:
+        problems = [f"{k}={getattr(self, k)} must be positive" for k in
+                    ("n_train", "steps", "batch_size", "lr", "checkpoint_every") if getattr(self, k) <= 0]
+        if self.batch_size > self.n_train:
+            problems.append(f"batch_size={self.batch_size} exceeds n_train={self.n_train}")
+        if problems:
+            raise ValueError("Bad CNNConfig: " + "; ".join(problems) + ".")
+
+
+def world_resnet18(n_classes: int) -> torch.nn.Module:
+    """torchvision ResNet-18 with a 64x64 stem: 3x3 stride-2 ``conv1``, no max-pool."""
+    model = torchvision.models.resnet18(num_classes=n_classes)
+    model.conv1 = torch.nn.Conv2d(3, 64, kernel_size=3, stride=2, padding=1, bias=False)
+    model.maxpool = torch.nn.Identity()
+    return model
+
+
+def _lr_at(step: int, cfg: CNNConfig) -> float:
+    warmup = max(1, cfg.steps // 20)
+    if step < warmup:
+        return cfg.lr * (step + 1) / warmup
+    return cfg.lr * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, cfg.steps - warmup)))
+
+
+def train_world_cnn(world: ConceptWorld, cfg: CNNConfig, out_dir: str | Path, progress: bool = True) -> list[dict]:
+    """Train the world ResNet-18 into ``out_dir`` (``model.pt``, ``history.json``); resumes from ``state.pt``.
+
+    The batch of step ``t`` depends only on ``(cfg.seed, t)``, so a resumed run sees the same data.
+    """
+    out_dir = Path(out_dir)
+    torch.manual_seed(cfg.seed)
+    model = world_resnet18(len(world.class_names))
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    state_path, history, start = out_dir / "state.pt", [], 0
+    if state_path.exists():
+        state = safe_torch_load(state_path)
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        history, start = state["history"], state["step"]
+    batch = world.sample(cfg.n_train, split="train")
+    images, labels = batch.images, torch.from_numpy(batch.labels)
+    to_input = CNNInput(world.config.resolution)
+
+    def save_state(step: int) -> None:
+        atomic_torch_save({"model": model.state_dict(), "optimizer": opt.state_dict(),
+                           "history": history, "step": step}, state_path)
+
+    model.train()
+    bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, disable=not progress, desc="train CNN")
+    try:
+        for step in bar:
+            idx = np.random.default_rng([cfg.seed, step]).choice(cfg.n_train, size=cfg.batch_size, replace=False)
+            for group in opt.param_groups:
+                group["lr"] = _lr_at(step, cfg)
+            logits = model(to_input(images[idx]))
+            loss = F.cross_entropy(logits, labels[idx])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            acc = (logits.argmax(1) == labels[idx]).float().mean().item()
+            history.append({"step": step, "loss": loss.item(), "accuracy": acc, "lr": _lr_at(step, cfg)})
+            bar.set_postfix(loss=f"{loss.item():.3f}", acc=f"{acc:.2f}")
+            if (step + 1) % cfg.checkpoint_every == 0:
+                save_state(step + 1)
+    except KeyboardInterrupt:
+        save_state(len(history))  # keep the finished steps; a rerun resumes from here
+        raise
+    atomic_torch_save(model.state_dict(), out_dir / "model.pt")
+    atomic_write_json(out_dir / "history.json", history)
+    state_path.unlink(missing_ok=True)
+    return history
+
+
+def world_cnn(store: ArtifactStore, world_cfg: WorldConfig, cfg: CNNConfig,
+              progress: bool = True) -> tuple[torch.nn.Module, CNNInput, list[dict]]:
+    """The world ResNet-18 for these parameters (trained once, then loaded): ``(model, input, history)``."""
+    d = store.path("world_cnn", {"world": asdict(world_cfg), "cnn": asdict(cfg), "arch": "world_resnet18"})
+    if not (d / "model.pt").exists():
+        train_world_cnn(ConceptWorld(world_cfg), cfg, d, progress=progress)
+    model = world_resnet18(world_cfg.n_classes)
+    load_weights(model, d / "model.pt")
+    return model.eval(), CNNInput(world_cfg.resolution), json.loads((d / "history.json").read_text())
+
+
+def randomised_copy(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
+    """A copy of ``model`` with freshly initialised weights (seeded): the random-features baseline."""
+    torch.manual_seed(seed)
+    copy = deepcopy(model)
+    for module in copy.modules():
+        if hasattr(module, "reset_parameters"):
+            module.reset_parameters()
+    return copy.eval()
+
+
+def load_torchvision_cnn(arch: str, weights: str | Path, input_size: int = 224) -> tuple[torch.nn.Module, CNNInput]:
+    """A torchvision classification architecture with weights from a local state dict.
+
+    The number of classes is read from the checkpoint's last weight matrix; inputs use the
+    ImageNet normalisation at ``input_size`` pixels.
+    """
+    known = torchvision.models.list_models(module=torchvision.models)
+    if arch not in known:
+        raise ValueError(f"target_model={arch!r} is not a torchvision classification model; "
+                         f"pick one of torchvision.models.list_models(), e.g. 'resnet18', 'alexnet', 'vgg16'.")
+    if not weights:
+        raise ValueError(f"target_model={arch!r} needs target_weights=<local state dict file>: "
+                         "this project never downloads weights.")
+    state = safe_torch_load(weights)
+    state = state.get("state_dict", state) if isinstance(state, dict) else state
+    if not isinstance(state, dict) or not state:
+        raise ValueError(f"{weights} holds no state dict.")
+    last_weight = [v for k, v in state.items() if k.endswith("weight") and getattr(v, "ndim", 0) == 2]
+    num_classes = last_weight[-1].shape[0] if last_weight else 1000
+    model = torchvision.models.get_model(arch, weights=None, num_classes=num_classes)
+    load_weights(model, weights)
+    return model.eval(), CNNInput(input_size, IMAGENET_MEAN, IMAGENET_STD)
+
+
+def get_cnn(target_model: str, target_weights: str | None, store: ArtifactStore, world_cfg: WorldConfig,
+            cfg: CNNConfig, input_size: int = 224, progress: bool = True):
+    """``"world"`` trains/loads the world ResNet-18; a torchvision name loads ``target_weights``.
+
+    Returns ``(model, input transform, history or None)``.
+    """
+    if target_model == "world":
+        return world_cnn(store, world_cfg, cfg, progress=progress)
+    return (*load_torchvision_cnn(target_model, target_weights, input_size), None)
+
+
+@torch.no_grad()
+def cnn_accuracy(model: torch.nn.Module, to_input: CNNInput, images: np.ndarray, labels: np.ndarray,
+                 batch_size: int = 256) -> float:
+    """Top-1 accuracy of a classifier on uint8 images."""
+    preds = torch.cat([model(to_input(images[s:s + batch_size])).argmax(1) for s in range(0, len(images), batch_size)])
+    return (preds.numpy() == labels).mean().item()
+
+
+def weights_digest(path: str | Path | None) -> str | None:
+    """A short SHA-256 of a weights file, so artifacts built from it are keyed by its content."""
+    if not path:
+        return None
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]

@@ -1,0 +1,34 @@
+"""The Discover-then-Name chapter on the real-model path: a local checkpoint, an ImageFolder, a word list."""
+
+from __future__ import annotations
+
+import json
+
+import open_clip
+import torch
+
+from conceptlab.artifacts import read_results
+from conceptlab.bookrun import run_chapter
+
+
+def test_chapter_runs_on_a_local_checkpoint_imagefolder_and_word_list(tmp_path, tiny_world):
+    torch.manual_seed(0)
+    checkpoint = tmp_path / "random_rn.pt"
+    torch.save(open_clip.create_model("ConceptWorld-RN").state_dict(), checkpoint)  # random weights, real arch
+    data_root = tiny_world.export_imagefolder(tmp_path / "images", 48, split="test")
+    words = tmp_path / "words.txt"
+    words.write_text("\n".join(["red", "blue", "striped", "spotted", "head", "wings", "forest", "ocean", "car",
+                                "piano", "red"]) + "\n")
+    params = dict(model="ConceptWorld-RN", pretrained=str(checkpoint), dataset="imagefolder",
+                  data_root=str(data_root), vocabulary=str(words), n_corpus=48, n_probe_train=32, n_test=16,
+                  sae_expansion=2, sae_batch_size=16, sae_epochs=2, sae_resample_every=1,
+                  artifacts_dir=str(tmp_path / "artifacts"), results_dir=str(tmp_path / "results"))
+    executed = run_chapter("05_discover_then_name", tmp_path / "out", params)
+    results = read_results(tmp_path / "results", "05_discover_then_name")
+    numbers = results["results"]
+    assert numbers["n_corpus"] == 48 and numbers["vocabulary_size"] == 10  # the duplicate "red" counted once
+    assert numbers["n_concepts"] == 2 * 128  # ConceptWorld-RN embeds in 128 dimensions
+    assert "share_right" not in numbers  # no ground truth on a real data set
+    assert 0 <= numbers["accuracy_concept_probe"] <= 1 and 0 <= numbers["accuracy_raw_probe"] <= 1
+    assert results["parameters"]["vocabulary"] == str(words)
+    assert "No ground truth on a real data set" in json.dumps(json.loads(executed.read_text())["cells"])
