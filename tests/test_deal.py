@@ -1,0 +1,217 @@
+"""DEAL: losses and metrics on known inputs, training (gradients, frozen text, resume) and the real-model path."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from test_explain import saved_checkpoint
+
+from conceptlab.deal import DealConfig, DealObjective, array_batches, evaluate, load_eval_set, train_deal
+from conceptlab.descriptors import get_descriptors, oracle_descriptors
+from conceptlab.metrics import (
+    blur,
+    consistency_loss,
+    disentanglability,
+    energy_in_mask,
+    insertion_images,
+    localizability,
+    overlap_agreement,
+    pointing_game,
+    separation_loss,
+    sparsity_loss,
+)
+from conceptlab.models import images_to_tensor, load_clip
+
+
+# ---------------------------------------------------------------------------- losses and metrics
+def test_losses_against_loops():
+    maps = torch.rand(3, 4, 5, 5, generator=torch.Generator().manual_seed(0))
+    sep = np.mean([sum((maps[n, i] * maps[n, j]).sum().item() for i in range(4) for j in range(i + 1, 4))
+                   for n in range(3)])
+    assert separation_loss(maps).item() == pytest.approx(sep, rel=1e-5)
+    con = np.mean([((maps[n, :3].sum(0) - maps[n, 3]) ** 2).sum().item() for n in range(3)])
+    assert consistency_loss(maps[:, :3], maps[:, 3]).item() == pytest.approx(con, rel=1e-5)
+    assert sparsity_loss(maps).item() == pytest.approx(maps.sum().item() / 3, rel=1e-5)
+
+
+def test_disentanglability_formula():
+    assert disentanglability([20.0]) == pytest.approx(0.5)
+    assert disentanglability([0.0, 20.0]) == pytest.approx(1 / (1 + math.exp(-1)))
+    assert disentanglability([5.0]) > disentanglability([50.0])
+
+
+def test_insertion_whole_pixels_and_original_indexing():
+    images = torch.rand(1, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    maps = torch.zeros(1, 1, 8, 8)
+    maps[0, 0, :2] = 1.0  # the top two rows rank first: 25 % of the pixels
+    steps = insertion_images(images, maps, steps=4)
+    changed = (steps[0, 0, 0] == images[0]).all(0)  # pixels equal to the original after step 1
+    assert changed[:2].all() and changed.float().mean() == pytest.approx(0.25, abs=0.05)
+    torch.testing.assert_close(steps[0, 0, -1], images[0])  # the last step is the full image
+    quirk = insertion_images(images, maps, steps=4, original_indexing=True)
+    torch.testing.assert_close(quirk[0, 0, -1, 1:], blur(images)[0, 1:])  # channels 1, 2 stay blurred
+    assert not torch.equal(quirk[0, 0, -1], images[0])
+
+
+def test_localizability_prefers_the_right_region():
+    """A toy encoder that sees only the top-left quadrant: a map on that quadrant scores higher."""
+    def encode(x):
+        return torch.nn.functional.normalize(torch.stack([x[:, 0, :4, :4].mean((1, 2)), x[:, 1].mean((1, 2)),
+                                                          torch.ones(len(x))], 1), dim=-1)
+
+    gen = torch.Generator().manual_seed(0)
+    images = torch.rand(4, 3, 8, 8, generator=gen) * 4 - 2
+    text = torch.nn.functional.normalize(torch.tensor([[1.0, 0.0, 0.2]]), dim=-1)
+    right, wrong = torch.zeros(4, 1, 8, 8), torch.zeros(4, 1, 8, 8)
+    right[:, :, :4, :4] = 1
+    wrong[:, :, 4:, 4:] = 1
+    good, bad = localizability(encode, images, right, text), localizability(encode, images, wrong, text)
+    assert good.shape == (4, 1) and (good >= 0).all() and (good <= 1).all()
+    assert good.mean() > bad.mean() + 0.2
+
+
+def test_ground_truth_map_scores():
+    masks = np.zeros((1, 2, 8, 8), dtype=bool)
+    masks[0, 0, :4], masks[0, 1, 4:] = True, True
+    maps = torch.zeros(1, 2, 4, 4)
+    maps[0, 0, 0, 1] = 1.0  # inside mask 0
+    maps[0, 1, 0, 1] = 1.0  # outside mask 1
+    assert pointing_game(maps, masks).tolist() == [[1.0, 0.0]]
+    energy = energy_in_mask(maps, masks)
+    assert energy[0, 0] > 0.9 and energy[0, 1] < 0.1
+    empty = np.zeros_like(masks)
+    assert torch.isnan(pointing_game(maps, empty)).all() and torch.isnan(energy_in_mask(maps, empty)).all()
+    agreement = overlap_agreement(maps, masks)
+    assert agreement["mask_overlap"].tolist() == [0.0] and agreement["map_overlap"][0] == pytest.approx(1.0)
+
+
+# ---------------------------------------------------------------------------- training
+def _world_batches(tiny_world, model, n=64, batch_size=8):
+    data = tiny_world.sample(n, "train")
+    return array_batches(data.images, data.labels, batch_size, 0, lambda a: images_to_tensor(a, model))
+
+
+def test_config_validation():
+    with pytest.raises(ValueError, match="lambda_sep=-1"):
+        DealConfig(lambda_sep=-1)
+
+
+def test_objective_gradients_reach_the_vision_tower_through_the_maps(tiny_clip, tiny_world):
+    model, _, tokenizer, _ = tiny_clip
+    cfg = DealConfig(n_concepts=3)
+    objective = DealObjective(model, tokenizer, tiny_world.class_names, oracle_descriptors(tiny_world).descriptors,
+                              cfg)
+    images, labels = _world_batches(tiny_world, model)(0)
+    losses = objective(images, torch.as_tensor(labels))
+    assert all(torch.isfinite(v) for v in losses.values()) and losses["separation"] > 0
+    model.zero_grad()
+    losses["separation"].backward()  # the separation loss depends on the weights only through the maps
+    first_block = model.visual.transformer.resblocks[0].attn.in_proj_weight.grad
+    assert first_block is not None and first_block.abs().sum() > 0
+    model.zero_grad()
+
+
+def test_objective_on_a_resnet_clip(tiny_world):
+    """Grad-CAM maps are differentiable too: the separation loss trains the ResNet trunk."""
+    model, _, tokenizer = load_clip("ConceptWorld-RN", None, "cpu")
+    objective = DealObjective(model, tokenizer, tiny_world.class_names, oracle_descriptors(tiny_world).descriptors,
+                              DealConfig(n_concepts=2))
+    images, labels = _world_batches(tiny_world, model, n=16, batch_size=4)(0)
+    losses = objective(images, torch.as_tensor(labels))
+    losses["separation"].backward()
+    assert model.visual.conv1.weight.grad.abs().sum() > 0  # (random init zeroes each block's last BatchNorm)
+
+
+def test_train_frozen_text_and_resume(tiny_clip, tiny_world, tmp_path):
+    import copy
+
+    base = tiny_clip[0]
+    tokenizer, descriptors = tiny_clip[2], oracle_descriptors(tiny_world).descriptors
+    cfg = DealConfig(steps=4, batch_size=8, lr=1e-4, n_concepts=3, freeze_text=True, checkpoint_every=2)
+    straight = copy.deepcopy(base)
+    batches = _world_batches(tiny_world, straight)
+    history = train_deal(straight, tokenizer, tiny_world.class_names, descriptors, batches, cfg, tmp_path / "a",
+                         progress=False)
+    assert [h["step"] for h in history] == [0, 1, 2, 3]
+    text_before = dict(base.named_parameters())["text_projection"]
+    assert torch.equal(dict(straight.named_parameters())["text_projection"], text_before)  # frozen
+    assert not torch.equal(straight.visual.proj, base.visual.proj)  # trained
+
+    def interrupted(step):
+        if step == 3:
+            raise KeyboardInterrupt
+        return batches(step)
+
+    resumed = copy.deepcopy(base)
+    with pytest.raises(KeyboardInterrupt):
+        train_deal(resumed, tokenizer, tiny_world.class_names, descriptors, interrupted, cfg, tmp_path / "b",
+                   progress=False)
+    assert (tmp_path / "b" / "state.pt").exists() and not (tmp_path / "b" / "model.pt").exists()
+    again = copy.deepcopy(base)
+    history_b = train_deal(again, tokenizer, tiny_world.class_names, descriptors, batches, cfg, tmp_path / "b",
+                           progress=False)
+    assert [h["loss"] for h in history_b] == pytest.approx([h["loss"] for h in history], rel=1e-5)
+    for (name, p), q in zip(straight.named_parameters(), again.parameters()):
+        torch.testing.assert_close(p, q, atol=1e-6, rtol=1e-5, msg=name)
+    assert json.loads((tmp_path / "b" / "history.json").read_text())[-1]["step"] == 3
+
+
+def test_evaluate_on_the_world(tiny_clip, tiny_world):
+    model, _, tokenizer, _ = tiny_clip
+    batch = tiny_world.sample(12, "test")
+    ds = oracle_descriptors(tiny_world)
+    masks = ds.first(3).part_masks(tiny_world.class_names, batch.labels, batch.masks)
+    metrics, maps = evaluate(model, tokenizer, images_to_tensor(batch.images, model), batch.labels,
+                             tiny_world.class_names, ds, n_concepts=3, part_masks=masks)
+    assert maps.shape == (12, 3, 8, 8)
+    for key in ("disentanglability", "localizability", "top1", "pointing_game", "energy_in_mask"):
+        assert 0 <= metrics[key] <= 1, key
+    assert metrics["disentanglability"] == pytest.approx(disentanglability(
+        [separation_loss(maps[i:i + 1]).item() for i in range(12)]))
+
+
+# ---------------------------------------------------------------------------- real path
+def test_real_path_local_checkpoint_imagefolder_and_descriptor_file(tmp_path_factory, tmp_path):
+    """ViT-B-32 from a local checkpoint, a tiny ImageFolder and a descriptor JSON: evaluate and fine-tune."""
+    rng = np.random.default_rng(0)
+    for cls in ("Black_Footed_Albatross", "Cardinal"):
+        (tmp_path / "data" / cls).mkdir(parents=True)
+        for i in range(2):
+            pixels = rng.integers(0, 255, (40, 48, 3), dtype=np.uint8)
+            Image.fromarray(pixels).save(tmp_path / "data" / cls / f"{i}.jpg")
+    (tmp_path / "desc.json").write_text(json.dumps({
+        "black footed albatross": ["long narrow wings", "dark brown body", "pale beak", "webbed feet"],
+        "cardinal": ["bright red feathers", "pointed crest", "black face mask", "thick orange beak"]}))
+    model, preprocess, tokenizer = load_clip("ViT-B-32", str(saved_checkpoint(tmp_path_factory, "ViT-B-32")), "cpu")
+    test = load_eval_set(model, preprocess, 4, "imagefolder", str(tmp_path / "data"))
+    assert test.class_names == ["black footed albatross", "cardinal"] and test.display.shape == (4, 224, 224, 3)
+    ds = get_descriptors(str(tmp_path / "desc.json"), test.class_names, None)
+    one_each = [0, 2]
+    metrics, maps = evaluate(model, tokenizer, test.images[one_each], test.labels[one_each], test.class_names, ds,
+                             n_concepts=2)
+    assert maps.shape == (2, 2, 7, 7) and 0 <= metrics["localizability"] <= 1 and "pointing_game" not in metrics
+    cfg = DealConfig(steps=1, batch_size=2, lr=1e-6, n_concepts=2, freeze_text=True)
+    history = train_deal(model, tokenizer, test.class_names, ds.descriptors,
+                         array_batches(test.images, test.labels, 2, 0), cfg, tmp_path / "deal", progress=False)
+    assert np.isfinite(history[0]["loss"]) and (tmp_path / "deal" / "model.pt").exists()
+
+
+def test_deal_clip_is_stored_and_reused(tiny_clip, tiny_world, tiny_store, monkeypatch):
+    import conceptlab.deal as deal
+
+    model, _, tokenizer, _ = tiny_clip
+    descriptors = oracle_descriptors(tiny_world).descriptors
+    cfg = DealConfig(steps=2, batch_size=4, lr=1e-4, n_concepts=2)
+    batches = _world_batches(tiny_world, model, n=16, batch_size=4)
+    tuned, history = deal.deal_clip(tiny_store, {"test": 1}, model, tokenizer, tiny_world.class_names, descriptors,
+                                    batches, cfg, progress=False)
+    assert not torch.equal(tuned.visual.proj, model.visual.proj)  # a trained copy; the base is untouched
+    monkeypatch.setattr(deal, "train_deal", lambda *a, **k: pytest.fail("retrained a stored run"))
+    again, history_again = deal.deal_clip(tiny_store, {"test": 1}, model, tokenizer, tiny_world.class_names,
+                                          descriptors, batches, cfg, progress=False)
+    assert history_again == history and torch.equal(again.visual.proj, tuned.visual.proj)
