@@ -180,5 +180,6 @@ results = {"zero_shot_top1": top1, "zero_shot_top5": top5, "n_test": len(sample)
            "accuracy_home_habitat": float(shortcut["home habitat"]),
            "accuracy_other_habitat": float(shortcut["other habitat"]),
            "final_train_loss": history[-1]["loss"] if history else None, **stats}
-write_results(results_dir, "01_world_and_model", results,
-              {"world": world_cfg.to_dict(), "train": train_cfg.__dict__, "model": model, "pretrained": pretrained})
+path = write_results(results_dir, "01_world_and_model", results, {
+    "world": world_cfg.to_dict(), "train": train_cfg.__dict__, "model": model, "pretrained": pretrained})
+print(f"headline numbers written to {path}")
