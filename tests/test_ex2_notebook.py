@@ -1,0 +1,58 @@
+"""The EX2 chapter's real-model path: a local open_clip checkpoint, an ImageFolder, a local
+transformers LM aligned with LoRA, and a transformers judge, all made here with random weights."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import open_clip
+import torch
+from PIL import Image
+
+from conceptlab.bookrun import run_chapter
+from conceptlab.textlm import train_tokenizer
+
+
+def _image_folder(root, n_per_class: int = 4):
+    rng = np.random.default_rng(0)
+    for name, colour in {"001.Red_Finch": (200, 30, 30), "002.Blue_Jay": (30, 30, 200),
+                         "003.Green_Heron": (30, 180, 40)}.items():
+        (root / name).mkdir(parents=True)
+        for i in range(n_per_class):
+            pixels = np.clip(np.array(colour) + rng.normal(0, 30, (48, 48, 3)), 0, 255).astype(np.uint8)
+            Image.fromarray(pixels).save(root / name / f"{i}.png")
+    return root
+
+
+def _random_lm(path):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    texts = ["Describe a photo of a red finch.\n\nthe red finch has a red head. yes no",
+             "Write a caption for an image of a blue jay.\n\na blue jay in the forest.",
+             "You want to explain what a green heron is to your students. Answer yes or no."] * 4
+    tokenizer = train_tokenizer(texts, 300)
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=len(tokenizer), n_positions=256, n_embd=32, n_layer=2, n_head=2,
+                                       eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.eos_token_id))
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def test_real_path_runs_with_local_models(tmp_path):
+    ckpt = tmp_path / "clip.pt"
+    torch.save(open_clip.create_model("ConceptWorld-ViT").state_dict(), ckpt)
+    lm = str(_random_lm(tmp_path / "lm"))
+    params = {"model": "ConceptWorld-ViT", "pretrained": str(ckpt), "dataset": "imagefolder",
+              "data_root": str(_image_folder(tmp_path / "images")), "images_per_class": 4, "lm": lm, "judge": lm,
+              "lora_r": 4, "grpo_steps": 2, "num_generations": 2, "prompts_per_step": 2, "max_new_tokens": 8,
+              "artifacts_dir": str(tmp_path / "artifacts"), "results_dir": str(tmp_path / "results")}
+    run_chapter("04_ex2", tmp_path / "out", params)
+    results = json.loads((tmp_path / "results" / "04_ex2.json").read_text())["results"]
+    assert 0 <= results["judge_yes_after"] <= 1
+    assert len([k for k in results if k.startswith("share_") and k.endswith("_after")]) >= 1
+    saved = list((tmp_path / "artifacts" / "ex2_descriptions").glob("*/after.json"))
+    records = json.loads(saved[0].read_text())
+    assert len(records) == 25 * 3 and {r["class_name"] for r in records} == {"red finch", "blue jay", "green heron"}
+    assert "spearman_reliance_share" not in results and "second_vlm" not in results  # world-only analyses
