@@ -85,6 +85,56 @@ def safe_torch_load(path: str | Path, map_location: str | torch.device = "cpu") 
             "or point to a valid checkpoint.") from err
 
 
+class TrainingRun:
+    """Resumable training state in ``out_dir``: ``state.pt`` while a run is under way,
+    ``model.pt`` and ``history.json`` once it is finished.
+
+    Construction resumes model, optimizer and history from ``state.pt`` if an earlier run was
+    interrupted; ``start`` is the first step still to do. ``writes=False`` (a non-main process
+    of a multi-GPU run) keeps the bookkeeping but writes nothing.
+    """
+
+    def __init__(self, out_dir: str | Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                 writes: bool = True) -> None:
+        self.out_dir, self.model, self.optimizer, self.writes = Path(out_dir), model, optimizer, writes
+        self.state_path = self.out_dir / "state.pt"
+        self.history: list[dict] = []
+        if self.state_path.exists():
+            state = safe_torch_load(self.state_path)
+            model.load_state_dict(state["model"])
+            optimizer.load_state_dict(state["optimizer"])
+            self.history = state["history"]
+
+    @property
+    def start(self) -> int:
+        return len(self.history)
+
+    def checkpoint(self) -> None:
+        """Save everything needed to resume after the steps logged so far."""
+        if self.writes:
+            atomic_torch_save({"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                               "history": self.history}, self.state_path)
+
+    @contextlib.contextmanager
+    def checkpoint_on_interrupt(self) -> Iterator[None]:
+        """Keep the finished steps when the run is interrupted (Ctrl-C, a stopped kernel)."""
+        try:
+            yield
+        except KeyboardInterrupt:
+            self.checkpoint()
+            raise
+
+    def finish(self, **extra_json: Any) -> None:
+        """Write ``model.pt``, ``history.json`` (and any ``name=object`` as ``name.json``); drop ``state.pt``."""
+        if not self.writes:
+            return
+        atomic_torch_save(self.model.state_dict(), self.out_dir / "model.pt")
+        atomic_write_json(self.out_dir / "history.json", self.history)
+        for name, obj in extra_json.items():
+            atomic_write_json(self.out_dir / f"{name}.json", obj)
+        self.state_path.unlink(missing_ok=True)
+
+
 class ArtifactStore:
     """Directory of artifacts, each under ``<root>/<kind>/<params hash>/``."""
 

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 import torchvision
 from tqdm.auto import tqdm
 
-from .artifacts import ArtifactStore, atomic_torch_save, atomic_write_json, safe_torch_load
+from .artifacts import ArtifactStore, TrainingRun, safe_torch_load
 from .models import load_weights
 from .world import ConceptWorld, WorldConfig
 
@@ -90,27 +90,17 @@ def train_world_cnn(world: ConceptWorld, cfg: CNNConfig, out_dir: str | Path, pr
 
     The batch of step ``t`` depends only on ``(cfg.seed, t)``, so a resumed run sees the same data.
     """
-    out_dir = Path(out_dir)
     torch.manual_seed(cfg.seed)
     model = world_resnet18(len(world.class_names))
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    state_path, history, start = out_dir / "state.pt", [], 0
-    if state_path.exists():
-        state = safe_torch_load(state_path)
-        model.load_state_dict(state["model"])
-        opt.load_state_dict(state["optimizer"])
-        history, start = state["history"], state["step"]
+    run = TrainingRun(out_dir, model, opt)
     batch = world.sample(cfg.n_train, split="train")
     images, labels = batch.images, torch.from_numpy(batch.labels)
     to_input = CNNInput(world.config.resolution)
-
-    def save_state(step: int) -> None:
-        atomic_torch_save({"model": model.state_dict(), "optimizer": opt.state_dict(),
-                           "history": history, "step": step}, state_path)
-
     model.train()
-    bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, disable=not progress, desc="train CNN")
-    try:
+    bar = tqdm(range(run.start, cfg.steps), initial=run.start, total=cfg.steps, disable=not progress,
+               desc="train CNN")
+    with run.checkpoint_on_interrupt():
         for step in bar:
             idx = np.random.default_rng([cfg.seed, step]).choice(cfg.n_train, size=cfg.batch_size, replace=False)
             for group in opt.param_groups:
@@ -121,17 +111,12 @@ def train_world_cnn(world: ConceptWorld, cfg: CNNConfig, out_dir: str | Path, pr
             loss.backward()
             opt.step()
             acc = (logits.argmax(1) == labels[idx]).float().mean().item()
-            history.append({"step": step, "loss": loss.item(), "accuracy": acc, "lr": _lr_at(step, cfg)})
+            run.history.append({"step": step, "loss": loss.item(), "accuracy": acc, "lr": _lr_at(step, cfg)})
             bar.set_postfix(loss=f"{loss.item():.3f}", acc=f"{acc:.2f}")
             if (step + 1) % cfg.checkpoint_every == 0:
-                save_state(step + 1)
-    except KeyboardInterrupt:
-        save_state(len(history))  # keep the finished steps; a rerun resumes from here
-        raise
-    atomic_torch_save(model.state_dict(), out_dir / "model.pt")
-    atomic_write_json(out_dir / "history.json", history)
-    state_path.unlink(missing_ok=True)
-    return history
+                run.checkpoint()
+    run.finish()
+    return run.history
 
 
 def world_cnn(store: ArtifactStore, world_cfg: WorldConfig, cfg: CNNConfig,

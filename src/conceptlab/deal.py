@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from .artifacts import atomic_torch_save, atomic_write_json, safe_torch_load
+from .artifacts import TrainingRun
 from .descriptors import descriptor_sentence, rich_label
 from .explain import explain_with_features, minmax
 from .metrics import consistency_loss, separation_loss, sparsity_loss
@@ -119,7 +119,6 @@ def train_deal(model: nn.Module, tokenizer: Callable, class_names: Sequence[str]
     """
     from accelerate import Accelerator
 
-    out_dir = Path(out_dir)
     accelerator = accelerator or Accelerator(cpu=not torch.cuda.is_available())
     torch.manual_seed(cfg.seed)
     if cfg.freeze_text:
@@ -128,25 +127,14 @@ def train_deal(model: nn.Module, tokenizer: Callable, class_names: Sequence[str]
     objective = DealObjective(model, tokenizer, class_names, descriptors, cfg)
     opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=cfg.lr, betas=cfg.betas,
                            eps=cfg.eps, weight_decay=cfg.weight_decay)  # the original's Adam (L2 weight decay)
-    state_path, history, start = out_dir / "state.pt", [], 0
-    if state_path.exists():
-        state = safe_torch_load(state_path)
-        model.load_state_dict(state["model"])
-        opt.load_state_dict(state["optimizer"])
-        history, start = state["history"], state["step"]
+    run = TrainingRun(out_dir, model, opt, writes=accelerator.is_main_process)
     objective, opt = accelerator.prepare(objective, opt)
-
-    def save_state(step: int) -> None:
-        if accelerator.is_main_process:
-            atomic_torch_save({"model": accelerator.unwrap_model(objective).model.state_dict(),
-                               "optimizer": opt.state_dict(), "history": history, "step": step}, state_path)
-
     objective.train()
     if cfg.eval_mode:
         model.eval()  # frozen normalisation statistics (BatchNorm in ResNets), no dropout
-    bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc="DEAL",
+    bar = tqdm(range(run.start, cfg.steps), initial=run.start, total=cfg.steps, desc="DEAL",
                disable=not progress or not accelerator.is_main_process)
-    try:
+    with run.checkpoint_on_interrupt():
         for step in bar:
             images, labels = batches(step)
             losses = objective(images.to(accelerator.device), torch.as_tensor(labels, device=accelerator.device))
@@ -155,20 +143,13 @@ def train_deal(model: nn.Module, tokenizer: Callable, class_names: Sequence[str]
             opt.step()
             with torch.no_grad():
                 model.logit_scale.clamp_(0, math.log(100))
-            history.append({"step": step, **{k: v.item() for k, v in losses.items()}})
-            bar.set_postfix(loss=f"{history[-1]['loss']:.3f}", sep=f"{history[-1]['separation']:.2f}")
+            run.history.append({"step": step, **{k: v.item() for k, v in losses.items()}})
+            bar.set_postfix(loss=f"{run.history[-1]['loss']:.3f}", sep=f"{run.history[-1]['separation']:.2f}")
             if (step + 1) % cfg.checkpoint_every == 0 and step + 1 < cfg.steps:
-                save_state(step + 1)
-    except KeyboardInterrupt:
-        save_state(len(history))  # a rerun resumes from the finished steps
-        raise
-    if accelerator.is_main_process:
-        atomic_torch_save(accelerator.unwrap_model(objective).model.state_dict(), out_dir / "model.pt")
-        atomic_write_json(out_dir / "history.json", history)
-        atomic_write_json(out_dir / "config.json", asdict(cfg))
-        state_path.unlink(missing_ok=True)
+                run.checkpoint()
+    run.finish(config=asdict(cfg))
     model.eval()
-    return history
+    return run.history
 
 
 def array_batches(images: torch.Tensor | np.ndarray, labels: np.ndarray, batch_size: int, seed: int,

@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from .artifacts import ArtifactStore, atomic_torch_save, atomic_write_json, safe_torch_load
+from .artifacts import ArtifactStore, TrainingRun, safe_torch_load
 from .world import ConceptWorld, WorldConfig
 
 open_clip.add_model_config(Path(__file__).parent / "model_configs")
@@ -220,28 +220,17 @@ def train_world_clip(world: ConceptWorld, cfg: TrainConfig, out_dir: str | Path,
     Batches and captions of step ``t`` depend only on ``(cfg.seed, t)``, so a resumed run
     sees exactly the data an uninterrupted one would. ``on_step`` is called after each step.
     """
-    out_dir = Path(out_dir)
     torch.manual_seed(cfg.seed)
     with _quiet_random_init():
         model = open_clip.create_model(cfg.arch)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.98))
     loss_fn = open_clip.loss.ClipLoss()
-    state_path, history, start = out_dir / "state.pt", [], 0
-    if state_path.exists():
-        state = safe_torch_load(state_path)
-        model.load_state_dict(state["model"])
-        opt.load_state_dict(state["optimizer"])
-        history, start = state["history"], state["step"]
+    run = TrainingRun(out_dir, model, opt)
     data = _render_training_set(world, cfg.n_train)
-
-    def save_state(step: int) -> None:
-        atomic_torch_save({"model": model.state_dict(), "optimizer": opt.state_dict(),
-                           "history": history, "step": step}, state_path)
-
     model.train()
-    bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, disable=not progress, desc="train CLIP")
-    step = start
-    try:
+    bar = tqdm(range(run.start, cfg.steps), initial=run.start, total=cfg.steps, disable=not progress,
+               desc="train CLIP")
+    with run.checkpoint_on_interrupt():
         for step in bar:
             rng = np.random.default_rng([cfg.seed, step])
             idx = rng.choice(cfg.n_train, size=cfg.batch_size, replace=False)
@@ -257,19 +246,14 @@ def train_world_clip(world: ConceptWorld, cfg: TrainConfig, out_dir: str | Path,
             opt.step()
             with torch.no_grad():
                 model.logit_scale.clamp_(0, math.log(100))
-            history.append({"step": step, "loss": loss.item(), "lr": _lr_at(step, cfg)})
+            run.history.append({"step": step, "loss": loss.item(), "lr": _lr_at(step, cfg)})
             bar.set_postfix(loss=f"{loss.item():.3f}")
             if (step + 1) % cfg.checkpoint_every == 0:
-                save_state(step + 1)
+                run.checkpoint()
             if on_step:
                 on_step(step)
-    except KeyboardInterrupt:
-        save_state(len(history))  # keep the finished steps; a rerun resumes from here
-        raise
-    atomic_torch_save(model.state_dict(), out_dir / "model.pt")
-    atomic_write_json(out_dir / "history.json", history)
-    state_path.unlink(missing_ok=True)
-    return history
+    run.finish()
+    return run.history
 
 
 def world_clip(store: ArtifactStore, world_cfg: WorldConfig, train_cfg: TrainConfig, progress: bool = True):
