@@ -4,7 +4,7 @@
   (a wrong attribute, a non-visual fact, a vague phrase); it records which part each descriptor is
   about, so explanation maps can be scored against that part's mask.
 - :class:`TransformersLLM`: a local causal language model (name or path) with the few-shot prompt.
-- :class:`OpenAIChat`: any OpenAI-compatible chat endpoint; the key comes from an environment variable.
+- :class:`~conceptlab.llm.OpenAIChat`: any OpenAI-compatible chat endpoint; the key comes from an environment variable.
 
 :func:`get_descriptors` is the chapters' single entry point; LLM answers are cached in the
 ArtifactStore under the backend, prompt and class list that produced them.
@@ -13,10 +13,7 @@ ArtifactStore under the backend, prompt and class list that produced them.
 from __future__ import annotations
 
 import json
-import os
 import re
-import urllib.error
-import urllib.request
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,6 +23,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from .artifacts import ArtifactStore, atomic_write_json
+from .llm import OpenAIChat
 from .world import PARTS, ConceptWorld
 
 QUESTION = ("What are useful visual features for distinguishing a {cls} in a photo? These features should be "
@@ -246,44 +244,6 @@ class TransformersLLM:
         with torch.no_grad():
             out = self.model.generate(**enc, max_new_tokens=self.max_new_tokens, do_sample=False, pad_token_id=pad)
         return self.tokenizer.decode(out[0, enc["input_ids"].shape[1]:], skip_special_tokens=True)
-
-
-class OpenAIChat:
-    """An OpenAI-compatible ``/chat/completions`` endpoint (OpenAI, vLLM, llama.cpp server, ...).
-
-    Plain urllib rather than the ``openai`` package: one POST needs no extra dependency, and the
-    same code talks to any compatible server. The key is read from the environment variable ``api_key_env``.
-    """
-
-    def __init__(self, model: str, base_url: str = "https://api.openai.com/v1", api_key_env: str = "OPENAI_API_KEY",
-                 temperature: float = 0.0, max_tokens: int = 200, timeout: float = 60.0) -> None:
-        self.key = os.environ.get(api_key_env)
-        if not self.key:
-            raise RuntimeError(f"Environment variable {api_key_env} is not set: export the API key there "
-                               "(any non-empty value for a local server without keys).")
-        self.url = base_url.rstrip("/") + "/chat/completions"
-        self.model, self.temperature, self.max_tokens, self.timeout = model, temperature, max_tokens, timeout
-        self.params = {"backend": "openai", "model": model, "base_url": base_url, "temperature": temperature,
-                       "max_tokens": max_tokens}
-
-    def __call__(self, prompt: str) -> str:
-        body = json.dumps({"model": self.model, "messages": [{"role": "user", "content": prompt}],
-                           "temperature": self.temperature, "max_tokens": self.max_tokens}).encode()
-        request = urllib.request.Request(self.url, data=body, method="POST", headers={
-            "Content-Type": "application/json", "Authorization": f"Bearer {self.key}"})
-        try:
-            with urllib.request.urlopen(request, timeout=self.timeout) as response:
-                reply = json.loads(response.read())
-        except urllib.error.HTTPError as err:
-            raise RuntimeError(f"{self.url} answered HTTP {err.code}: {err.read()[:300]!r}. Check the model name "
-                               "and the API key.") from err
-        except (urllib.error.URLError, TimeoutError, ConnectionError) as err:
-            raise ConnectionError(f"Could not reach the LLM endpoint {self.url} ({err}). Is the server running and "
-                                  "llm_base_url right?") from err
-        try:
-            return reply["choices"][0]["message"]["content"]
-        except (KeyError, IndexError, TypeError) as err:
-            raise RuntimeError(f"{self.url} returned no chat completion: {str(reply)[:300]}") from err
 
 
 def llm_descriptors(llm: LLM, class_names: Sequence[str], n: int = 6, progress: bool = True

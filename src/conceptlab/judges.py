@@ -10,16 +10,13 @@
 
 from __future__ import annotations
 
-import json
-import os
 import re
-import urllib.error
-import urllib.request
 from collections.abc import Sequence
 
 import pandas as pd
 import torch
 
+from .llm import OpenAIChat
 from .world import ATTRIBUTES, BEHAVIOURS, HABITATS, PARTS, ConceptWorld
 
 JUDGE_PROMPT = ("You want to explain what a {cls} is to your students. Does the following text snippet mention any "
@@ -90,42 +87,13 @@ class TransformersJudge:
 
 
 class OpenAIJudge:
-    """An OpenAI-compatible ``/chat/completions`` endpoint as judge; the key comes from ``api_key_env``.
-
-    Plain ``urllib`` keeps the ``openai`` package out of the dependencies: one POST per prompt.
-    Set ``api_key_env=None`` for local servers that need no key.
-    """
+    """An OpenAI-compatible ``/chat/completions`` endpoint as judge (temperature 0, a few tokens);
+    the key comes from the environment variable ``api_key_env`` (None for a server without keys)."""
 
     def __init__(self, base_url: str, model: str, api_key_env: str | None = "OPENAI_API_KEY",
                  timeout: float = 60.0) -> None:
-        self.url = base_url.rstrip("/") + "/chat/completions"
-        self.model, self.timeout = model, timeout
-        self.api_key = None
-        if api_key_env:
-            self.api_key = os.environ.get(api_key_env)
-            if not self.api_key:
-                raise ValueError(f"Environment variable {api_key_env} is not set: export the API key there "
-                                 "(or pass api_key_env=None for an endpoint without a key).")
-
-    def ask(self, prompt: str) -> str:
-        """The raw answer text for one prompt (temperature 0, a few tokens)."""
-        body = json.dumps({"model": self.model, "messages": [{"role": "user", "content": prompt}],
-                           "temperature": 0, "max_tokens": 5}).encode()
-        headers = {"Content-Type": "application/json"}
-        if self.api_key:
-            headers["Authorization"] = f"Bearer {self.api_key}"
-        request = urllib.request.Request(self.url, data=body, headers=headers, method="POST")
-        try:
-            with urllib.request.urlopen(request, timeout=self.timeout) as response:
-                reply = json.loads(response.read())
-        except urllib.error.HTTPError as err:
-            raise RuntimeError(f"Judge endpoint {self.url} answered HTTP {err.code}: {err.read()[:200]!r}") from err
-        except urllib.error.URLError as err:
-            raise RuntimeError(f"Judge endpoint {self.url} is unreachable ({err.reason}); check base_url.") from err
-        try:
-            return reply["choices"][0]["message"]["content"]
-        except (KeyError, IndexError, TypeError) as err:
-            raise RuntimeError(f"Judge endpoint {self.url} sent no chat completion: {str(reply)[:200]}") from err
+        self.ask = OpenAIChat(model, base_url=base_url, api_key_env=api_key_env, temperature=0.0, max_tokens=5,
+                              timeout=timeout)
 
     def choose(self, prompts: Sequence[str], options: Sequence[str] = ("yes", "no")) -> list[str | None]:
         """The option each answer names first (None when it names none)."""
