@@ -52,14 +52,13 @@ artifacts_dir = "../artifacts"
 results_dir = "../book/results"
 
 # %%
-import matplotlib.pyplot as plt
 import pandas as pd
 import seaborn as sns
 
 from conceptlab import plots
 from conceptlab.artifacts import ArtifactStore, write_results
 from conceptlab.models import TrainConfig, class_text_weights, encode_images, get_clip, topk_accuracy
-from conceptlab.world import ATTRIBUTES, HABITATS, PARTS, ConceptWorld, WorldConfig
+from conceptlab.world import PARTS, ConceptWorld, WorldConfig
 
 sns.set_theme(style="whitegrid", context="notebook")
 world_cfg = WorldConfig(n_classes=n_classes, resolution=resolution, seed=world_seed, attribute_noise=attribute_noise,
@@ -107,23 +106,8 @@ pd.DataFrame({"caption": sample.captions[:10], "style": sample.caption_styles[:1
 # caption style, and how often a part's attribute departs from its class's typical value.
 
 # %%
-typical = world.typical_attributes(sample.labels)
-present = sample.present
-home = sample.habitats == world.home_habitats(sample.labels)
-stats = {
-    "home habitat share": float(home.mean()),
-    **{f"atypical {a}": float((sample.attributes[..., k] != typical[..., k])[present].mean())
-       for k, a in enumerate(ATTRIBUTES)},
-}
-fig, axes = plt.subplots(1, 3, figsize=(14, 3.4))
-sns.countplot(x=[world.class_names[c] for c in sample.labels], ax=axes[0], color="C0")
-axes[0].tick_params(axis="x", rotation=90)
-axes[0].set_title("images per class")
-sns.countplot(x=[HABITATS[h] for h in sample.habitats], ax=axes[1], color="C1")
-axes[1].set_title("habitats")
-sns.countplot(x=sample.caption_styles, ax=axes[2], color="C2")
-axes[2].set_title("caption styles")
-fig.tight_layout()
+stats = world.statistics(sample)
+fig = plots.dataset_overview(sample, world.class_names)
 pd.Series(stats).round(3).to_frame("measured")
 
 # %% [markdown]
@@ -166,6 +150,7 @@ ax = plots.confusion(sample.labels, logits.argmax(1).numpy(), world.class_names)
 
 # %%
 pred = logits.argmax(1).numpy()
+home = sample.habitats == world.home_habitats(sample.labels)
 shortcut = pd.Series({"home habitat": (pred == sample.labels)[home].mean(),
                       "other habitat": (pred == sample.labels)[~home].mean()}, name="top-1 accuracy")
 shortcut.round(3).to_frame()

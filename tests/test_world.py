@@ -169,3 +169,12 @@ def test_export_imagefolder_round_trip(tmp_path):
 def test_bad_world_parameters_say_what_is_wrong(bad, word):
     with pytest.raises(ValueError, match=word):
         WorldConfig(**bad)
+
+
+def test_statistics_measure_the_planted_rates():
+    world = ConceptWorld(attribute_noise=0.0, habitat_correlation=1.0)
+    stats = world.statistics(world.sample(300, "test"))
+    assert stats["home habitat share"] == 1.0
+    assert stats["atypical colour"] == stats["atypical pattern"] == stats["atypical size"] == 0.0
+    noisy = ConceptWorld(attribute_noise=0.5, habitat_correlation=0.0)
+    assert noisy.statistics(noisy.sample(300, "test"))["atypical colour"] > 0.3

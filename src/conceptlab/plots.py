@@ -38,6 +38,21 @@ def sample_grid(batch: WorldBatch, class_names: Sequence[str], n: int = 12, cols
     return fig
 
 
+def dataset_overview(batch: WorldBatch, class_names: Sequence[str]) -> plt.Figure:
+    """Counts of classes, habitats and caption styles in a batch."""
+    from .world import HABITATS
+
+    fig, axes = plt.subplots(1, 3, figsize=(14, 3.4))
+    columns = (([class_names[c] for c in batch.labels], "images per class"),
+               ([HABITATS[h] for h in batch.habitats], "habitats"), (batch.caption_styles, "caption styles"))
+    for k, (ax, (values, title)) in enumerate(zip(axes, columns)):
+        sns.countplot(x=values, ax=ax, color=f"C{k}")
+        ax.set_title(title)
+    axes[0].tick_params(axis="x", rotation=90)
+    fig.tight_layout()
+    return fig
+
+
 def curve(history: Sequence[dict], y: str = "loss", x: str = "step", smooth: int = 20,
           ax: plt.Axes | None = None, label: str | None = None) -> plt.Axes:
     """A training curve with a running mean over ``smooth`` points."""

@@ -217,6 +217,15 @@ class ConceptWorld:
         """Index of each label's home habitat."""
         return np.array([HABITATS.index(self.classes[c].habitat) for c in labels], dtype=int)
 
+    def statistics(self, batch: WorldBatch) -> dict[str, float]:
+        """Measured rates of the planted factors in a batch: home-habitat share, atypical attributes."""
+        typical = self.typical_attributes(batch.labels)
+        stats = {"home habitat share": float((batch.habitats == self.home_habitats(batch.labels)).mean())}
+        for k, name in enumerate(ATTRIBUTES):
+            atypical = batch.attributes[..., k] != typical[..., k]
+            stats[f"atypical {name}"] = float(atypical[batch.present].mean())
+        return stats
+
     # ------------------------------------------------------------------ rendering
     def _render_block(self, split: str, block: int, edit: Edit | None = None) -> WorldBatch:
         cfg = self.config
