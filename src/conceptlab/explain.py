@@ -116,6 +116,11 @@ def _expand_texts(text_features: torch.Tensor, n_images: int) -> torch.Tensor:
 
 def _vit_maps(model: nn.Module, images: torch.Tensor, text_features: torch.Tensor, start_layer: int | None,
               create_graph: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Relevance maps (N, K, gh, gw) and image embeddings of a ViT CLIP.
+
+    The last block is computed for the class token only: the other tokens' outputs do not reach the
+    pooled embedding, so their attention rows get zero gradient and add nothing to ``R[CLS]``.
+    """
     visual = model.visual
     blocks = visual.transformer.resblocks
     start = _start(start_layer, len(blocks))
@@ -146,16 +151,6 @@ def _vit_maps(model: nn.Module, images: torch.Tensor, text_features: torch.Tenso
     cls_row = relevance[:, :1] + (grads[-1] * probs[-1]).clamp(min=0).mean(dim=1) @ relevance  # (N*K, 1, L)
     gh, gw = visual.grid_size
     return cls_row[:, 0, 1:].reshape(n, k, gh, gw), pooled.view(n, k, -1)[:, 0]
-
-
-def vit_relevance(model: nn.Module, images: torch.Tensor, text_features: torch.Tensor,
-                  start_layer: int | None = None, create_graph: bool = False) -> torch.Tensor:
-    """Raw relevance maps (N, K, gh, gw) of a ViT CLIP; see the module docstring.
-
-    The last block is computed for the class token only: the other tokens' outputs do not reach the
-    pooled embedding, so their attention rows get zero gradient and add nothing to ``R[CLS]``.
-    """
-    return _vit_maps(model, images, text_features, start_layer, create_graph)[0]
 
 
 def _attention_pool(pool: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -194,12 +189,6 @@ def _resnet_maps(model: nn.Module, images: torch.Tensor, text_features: torch.Te
     alpha = grad.mean(dim=(-2, -1), keepdim=True)
     cam = F.relu((alpha * acts).sum(1))
     return cam.reshape(n, k, *cam.shape[-2:]), pooled.view(n, k, -1)[:, 0]
-
-
-def resnet_gradcam(model: nn.Module, images: torch.Tensor, text_features: torch.Tensor,
-                   create_graph: bool = False) -> torch.Tensor:
-    """Grad-CAM maps (N, K, h, w) at ``layer4`` of a ModifiedResNet CLIP, target ``f_I(x) . f_T(t)``."""
-    return _resnet_maps(model, images, text_features, create_graph)[0]
 
 
 def explain_with_features(model: nn.Module, images: torch.Tensor, text_features: torch.Tensor,

@@ -135,9 +135,6 @@ class WorldConfig:
     def to_dict(self) -> dict:
         return asdict(self)
 
-    def with_(self, **changes) -> WorldConfig:
-        return replace(self, **changes)
-
 
 @dataclass
 class WorldBatch:
