@@ -7,6 +7,7 @@ STAMP := $(VENV)/.installed
 JOBS ?= all
 
 .PHONY: install book notebooks html smoke test bench lint sync clean
+.PHONY: lesson lab browser
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -43,6 +44,24 @@ lint: install
 ## Re-pair notebooks after editing either twin.
 sync: install
 	$(VENV)/bin/jupytext --sync notebooks/*.py
+
+## Teaching (README, "Teaching with the book"). Prepare a class once: build every artifact the
+## lessons use and write executed lesson copies to lessons/ (lesson parameters: notebooks/lesson.yml).
+lesson: install
+	$(PY) -m conceptlab.bookrun --lesson --out lessons
+
+## JupyterLab with the project's kernel registered, opened on notebooks/ (lesson copies in lessons/).
+lab: install
+	$(PY) -m ipykernel install --user --name conceptlab --display-name "Python (conceptlab)"
+	$(VENV)/bin/jupyter lab --ServerApp.root_dir=. --LabApp.default_url=/lab/tree/notebooks \
+	    $(if $(filter 0,$(shell id -u)),--allow-root)
+
+## Chromium, its driver and MathJax from Debian's packages, for the browser tests (tests/test_book_browser.py).
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+browser:
+	@if [ ! -x /usr/bin/chromium ] || [ ! -x /usr/bin/chromedriver ] || \
+	    [ ! -f /usr/share/javascript/mathjax/MathJax.js ]; then \
+	  $(SUDO) apt-get update && $(SUDO) apt-get install -y chromium chromium-driver libjs-mathjax; fi
 
 clean:
 	rm -rf _build book/chapters book/results

@@ -39,12 +39,12 @@ def run() -> list[dict]:
     concepts = lavise.world_concepts(world)
     features = torch.rand(len(batch), 256, 8, 8, generator=torch.Generator().manual_seed(0))
     thresholds = lavise.activation_thresholds(features, 0.99)
-    fast = lavise.dissect(features, batch, concepts, world.class_names, thresholds, iou_size=32, progress=False)
+    data = lavise.WorldImages(batch, concepts, world.class_names)
+    fast = lavise.dissect(features, data, thresholds, iou_size=32, progress=False)
     slow = _dissect_materialised(features, batch, concepts, world.class_names, thresholds, 32)
     if not np.allclose(fast, slow, atol=1e-5):
         raise AssertionError("region-composed and materialised dissection disagree")
-    t_fast = timed(lambda: lavise.dissect(features, batch, concepts, world.class_names, thresholds, iou_size=32,
-                                          progress=False), repeat=2)
+    t_fast = timed(lambda: lavise.dissect(features, data, thresholds, iou_size=32, progress=False), repeat=2)
     t_slow = timed(lambda: _dissect_materialised(features, batch, concepts, world.class_names, thresholds, 32),
                    repeat=2)
     return [figure("lavise_dissect_256_filters_32px", len(batch) / t_fast, "images/s", baseline=len(batch) / t_slow,

@@ -15,7 +15,7 @@ from torch import nn
 from conceptlab.bench import figure, timed
 from conceptlab.sae import SAEConfig, train_sae
 
-N, DIM, EXPANSION, BATCH, EPOCHS = 32768, 128, 8, 1024, 2
+N, DIM, EXPANSION, BATCH, EPOCHS, L1 = 32768, 128, 8, 4096, 2, 3e-5
 
 
 def _reference_train(x: torch.Tensor) -> None:
@@ -27,7 +27,7 @@ def _reference_train(x: torch.Tensor) -> None:
             xb = x[idx]
             z = F.relu(enc(xb - dec.bias))
             x_hat = F.linear(z, F.normalize(dec.weight, dim=0), dec.bias)
-            loss = (x_hat - xb).pow(2).sum(-1).mean() + 3e-4 * z.sum(-1).mean()
+            loss = (x_hat - xb).pow(2).mean(-1).mean() + L1 * z.sum(-1).mean()  # the original's scale
             opt.zero_grad()
             loss.backward()
             opt.step()
@@ -36,8 +36,8 @@ def _reference_train(x: torch.Tensor) -> None:
 def run() -> list[dict]:
     torch.set_num_threads(1)
     os.environ.setdefault("OMP_NUM_THREADS", "1")
-    x = F.normalize(torch.randn(N, DIM, generator=torch.Generator().manual_seed(0)), dim=-1)
-    cfg = SAEConfig(expansion=EXPANSION, l1=3e-4, batch_size=BATCH, epochs=EPOCHS, resample_every=1)
+    x = torch.randn(N, DIM, generator=torch.Generator().manual_seed(0))  # raw, like CLIP embeddings
+    cfg = SAEConfig(expansion=EXPANSION, l1=L1, batch_size=BATCH, epochs=EPOCHS, resample_every=1)
     ours = timed(lambda: train_sae(x, cfg, progress=False), repeat=2)
     reference = timed(lambda: _reference_train(x), repeat=2)
     samples = N * EPOCHS

@@ -29,45 +29,34 @@
 # We then train a small CLIP on these image–caption pairs, and every later chapter
 # explains *this* model, whose training data we control completely.
 
-# %% tags=["parameters"]
-# World
-n_classes = 16
-resolution = 64
-world_seed = 0
-attribute_noise = 0.1
-habitat_correlation = 0.8
-caption_mix = {"visual": 0.55, "class": 0.2, "habitat": 0.1, "behaviour": 0.05, "spurious": 0.1}
-# Model: "world" trains the Concept World CLIP; any open_clip name evaluates that model instead
-model = "world"
-pretrained = None
-clip_arch = "ConceptWorld-ViT"
-clip_n_train = 20000
-clip_steps = 450
-clip_batch_size = 128
-clip_lr = 1e-3
+# %% tags=["parameters", "hide-cell"]
+# Shared by every chapter: defaults live in WorldConfig / TrainConfig (conceptlab.world, conceptlab.models)
+world = {}  # Concept World overrides, e.g. {"habitat_correlation": 0.95}
+world_clip = {}  # world-CLIP training overrides, e.g. {"steps": 900}
+model = "world"  # "world" (the Concept World CLIP) or an open_clip name / "hf-hub:org/repo"
+pretrained = None  # open_clip pretrained tag or a local checkpoint file
 seed = 0
-# Evaluation and output
-n_test = 2000
+device = None  # None: CUDA when available, else CPU
+checkpoint_seconds = 30.0  # training checkpoints at most this many seconds apart
 artifacts_dir = "../artifacts"
 results_dir = "../book/results"
+# This chapter
+n_test = 2000  # held-out test images
+exercise_steps = 150  # training steps of the lesson-sized CLIPs that the exercises train
 
-# %%
+# %% tags=["hide-cell"]
+import importlib.util
+
+if importlib.util.find_spec("conceptlab") is None:  # outside a checkout (Colab, a hub): install the package
+    get_ipython().run_line_magic("pip", "install -q 'conceptlab @ git+https://github.com/conceptlab/conceptlab'")  # noqa: F821
 import pandas as pd
-import seaborn as sns
 
-from conceptlab import plots
-from conceptlab.artifacts import ArtifactStore, write_results
-from conceptlab.models import TrainConfig, class_text_weights, encode_images, get_clip, topk_accuracy
-from conceptlab.world import PARTS, ConceptWorld, WorldConfig
+from conceptlab import chapter, explore, models, plots
+from conceptlab.world import PARTS
 
-sns.set_theme(style="whitegrid", context="notebook")
-world_cfg = WorldConfig(n_classes=n_classes, resolution=resolution, seed=world_seed, attribute_noise=attribute_noise,
-                        habitat_correlation=habitat_correlation, caption_mix=caption_mix)
-train_cfg = TrainConfig(arch=clip_arch, n_train=clip_n_train, steps=clip_steps, batch_size=clip_batch_size,
-                        lr=clip_lr, seed=seed)
-world = ConceptWorld(world_cfg)
-store = ArtifactStore(artifacts_dir)
-
+ch = chapter.setup("01_world_and_model", globals(), {
+    "n_test": chapter.Param(2000, int, min=10, help="held-out test images"),
+    "exercise_steps": chapter.Param(150, int, min=1, help="steps of the exercises' lesson-sized CLIPs")})
 # %% [markdown]
 # ## The classes
 #
@@ -78,7 +67,7 @@ store = ArtifactStore(artifacts_dir)
 # %%
 ontology = pd.DataFrame([{"class": c.name, "habitat": c.habitat, "behaviour": c.behaviour,
                           **{p: " ".join(c.parts[p].values()) if p in c.parts else "—" for p in PARTS}}
-                         for c in world.classes])
+                         for c in ch.world.classes])
 ontology
 
 # %% [markdown]
@@ -88,8 +77,8 @@ ontology
 # head drawn over the body removes those pixels from the body's mask.
 
 # %%
-sample = world.sample(n_test, split="test")
-fig = plots.sample_grid(sample, world.class_names, n=12)
+sample = ch.world.sample(n_test, split="test")
+fig = plots.sample_grid(sample, ch.world.class_names, n=12)
 
 # %% [markdown]
 # Captions come in planted styles. The style of each caption is recorded, so later
@@ -106,8 +95,8 @@ pd.DataFrame({"caption": sample.captions[:10], "style": sample.caption_styles[:1
 # caption style, and how often a part's attribute departs from its class's typical value.
 
 # %%
-stats = world.statistics(sample)
-fig = plots.dataset_overview(sample, world.class_names)
+stats = ch.world.statistics(sample)
+fig = plots.dataset_overview(sample, ch.world.class_names)
 pd.Series(stats).round(3).to_frame("measured")
 
 # %% [markdown]
@@ -120,7 +109,7 @@ pd.Series(stats).round(3).to_frame("measured")
 # and an interrupted run resumes from its last checkpoint.
 
 # %%
-clip, preprocess, tokenizer, history = get_clip(model, pretrained, store, world_cfg, train_cfg)
+clip, preprocess, tokenizer, history = ch.clip()
 if history:
     ax = plots.curve(history, "loss")
     ax.set_title("contrastive loss")
@@ -133,11 +122,10 @@ else:
 # Classify held-out test images by the nearest class prompt ("a photo of a {class}.").
 
 # %%
-features = encode_images(clip, sample.images)
-logits = features @ class_text_weights(clip, tokenizer, world.class_names).T
-top1, top5 = topk_accuracy(logits, sample.labels, 1), topk_accuracy(logits, sample.labels, 5)
-print(f"zero-shot accuracy on {len(sample)} test images: top-1 {top1:.1%}, top-5 {top5:.1%}")
-ax = plots.confusion(sample.labels, logits.argmax(1).numpy(), world.class_names)
+logits, accuracy = models.zero_shot(clip, tokenizer, sample.images, sample.labels, ch.world.class_names)
+print(f"zero-shot accuracy on {len(sample)} test images:",
+      ", ".join(f"{plots.human_label(k)} {v:.1%}" for k, v in accuracy.items()))
+ax = plots.confusion(sample.labels, logits.argmax(1).numpy(), ch.world.class_names)
 
 # %% [markdown]
 # ## Why ground truth matters
@@ -149,22 +137,60 @@ ax = plots.confusion(sample.labels, logits.argmax(1).numpy(), world.class_names)
 # home habitat versus images where it does not.
 
 # %%
-pred = logits.argmax(1).numpy()
-home = sample.habitats == world.home_habitats(sample.labels)
-shortcut = pd.Series({"home habitat": (pred == sample.labels)[home].mean(),
-                      "other habitat": (pred == sample.labels)[~home].mean()}, name="top-1 accuracy")
-shortcut.round(3).to_frame()
+shortcut = models.habitat_shortcut(logits.argmax(1).numpy(), sample, ch.world)
+plots.table(pd.Series(shortcut, name="top-1 accuracy").to_frame())
+
+# %% [markdown]
+# ## Explore by hand
+#
+# Pick a creature, change one part's colour, pattern or size, or move it to another
+# habitat, and watch the model's top classes. In the built book this is a static figure of
+# the first test creature; in JupyterLab the controls are live.
+
+# %%
+explore.world_explorer(ch.world, clip, tokenizer)
 
 # %% [markdown]
 # The explanation methods in the following chapters each make a claim about what the
 # model uses. Here, every such claim can be checked against masks, attributes and
 # planted captions, and against counterfactual images that change one factor at a time.
 
-# %%
-results = {"zero_shot_top1": top1, "zero_shot_top5": top5, "n_test": len(sample),
-           "accuracy_home_habitat": float(shortcut["home habitat"]),
-           "accuracy_other_habitat": float(shortcut["other habitat"]),
-           "final_train_loss": history[-1]["loss"] if history else None, **stats}
-path = write_results(results_dir, "01_world_and_model", results, {
-    "world": world_cfg.to_dict(), "train": train_cfg.__dict__, "model": model, "pretrained": pretrained})
-print(f"headline numbers written to {path}")
+# %% tags=["remove-input"]
+results = {"zero_shot": accuracy, "n_test": len(sample), "habitat_shortcut": shortcut,
+           "final_train_loss": history[-1]["loss"] if history else None, "statistics": stats}
+ch.finish(results, headline={"zero-shot top-1 (world CLIP)": accuracy["top1"]}, summary=[
+    f"The CLIP classifies {len(sample)} held-out creatures with top-1 {accuracy['top1']:.1%}.",
+    f"It is right {shortcut['home habitat']:.1%} of the time when the creature is in its home habitat and "
+    f"{shortcut['other habitat']:.1%} when it is not: a habitat shortcut the later chapters must detect.",
+])
+
+# %% [markdown]
+# ## Exercises
+#
+# Predict first, then run. Each solution below is computed by running the exercise (click
+# to show it); the numbers come from lesson-sized CLIPs trained for `exercise_steps` steps,
+# so compare the two rows of a solution with each other, not with the chapter's model.
+#
+# **1. A stronger shortcut.** Train on a world where the creature sits in its home habitat
+# 95 % of the time instead of the chapter's rate. Will the gap between home-habitat and
+# other-habitat accuracy grow or shrink? And overall accuracy on the chapter's test set?
+
+# %% tags=["hide-cell"]
+ch.exercise("stronger shortcut", models.exercise_train_habitat, habitat_correlation=0.95)
+
+# %% [markdown]
+# **2. Break the habitat cue at test time.** Without retraining, test the chapter's CLIP on
+# images drawn with `habitat_correlation` 0, where the background is drawn at random (a
+# creature is at home only by chance). Which number of the shortcut table above does the
+# new accuracy approach?
+
+# %% tags=["hide-cell"]
+ch.exercise("no home habitats at test time", models.exercise_test_habitat, habitat_correlation=0.0)
+
+# %% [markdown]
+# **3. One prompt instead of an ensemble.** Zero-shot classification averages the prompts
+# "a photo of a {}." and "a {}.". What happens with the bare class name "{}" only? The model
+# was trained on captions, some of which are the bare class name.
+
+# %% tags=["hide-cell"]
+ch.exercise("bare class-name prompt", models.exercise_prompts, template="{}")

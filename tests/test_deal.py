@@ -11,8 +11,11 @@ import torch
 from PIL import Image
 from test_explain import saved_checkpoint
 
-from conceptlab.deal import DealConfig, DealObjective, array_batches, evaluate, load_eval_set, train_deal
-from conceptlab.descriptors import get_descriptors, oracle_descriptors
+from conceptlab import deal
+from conceptlab.data import load_eval_set
+from conceptlab.deal import DealConfig, DealObjective, array_batches, evaluate, train_deal
+from conceptlab.descriptors import concept_text, descriptor_text_features, get_descriptors, oracle_descriptors
+from conceptlab.explain import minmax
 from conceptlab.metrics import (
     blur,
     consistency_loss,
@@ -21,6 +24,7 @@ from conceptlab.metrics import (
     insertion_images,
     localizability,
     overlap_agreement,
+    pairing_rows,
     pointing_game,
     separation_loss,
     sparsity_loss,
@@ -36,7 +40,14 @@ def test_losses_against_loops():
     assert separation_loss(maps).item() == pytest.approx(sep, rel=1e-5)
     con = np.mean([((maps[n, :3].sum(0) - maps[n, 3]) ** 2).sum().item() for n in range(3)])
     assert consistency_loss(maps[:, :3], maps[:, 3]).item() == pytest.approx(con, rel=1e-5)
-    assert sparsity_loss(maps).item() == pytest.approx(maps.sum().item() / 3, rel=1e-5)
+
+
+def test_sparsity_loss_as_coded_on_a_hand_computed_example():
+    """An image's K raw maps share one min and max; the sum runs over the batch (no mean)."""
+    raw = torch.tensor([[[[0.0, 2.0]], [[4.0, 0.0]]],  # image 0: joint max 4 -> 0.5 + 1 = 1.5
+                        [[[1.0, 1.0]], [[1.0, 3.0]]]])  # image 1: joint min 1, max 3 -> 1
+    assert sparsity_loss(raw).item() == pytest.approx(2.5, abs=1e-6)
+    assert minmax(raw).sum().item() == pytest.approx(3.0, abs=1e-6)  # map by map: another number
 
 
 def test_disentanglability_formula():
@@ -132,7 +143,7 @@ def test_train_frozen_text_and_resume(tiny_clip, tiny_world, tmp_path):
 
     base = tiny_clip[0]
     tokenizer, descriptors = tiny_clip[2], oracle_descriptors(tiny_world).descriptors
-    cfg = DealConfig(steps=4, batch_size=8, lr=1e-4, n_concepts=3, freeze_text=True, checkpoint_every=2)
+    cfg = DealConfig(steps=4, batch_size=8, lr=1e-4, n_concepts=3, freeze_text=True)
     straight = copy.deepcopy(base)
     batches = _world_batches(tiny_world, straight)
     history = train_deal(straight, tokenizer, tiny_world.class_names, descriptors, batches, cfg, tmp_path / "a",
@@ -215,3 +226,153 @@ def test_deal_clip_is_stored_and_reused(tiny_clip, tiny_world, tiny_store, monke
     again, history_again = deal.deal_clip(tiny_store, {"test": 1}, model, tokenizer, tiny_world.class_names,
                                           descriptors, batches, cfg, progress=False)
     assert history_again == history and torch.equal(again.visual.proj, tuned.visual.proj)
+
+
+# ---------------------------------------------------------------------------- fidelity switches
+def _visual_grads(model, loss):
+    params = [p for p in model.visual.parameters() if p.requires_grad]
+    if not loss.requires_grad:
+        return [torch.zeros_like(p) for p in params]
+    grads = torch.autograd.grad(loss, params, retain_graph=True, allow_unused=True)
+    return [torch.zeros_like(p) if g is None else g for p, g in zip(params, grads)]
+
+
+@pytest.mark.parametrize("arch", ["world-vit", "ConceptWorld-RN"])
+def test_detach_maps_silences_the_map_losses_only(tiny_clip, tiny_world, arch):
+    """detach_maps=True (the original code): L_sep, L_con, L_spa give exactly zero gradient to the vision
+    tower, while L_ctr still trains it; without the switch, L_sep's gradient is not zero."""
+    model, tokenizer = (tiny_clip[0], tiny_clip[2]) if arch == "world-vit" else load_clip(arch, None, "cpu")[::2]
+    images, labels = _world_batches(tiny_world, model, n=16, batch_size=4)(0)
+    descriptors = oracle_descriptors(tiny_world).descriptors
+    norms = {}
+    for detach in (False, True):
+        objective = DealObjective(model, tokenizer, tiny_world.class_names, descriptors,
+                                  DealConfig(n_concepts=2, detach_maps=detach))
+        losses = objective(images, torch.as_tensor(labels))
+        norms[detach] = {k: sum(g.abs().sum().item() for g in _visual_grads(model, losses[k]))
+                         for k in ("separation", "consistency", "sparsity", "contrastive")}
+    assert norms[True]["separation"] == norms[True]["consistency"] == norms[True]["sparsity"] == 0.0
+    assert norms[False]["separation"] > 0 and norms[True]["contrastive"] > 0
+
+
+def test_concept_text_bare_is_the_default_and_differs_from_the_sentence(tiny_clip, tiny_world):
+    model, _, tokenizer, _ = tiny_clip
+    ds = oracle_descriptors(tiny_world)
+    cls, first = tiny_world.class_names[0], ds.descriptors[tiny_world.class_names[0]][0]
+    assert concept_text(cls, first) == first and concept_text(cls, first, "sentence").startswith(f"{cls}, which")
+    assert DealConfig().concept_text == "bare" and deal.PARAMETERS["concept_text"].default == "bare"
+    feats = {t: descriptor_text_features(model, tokenizer, ds.descriptors, tiny_world.class_names, 3, t)
+             for t in ("bare", "sentence")}
+    assert (feats["bare"] - feats["sentence"]).abs().max() > 1e-3
+    tokens = {t: DealObjective(model, tokenizer, tiny_world.class_names, ds.descriptors,
+                               DealConfig(n_concepts=3, concept_text=t)).map_tokens for t in ("bare", "sentence")}
+    assert not torch.equal(tokens["bare"][:, :3], tokens["sentence"][:, :3])
+    assert torch.equal(tokens["bare"][:, 3], tokens["sentence"][:, 3])  # the class map: the bare class name
+
+
+def test_config_defaults_are_the_original_imagenet_run():
+    cfg = DealConfig()
+    assert (cfg.lambda_sep, cfg.lambda_con, cfg.lambda_spa, cfg.lr, cfg.batch_size, cfg.steps, cfg.eval_mode) == \
+        (0.1, 0.01, 0.0005, 5e-7, 256, 5000, True)
+    assert DealConfig(steps=0).steps == 0  # evaluate only
+    assert deal.SWITCHES["detach_maps"].paper is False and deal.SWITCHES["detach_maps"].original is True
+
+
+def test_localizability_pairings_differ_on_a_constructed_case():
+    """Correct, original indexing and original indexing + pairing give three different numbers."""
+    assert pairing_rows(3, 2).tolist() == [0, 0, 1, 1, 2, 2]
+    assert pairing_rows(3, 2, original_pairing=True).tolist() == [0, 1, 2, 0, 1, 2]  # images.repeat(K)
+    assert pairing_rows(3, 2, original_pairing=True, batch=2).tolist() == [0, 1, 0, 1, 2, 2]
+
+    def encode(x):  # sees the mean of channel 1 and the top-left quadrant of channel 0
+        return torch.nn.functional.normalize(torch.stack([x[:, 0, :4, :4].mean((1, 2)), x[:, 1].mean((1, 2)),
+                                                          torch.ones(len(x))], 1), dim=-1)
+
+    gen = torch.Generator().manual_seed(0)
+    images = torch.rand(4, 3, 8, 8, generator=gen) * 4 - 2
+    images[1::2] = images[1::2].flip(-1)
+    maps = torch.zeros(4, 2, 8, 8)
+    maps[0::2, :, :4, :4] = 1  # even images: the region the encoder sees
+    maps[1::2, :, 4:, 4:] = 1
+    texts = torch.nn.functional.normalize(torch.randn(4, 2, 3, generator=gen), dim=-1)
+    values = [localizability(encode, images, maps, texts, original_indexing=i, original_pairing=p).mean().item()
+              for i, p in deal.LOCALIZABILITY.values()]
+    assert len({round(v, 4) for v in values}) == 3, values
+
+
+def test_zero_shot_uses_the_bare_class_name_and_top5_needs_more_than_five_classes(tiny_clip, tiny_world,
+                                                                                   monkeypatch):
+    import conceptlab.models as models
+
+    model, _, tokenizer, _ = tiny_clip
+    batch = tiny_world.sample(8, "test")
+    seen = []
+    real = models.class_text_weights
+    monkeypatch.setattr(models, "class_text_weights", lambda m, t, names, templates: seen.append(templates)
+                        or real(m, t, names, templates))
+    metrics, _ = evaluate(model, tokenizer, images_to_tensor(batch.images, model), batch.labels,
+                          tiny_world.class_names, oracle_descriptors(tiny_world), n_concepts=2, localizability=())
+    assert seen == [("{}",)] and "top5" in metrics  # 6 classes
+    names = tiny_world.class_names[:5]
+    keep = batch.labels < 5
+    metrics, _ = evaluate(model, tokenizer, images_to_tensor(batch.images[keep], model), batch.labels[keep],
+                          names, oracle_descriptors(tiny_world), n_concepts=2, localizability=())
+    assert "top5" not in metrics
+
+
+def test_fidelity_rows_pair_each_column_with_its_own_variant():
+    before = {"disentanglability": 0.1, "localizability": 0.5, "localizability_original_indexing_pairing": 0.4,
+              "top1": 0.6}
+    book = {"disentanglability": 0.2, "localizability": 0.7, "localizability_original_indexing_pairing": 0.45,
+            "top1": 0.65}
+    original = {**book, "disentanglability": 0.15, "localizability_original_indexing_pairing": 0.42}
+    rows = deal.fidelity_rows(before, book, original)
+    assert rows["localizability"]["this book"] == "0.500 → 0.700"
+    assert rows["localizability"]["original code"] == "0.400 → 0.420"
+    assert rows["disentanglability"]["original code"] == "0.100 → 0.150"
+    assert rows["top1"]["paper"].startswith("0.632 → 0.708")
+
+
+def test_released_checkpoint_format_is_evaluated(tiny_clip, tmp_path):
+    """The original's {"epoch", "model_state_dict", "optimizer_state_dict", "loss"} file loads as the model."""
+    from types import SimpleNamespace
+
+    model = tiny_clip[0]
+    path = tmp_path / "step_500.pt"
+    torch.save({"epoch": 500, "model_state_dict": model.state_dict(), "optimizer_state_dict": {},
+                "loss": torch.tensor(1.0)}, path)
+    ch = SimpleNamespace(params={"model": "world", "deal_checkpoint": str(path)},
+                         train_cfg=SimpleNamespace(arch="ConceptWorld-ViT"), device=torch.device("cpu"))
+    loaded = deal.checkpoint_model(ch)
+    assert torch.equal(loaded.visual.proj, model.visual.proj)
+
+
+def test_example_rows_span_classes():
+    assert deal.example_rows(np.array([2, 2, 0, 1, 0, 3]), 3) == [2, 3, 0]
+
+
+def _tiny_chapter(name, parameters, store, tmp_path, **values):
+    """A chapter on the session's tiny world and CLIP (the same artifact keys as the fixtures)."""
+    from conceptlab import chapter
+
+    namespace = {"world": {"n_classes": 6}, "world_clip": {"n_train": 512, "steps": 20, "batch_size": 32,
+                                                           "warmup": 5},
+                 "artifacts_dir": str(store.root), "results_dir": str(tmp_path), **values}
+    return chapter.setup(name, namespace, parameters)
+
+
+def test_exercise_solution_is_computed_by_a_run(tiny_clip, tiny_store, tmp_path):
+    ch = _tiny_chapter("03_deal", deal.PARAMETERS, tiny_store, tmp_path, n_train=32, n_test=16, n_localize=4,
+                       deal_batch_size=4, exercise_steps=2)
+    table = ch.exercise("detached maps", deal.exercise, detach_maps=True)
+    from conceptlab.plots import human_label
+
+    assert len(table) == 3 and "detach" in str(table.index[1])  # as in the chapter, changed, change
+    assert table.iloc[2][human_label("disentanglability")] != 0  # the changed parameter changes the solution
+    assert table.iloc[0][human_label("weight_change")] > 0
+
+
+def test_evaluate_only_runs_list_no_training_switch():
+    assert "detach_maps" in deal.switches({"deal_steps": 80})
+    assert set(deal.switches({"deal_steps": 0})) == set(deal.SWITCHES) - set(deal.TRAINING_SWITCHES)
+    assert "concept_text" in deal.switches({"deal_steps": 0})

@@ -219,3 +219,21 @@ def test_openai_backend_errors(monkeypatch):
     monkeypatch.setenv("TEST_LLM_KEY", "sk-test")
     with pytest.raises(ConnectionError, match="Could not reach the LLM endpoint"):
         OpenAIChat("m", base_url=f"http://127.0.0.1:{port}/v1", api_key_env="TEST_LLM_KEY", timeout=5)("hi")
+
+
+def test_chapter_exercise_changes_with_the_concept_text(tiny_clip, tiny_store, tmp_path):
+    """The descriptors chapter's exercise is computed: the sentence form changes the maps' scores."""
+    from conceptlab import chapter
+    from conceptlab import descriptors as desc
+
+    namespace = {"world": {"n_classes": 6}, "world_clip": {"n_train": 512, "steps": 20, "batch_size": 32,
+                                                           "warmup": 5},
+                 "artifacts_dir": str(tiny_store.root), "results_dir": str(tmp_path), "n_test": 24}
+    ch = chapter.setup("02_descriptors", namespace, desc.PARAMETERS)
+    table = ch.exercise("sentence", desc.exercise, concept_text="sentence")
+    from conceptlab.plots import human_label
+
+    change = table.iloc[2]
+    assert change[human_label("disentanglability")] != 0 and change[human_label("description_top1")] == 0
+    assert desc.check_descriptor_source("oracle", {"dataset": "cub"}) is not None
+    assert desc.check_descriptor_source("no/such/file.json", {}) is not None

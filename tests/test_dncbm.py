@@ -8,10 +8,22 @@ import pytest
 import torch
 import torch.nn.functional as F
 from sklearn.metrics import roc_auc_score
+from torch import nn
 
 from conceptlab import dncbm
-from conceptlab.models import TrainConfig
-from conceptlab.sae import SAEConfig, SparseAutoencoder, encode_concepts, load_or_train_sae, resample_dead, train_sae
+from conceptlab.chapter import differences_table
+from conceptlab.dncbm import ProbeConfig, probe_l1_term
+from conceptlab.models import images_to_tensor
+from conceptlab.sae import (
+    SAEConfig,
+    SparseAutoencoder,
+    encode_concepts,
+    l1_on_original_scale,
+    load_or_train_sae,
+    resample_dead,
+    sae_loss,
+    train_sae,
+)
 from conceptlab.world import ATTRIBUTES, PARTS
 
 
@@ -25,15 +37,43 @@ def planted_dictionary(n: int = 6000, dim: int = 16, atoms: int = 24, seed: int 
     return codes @ dictionary, dictionary
 
 
+def test_sae_loss_is_the_mean_reduced_formula_of_the_original_code():
+    x = torch.tensor([[1.0, 2.0], [3.0, 4.0]])
+    x_hat = torch.tensor([[0.0, 2.0], [3.0, 1.0]])
+    z = torch.tensor([[1.0, 0.0, 2.0], [0.0, 0.0, 0.0]])
+    # squared errors per input (1, 0) and (0, 9): means 0.5 and 4.5 -> 2.5; L1 per input 3 and 0 -> 1.5
+    loss, rec, l1 = sae_loss(x, x_hat, z, l1=0.5)
+    assert (loss.item(), rec.item(), l1.item()) == (3.25, 2.5, 1.5)
+    loss_sum, rec_sum, _ = sae_loss(x, x_hat, z, l1=0.5, reconstruction="sum")  # sums 1 and 9 -> 5
+    assert (loss_sum.item(), rec_sum.item()) == (5.75, 5.0)
+    # the paper's sum with l1 * D is D times the code's mean with l1: the same minimiser
+    torch.testing.assert_close(sae_loss(x, x_hat, z, 0.5 * 2, "sum")[0], 2 * sae_loss(x, x_hat, z, 0.5)[0])
+    assert l1_on_original_scale(0.5 * 2, "sum", 2) == 0.5 and l1_on_original_scale(0.5, "mean", 2) == 0.5
+
+
 def test_sae_recovers_a_planted_dictionary():
     x, dictionary = planted_dictionary()
-    sae, history = train_sae(x, SAEConfig(expansion=4, l1=0.3, lr=5e-3, batch_size=128, epochs=12,
-                                          resample_every=4), progress=False)
+    sae, history = train_sae(x, SAEConfig(expansion=4, l1=0.3 / 16, lr=5e-3, batch_size=128, epochs=20,
+                                          resample_every=4), progress=False, device="cpu")
     torch.testing.assert_close(sae.directions.norm(dim=1), torch.ones(sae.n_concepts))
     best = (dictionary @ sae.directions.T).max(1).values
     assert (best > 0.9).float().mean() >= 0.9, best
     assert history[-1]["fvu"] < 0.1 and history[-1]["fvu"] < history[0]["fvu"]
     assert history[-1]["l0"] < 12  # sparse: far fewer than the 64 units are active per input
+
+
+def test_sae_switches_change_the_result():
+    x, _ = planted_dictionary(n=1024)
+    cfg = SAEConfig(expansion=2, l1=1e-2, lr=1e-2, batch_size=256, epochs=3, resample_every=0)
+    mean, h_mean = train_sae(x, cfg, progress=False)
+    summed, h_sum = train_sae(x, SAEConfig(**{**cfg.__dict__, "reconstruction": "sum"}), progress=False)
+    assert not torch.allclose(mean.W_dec, summed.W_dec)
+    assert h_mean[-1]["l0"] != h_sum[-1]["l0"]
+    scaled = x * 3
+    assert torch.equal(dncbm.sae_inputs(scaled, "raw"), scaled)
+    torch.testing.assert_close(dncbm.sae_inputs(scaled, "normalised"), F.normalize(x, dim=-1))
+    with pytest.raises(ValueError, match="reconstruction"):
+        SAEConfig(reconstruction="median")
 
 
 def test_resampling_revives_dead_concepts():
@@ -57,29 +97,30 @@ def test_resampling_revives_dead_concepts():
 def test_interrupted_training_resumes_to_the_same_weights(tmp_path):
     x, _ = planted_dictionary(n=1024)
     cfg = SAEConfig(expansion=2, l1=1e-3, lr=1e-2, batch_size=256, epochs=6, resample_every=3)
-    reference, _ = train_sae(x, cfg, tmp_path / "a", progress=False, checkpoint_every=1)
+    reference, _ = train_sae(x, cfg, tmp_path / "a", progress=False, checkpoint_seconds=0)
 
     def interrupt(epoch: int) -> None:
-        if epoch == 3:
+        if epoch == 3:  # after the resampling of epoch 2: the resumed run must remember what fired
             raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        train_sae(x, cfg, tmp_path / "b", progress=False, checkpoint_every=2, on_epoch=interrupt)
-    resumed, history = train_sae(x, cfg, tmp_path / "b", progress=False, checkpoint_every=2)
+        train_sae(x, cfg, tmp_path / "b", progress=False, checkpoint_seconds=3600, on_epoch=interrupt)
+    assert (tmp_path / "b" / "state.pt").exists()  # saved on the interrupt, not by the clock
+    resumed, history = train_sae(x, cfg, tmp_path / "b", progress=False, checkpoint_seconds=3600)
     assert [h["epoch"] for h in history] == list(range(6))
     for k, v in reference.state_dict().items():
         torch.testing.assert_close(resumed.state_dict()[k], v)
 
 
-def test_sae_store_reuses_only_matching_parameters(tiny_store):
+def test_sae_store_keys_by_content(tiny_store):
     x, _ = planted_dictionary(n=512)
     cfg = SAEConfig(expansion=2, batch_size=128, epochs=2, resample_every=0)
-    a, _ = load_or_train_sae(tiny_store, x, {"data": "planted"}, cfg, progress=False)
-    b, _ = load_or_train_sae(tiny_store, x * 0 + 1, {"data": "planted"}, cfg, progress=False)  # same key: loaded
-    c, _ = load_or_train_sae(tiny_store, x, {"data": "planted"}, SAEConfig(expansion=2, batch_size=128, epochs=3,
-                                                                           resample_every=0), progress=False)
+    a, _ = load_or_train_sae(tiny_store, x, cfg, progress=False)
+    b, _ = load_or_train_sae(tiny_store, x.clone(), cfg, progress=False)  # same content: loaded
+    c, _ = load_or_train_sae(tiny_store, x + 1e-3, cfg, progress=False)  # other features: trained anew
+    d, _ = load_or_train_sae(tiny_store, x, SAEConfig(**{**cfg.__dict__, "epochs": 3}), progress=False)
     torch.testing.assert_close(a.W_dec, b.W_dec)
-    assert not torch.equal(a.W_dec, c.W_dec)
+    assert not torch.equal(a.W_dec, c.W_dec) and not torch.equal(a.W_dec, d.W_dec)
     with pytest.raises(ValueError, match="expansion"):
         SAEConfig(expansion=0)
 
@@ -161,39 +202,117 @@ def test_load_vocabulary(tmp_path):
         dncbm.load_vocabulary(tmp_path / "empty.txt")
 
 
-def test_sparse_probe_is_sparse_and_explains_its_decisions():
-    rng = np.random.default_rng(0)
-    y = rng.integers(3, size=600)
-    x = rng.random((600, 30)) * 0.3
-    x[np.arange(600), y] += 1.0  # concepts 0..2 carry the class; 27 are noise
-    dense = dncbm.fit_probe(x, y, 0.0)
-    sparse = dncbm.fit_probe(x, y, 0.02)
-    assert dncbm.nonzero_per_class(dense) == 30
-    assert dncbm.nonzero_per_class(sparse) <= 5
-    assert sparse.score(x, y) > 0.95
-    assert all(set(np.argsort(-sparse.coef_[c])[:1]) == {c} for c in range(3))
-    expl = dncbm.local_explanation(x[0], sparse, [f"c{i}" for i in range(30)], k=30)
+def test_probe_l1_is_the_mean_of_the_original_code():
+    w = torch.tensor([[1.0, -2.0, 0.0], [0.5, 0.0, -0.5]])
+    assert probe_l1_term(w).item() == pytest.approx(4.0 / 6)
+    assert probe_l1_term(w).item() == nn.L1Loss()(w.flatten(), torch.zeros(6)).item()
+    assert probe_l1_term(w, "sum").item() == 4.0
+    logits, labels = torch.tensor([[2.0, 0.0]]), torch.tensor([0])
+    ce = F.cross_entropy(logits, labels).item()
+    assert dncbm.probe_loss(logits, labels, w, 0.1).item() == pytest.approx(ce + 0.1 * 4.0 / 6)
+
+
+def concept_data(n: int = 600, k: int = 30, seed: int = 0):
+    """Concepts 0..2 carry the class of 3; the other 27 are noise."""
+    rng = np.random.default_rng(seed)
+    y = rng.integers(3, size=n)
+    x = rng.random((n, k)) * 0.3
+    x[np.arange(n), y] += 1.0
+    return x, y
+
+
+def test_probe_switches_change_the_weights():
+    x, y = concept_data()
+    adam = dncbm.fit_probe(x, y, ProbeConfig(lam=0.1, epochs=50), device="cpu")
+    assert adam.score(x, y) > 0.95
+    assert adam.coef_.shape == (3, 30)
+    summed = dncbm.fit_probe(x, y, ProbeConfig(lam=0.1, l1="sum", epochs=50))
+    assert not np.allclose(adam.coef_, summed.coef_)
+    assert np.abs(summed.coef_).sum() < np.abs(adam.coef_).sum()  # the sum penalises 90 times harder
+    fista = dncbm.fit_probe(x, y, ProbeConfig(lam=0.01, l1="sum", solver="fista", epochs=300))
+    assert dncbm.nonzero_per_class(fista) <= 5 and fista.score(x, y) > 0.95  # exact zeros
+    assert dncbm.nonzero_per_class(adam) == 30  # Adam leaves every weight slightly off zero
+    assert all(np.argmax(fista.coef_[c]) == c for c in range(3))
+    weak = dncbm.fit_probe(x, y, ProbeConfig(lam=0.01, solver="fista", epochs=300))  # mean: 90 times weaker
+    assert dncbm.nonzero_per_class(weak) > dncbm.nonzero_per_class(fista)
+
+
+def test_explanations_of_the_probe():
+    x, y = concept_data()
+    probe = dncbm.LinearProbe(np.eye(3, 30) * 2.0 + 0.01)
+    names = [f"c{i}" for i in range(30)]
+    expl = dncbm.local_explanation(x[0], probe, names, k=30)
     np.testing.assert_allclose(expl["contribution"], expl["strength"] * expl["weight"])
-    assert expl["contribution"].sum() + sparse.intercept_[y[0]] == pytest.approx(sparse.decision_function(x[:1])[0,
-                                                                                                               y[0]])
-    glob = dncbm.global_explanation(sparse, [f"c{i}" for i in range(30)], ["a", "b", "c"], k=1)
+    assert expl["contribution"].sum() == pytest.approx(probe.decision_function(x[:1])[0, y[0]])
+    glob = dncbm.global_explanation(probe, names, ["a", "b", "c"], k=1)
     assert glob["name"].tolist() == ["c0", "c1", "c2"]
+    # contributions 20.1 (the class's concept) and 27 x 0.01: the first alone passes 90 % of 20.37
+    assert dncbm.concepts_per_decision(np.eye(3, 30) * 10 + 1.0 * (np.arange(30) >= 3), probe) == 1.0
+    assert dncbm.concepts_per_decision(np.ones((1, 30)), dncbm.LinearProbe(np.ones((3, 30)))) == 27.0
 
 
-def test_world_features_are_cached_with_ground_truth(tiny_world, tiny_clip, tiny_store, monkeypatch):
+def test_global_ranking_by_mean_strength_is_centred_on_all_images():
+    labels = np.array([0, 0, 1, 1])
+    z = np.array([[5.0, 1.0, 0.0], [5.0, 1.0, 0.0], [5.0, 0.0, 1.0], [5.0, 0.0, 3.0]])
+    glob = dncbm.global_explanation_by_strength(z, labels, ["always", "one", "two"], ["A", "B"], k=1)
+    # concept 0 is strongest everywhere but says nothing about a class: centring ranks it last
+    assert glob["name"].tolist() == ["one", "two"]
+    assert glob["score"].tolist() == pytest.approx([0.5, 1.0])
+    by_weight = dncbm.global_explanation(dncbm.LinearProbe(np.array([[0.0, 1, 0], [1.0, 0, 0]])),
+                                         ["always", "one", "two"], ["A", "B"], k=1)
+    both = dncbm.rankings_side_by_side(by_weight, glob)
+    assert both["shared concepts"].tolist() == [1, 0]
+    assert both.loc["B", "by probe weight"] == "always" and both.loc["B", "by mean strength (original)"] == "two"
+
+
+def test_world_features_are_raw_and_cached_with_ground_truth(tiny_world, tiny_clip, tiny_store, monkeypatch):
     model = tiny_clip[0]
-    key = {"train": TrainConfig(n_train=512, steps=20, batch_size=32, warmup=5).__dict__}
+    key = {"model": "tiny"}
     first = dncbm.world_features(tiny_store, tiny_world, model, key, 300, "corpus", batch_size=128, progress=False)
     batch = tiny_world.sample(300, split="corpus")
     np.testing.assert_array_equal(first["labels"].numpy(), batch.labels)
     np.testing.assert_array_equal(first["attributes"].numpy(), batch.attributes)
-    torch.testing.assert_close(first["features"][:5], dncbm.encode_images(model, batch.images[:5]))
+    with torch.no_grad():
+        raw = model.encode_image(images_to_tensor(batch.images[:5], model))
+    torch.testing.assert_close(first["features"][:5], raw)
+    assert not torch.allclose(first["features"].norm(dim=-1), torch.ones(300))  # not normalised
 
     def no_encoding(*args, **kwargs):
         raise RuntimeError("encoded again")
 
-    monkeypatch.setattr(dncbm, "encode_images", no_encoding)
+    monkeypatch.setattr(dncbm, "embed_images", no_encoding)
     again = dncbm.world_features(tiny_store, tiny_world, model, key, 300, "corpus", progress=False)
     torch.testing.assert_close(again["features"], first["features"])
     with pytest.raises(RuntimeError, match="encoded again"):  # other parameters: not the cached file
         dncbm.world_features(tiny_store, tiny_world, model, key, 200, "corpus", progress=False)
+    with pytest.raises(RuntimeError, match="encoded again"):  # another CLIP: not the cached file
+        dncbm.world_features(tiny_store, tiny_world, model, {"model": "other"}, 300, "corpus", progress=False)
+
+
+def test_switches_record_the_original_and_the_scales():
+    params = {name: p.default for name, p in dncbm.PARAMETERS.items()} | {"seed": 0}
+    assert dncbm.original_changes(params) == {}  # the defaults compute what the original code computes
+    changed = {**params, "sae_l1": 1e-3, "sae_reconstruction": "sum"}
+    assert dncbm.original_changes(changed) == {"sae_l1": 3e-5, "sae_reconstruction": "mean"}
+    scales = dncbm.original_scale(changed, dim=128, n_weights=16 * 1024)
+    assert scales["sae_l1_original_scale"] == pytest.approx(1e-3 / 128)
+    assert dncbm.original_scale({**params, "probe_l1": "sum"}, 128, 100)["probe_lambda_original_scale"] == 10.0
+    table = differences_table(dncbm.SWITCHES, changed)
+    assert table.loc["sae_reconstruction", "this run follows"] == "paper"
+    assert table.loc["sae_l1", "this run follows"] == "neither"
+    assert table.loc["probe_l1", "this run follows"] == "original code"
+
+
+def test_l1_verdict_reads_the_measurement():
+    table = pd.DataFrame({"sae_l0": [200.0, 100.0], "sae_fvu": [0.04, 0.05], "share_right": [0.3, 0.2]},
+                         index=["1 x original", "100 x original"])
+    said = dncbm.l1_verdict(table)
+    assert "200.0 to 100.0" in said and "30.0% to 20.0%" in said and "original λ₁ is the better default" in said
+    table.loc["100 x original", "share_right"] = 0.4
+    assert "as good or better" in dncbm.l1_verdict(table)
+
+
+def test_a_number_for_the_probe_is_the_summed_l1_by_fista():
+    x, y = concept_data()
+    probe = dncbm.fit_probe(x, y, 0.01)
+    assert dncbm.nonzero_per_class(probe) <= 5 and probe.score(x, y) > 0.95

@@ -7,6 +7,7 @@ import json
 
 import numpy as np
 import open_clip
+import pytest
 import torch
 from PIL import Image
 
@@ -33,7 +34,7 @@ def _random_lm(path):
              "You want to explain what a green heron is to your students. Answer yes or no."] * 4
     tokenizer = train_tokenizer(texts, 300)
     torch.manual_seed(0)
-    model = GPT2LMHeadModel(GPT2Config(vocab_size=len(tokenizer), n_positions=256, n_embd=32, n_layer=2, n_head=2,
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=len(tokenizer), n_positions=2048, n_embd=32, n_layer=2, n_head=2,
                                        eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.eos_token_id))
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
@@ -44,15 +45,25 @@ def test_real_path_runs_with_local_models(tmp_path):
     ckpt = tmp_path / "clip.pt"
     torch.save(open_clip.create_model("ConceptWorld-ViT").state_dict(), ckpt)
     lm = str(_random_lm(tmp_path / "lm"))
+    templates = tmp_path / "mult_template_v1.json"
+    templates.write_text(json.dumps(["Describe a photo of a {}.", "Write a caption for an image of a {}.",
+                                     "What does a {} look like?"]))
     params = {"model": "ConceptWorld-ViT", "pretrained": str(ckpt), "dataset": "imagefolder",
               "data_root": str(_image_folder(tmp_path / "images")), "images_per_class": 4, "lm": lm, "judge": lm,
-              "lora_r": 4, "grpo_steps": 2, "num_generations": 2, "prompts_per_step": 2, "max_new_tokens": 8,
+              "templates": str(templates), "lora_r": 4, "grpo_steps": 2, "num_generations": 2,
+              "prompts_per_step": 2, "max_new_tokens": 8,
               "artifacts_dir": str(tmp_path / "artifacts"), "results_dir": str(tmp_path / "results")}
     run_chapter("04_ex2", tmp_path / "out", params)
-    results = json.loads((tmp_path / "results" / "04_ex2.json").read_text())["results"]
+    record = json.loads((tmp_path / "results" / "04_ex2.json").read_text())
+    results = record["results"]
     assert 0 <= results["judge_yes_after"] <= 1
-    assert len([k for k in results if k.startswith("share_") and k.endswith("_after")]) >= 1
-    saved = list((tmp_path / "artifacts" / "ex2_descriptions").glob("*/after.json"))
+    assert results["share_false_after"] == 0  # "informative but false" needs the world's ground truth
+    shares = sum(results[f"share_{k}_after"] for k in ("spurious", "visual", "nonvisual", "unparsed"))
+    assert shares == pytest.approx(1.0)
+    assert set(results["attribute_shares_after"]) >= {"colour", "habitat", "origin"}  # the attribute table
+    assert record["inputs"]["templates"]["sha256"] and record["parameters"]["templates"] == str(templates)
+    saved = list((tmp_path / "artifacts" / "ex2_descriptions").glob("*/descriptions.json"))
     records = json.loads(saved[0].read_text())
-    assert len(records) == 25 * 3 and {r["class_name"] for r in records} == {"red finch", "blue jay", "green heron"}
+    assert len(records) == 3 * 3 and {r["class_name"] for r in records} == {"red finch", "blue jay", "green heron"}
     assert "spearman_reliance_share" not in results and "second_vlm" not in results  # world-only analyses
+    assert "world" not in record["parameters"] and "lm_steps" not in record["parameters"]

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+import torchvision
 
 from conceptlab import lavise
-from conceptlab.artifacts import ArtifactStore
+from conceptlab.chapter import differences_table
 from conceptlab.cnn import CNNInput, world_resnet18
 from conceptlab.world import ATTRIBUTES, HABITATS, PARTS
 
@@ -78,8 +81,8 @@ def test_explainer_learns_separable_concepts_and_never_sees_unseen_ones():
     with pytest.raises(ValueError, match="unseen"):
         lavise.train_explainer(x, y, words, seen, lavise.ExplainerConfig(epochs=1), progress=False)
     keep = torch.from_numpy(seen)[y]
-    head, history = lavise.train_explainer(x[keep], y[keep], words, seen, lavise.ExplainerConfig(epochs=15),
-                                           progress=False)
+    cfg = lavise.ExplainerConfig(epochs=15, batch_size=64)
+    head, history = lavise.train_explainer(x[keep], y[keep], words, seen, cfg, progress=False)
     assert history[-1]["val_top1"] > 0.8  # chance is 0.25
     assert history[-1]["val_loss"] < history[0]["val_loss"]
     with torch.no_grad():
@@ -109,14 +112,15 @@ def _planted_features(batch, part: str) -> torch.Tensor:
 def test_dissection_and_ground_truth_find_a_planted_filter(tiny_world, batch, concepts):
     names = [c.name for c in concepts]
     features = _planted_features(batch, "body")
+    data = lavise.WorldImages(batch, concepts, tiny_world.class_names)
     thresholds = lavise.activation_thresholds(features, 0.9)
-    iou = lavise.dissect(features, batch, concepts, tiny_world.class_names, thresholds, progress=False)
+    iou = lavise.dissect(features, data, thresholds, progress=False)
     assert iou.shape == (8, len(concepts))
     assert names[iou[0].argmax()] == "body"
     assert iou[0].max() > 0.3 and iou[1:].max() < iou[0].max()
     head = lavise.ExplainerHead(8, 4).eval()
-    expl = lavise.explain_filters(features, batch, concepts, tiny_world.class_names, head, torch.eye(len(concepts), 4),
-                                  act_q=0.9, n_top=4, iou_threshold=0.3, iou_size=32, progress=False)
+    expl = lavise.explain_filters(features, data, head, torch.eye(len(concepts), 4), act_q=0.9, n_top=4,
+                                  iou_threshold=0.3, iou_size=32, progress=False)
     assert expl.ground_truth[list(expl.filters).index(0), :, names.index("body")].all()
     assert expl.scores.shape == (len(expl.filters), 4, len(concepts))
 
@@ -126,25 +130,34 @@ def test_concept_examples_pool_masked_features(tiny_world, concepts):
     extractor = lavise.feature_extractor(model, "layer3")
     seen = lavise.split_seen(concepts, 0.5)
     to_input = CNNInput(tiny_world.config.resolution)
-    x, y = lavise.concept_examples(extractor, to_input, tiny_world, 8, concepts, seen, min_pixels=8, progress=False)
+    data = lavise.WorldImages(tiny_world.sample(8, split="train"), concepts, tiny_world.class_names)
+    pairs = lavise.concept_examples(extractor, to_input, data, seen, min_pixels=8, modes=lavise.MASK_RESIZES,
+                                    progress=False)
+    x, y = pairs["area"]
     assert seen[y.numpy()].all() and x.shape == (len(y), 256)
-    batch = tiny_world.sample(1, split="train")
+    assert torch.equal(pairs["nearest"][1], y) and not torch.allclose(pairs["nearest"][0], x)
     with torch.no_grad():
-        feats = extractor(to_input(batch.images))["features"]
-    masks = torch.from_numpy(lavise.concept_masks(batch, concepts, tiny_world.class_names))
+        feats = extractor(to_input(data.images(np.arange(1))))["features"]
+    masks = torch.from_numpy(lavise.concept_masks(data.batch, concepts, tiny_world.class_names, np.arange(1)))
     first = int(y[0])
     manual = (feats * F.adaptive_avg_pool2d(masks[:, [first]].float(), feats.shape[-2:])).mean((-1, -2))[0]
     assert torch.allclose(x[0], manual, atol=1e-5)
+    hard = F.interpolate(masks[:, [first]].float(), size=feats.shape[-2:], mode="nearest")
+    assert torch.allclose(pairs["nearest"][0][0], (feats * hard).mean((-1, -2))[0], atol=1e-5)
     with pytest.raises(ValueError, match="target_layer"):
         lavise.feature_extractor(model, "layer9")
 
 
-def test_glove_embeddings(tmp_path):
+def test_glove_embeddings_drop_missing_words_with_a_count(tmp_path, capsys):
     path = tmp_path / "vectors.txt"
     path.write_text("red 1 0 0\nhead 0 1 0\nwings 0 0 1\n")
-    words = lavise.embed_concepts(["red", "red head", "wings"], f"glove:{path}")
+    words, keep = lavise.embed_concepts(["red", "Red head", "wings", "tail", "tail feather"], f"glove:{path}")
+    assert keep.tolist() == [True, True, True, False, False]
+    assert words.shape == (3, 3)
     assert torch.allclose(words[1], F.normalize(torch.tensor([1.0, 1.0, 0.0]), dim=0))
-    with pytest.raises(ValueError, match="tail"):
+    note = capsys.readouterr().out
+    assert "lacks 2 word(s)" in note and "dropped 2 of 5 concepts" in note
+    with pytest.raises(ValueError, match="none of the 1 concepts"):
         lavise.embed_concepts(["tail"], f"glove:{path}")
     with pytest.raises(FileNotFoundError):
         lavise.embed_concepts(["red"], f"glove:{tmp_path / 'missing.txt'}")
@@ -162,21 +175,151 @@ def test_sentence_transformers_is_optional():
         pytest.skip("sentence-transformers is installed")
 
 
-def test_stored_explainer_is_reused(tmp_path):
-    store = ArtifactStore(tmp_path)
+def test_bn_eval_freezes_the_heads_running_statistics():
     gen = torch.Generator().manual_seed(0)
-    x, y = torch.randn(64, 8, generator=gen), torch.randint(0, 3, (64,), generator=gen)
-    words, seen = torch.eye(3), np.ones(3, dtype=bool)
-    calls = []
+    x = torch.randn(200, 8, generator=gen) * 3 + 2
+    y = torch.randint(0, 3, (200,), generator=gen)
+    words, seen = F.normalize(torch.randn(3, 4, generator=gen), dim=-1), np.ones(3, dtype=bool)
+    heads = {flag: lavise.train_explainer(x, y, words, seen, lavise.ExplainerConfig(epochs=2, bn_eval=flag),
+                                          progress=False)[0] for flag in (True, False)}
+    frozen, moving = heads[True][0], heads[False][0]
+    assert torch.equal(frozen.running_mean, torch.zeros(8)) and torch.equal(frozen.running_var, torch.ones(8))
+    assert int(frozen.num_batches_tracked) == 0 and int(moving.num_batches_tracked) > 0
+    assert (moving.running_mean > 0.2).all()  # moved from 0 towards the data's mean (about 2)
+    with torch.no_grad():
+        assert not torch.allclose(heads[True](x[:5]), heads[False](x[:5]))
+    assert lavise.ExplainerConfig().bn_eval and lavise.PARAMETERS["bn_eval"].default is True
 
-    def pairs():
-        calls.append(1)
-        return x, y
 
-    cfg = lavise.ExplainerConfig(epochs=2)
-    first, _ = lavise.stored_explainer(store, {"cnn": "test"}, pairs, words, seen, cfg, progress=False)
-    second, _ = lavise.stored_explainer(store, {"cnn": "test"}, pairs, words, seen, cfg, progress=False)
-    assert len(calls) == 1
-    assert torch.equal(first(x[:4]), second(x[:4]))
-    lavise.stored_explainer(store, {"cnn": "other"}, pairs, words, seen, cfg, progress=False)
-    assert len(calls) == 2
+def test_projection_and_activation_masking_read_different_regions():
+    # filter 0 fires strongly at (0, 0) and weakly at (1, 1); channel 1 is on at (1, 1) only
+    maps = torch.zeros(1, 2, 4, 4)
+    maps[0, 0, 0, 0], maps[0, 0, 1, 1] = 4.0, 1.0
+    maps[0, 1, 1, 1] = 1.0
+    activation = lavise.filter_embedding(maps, 0, threshold=2.0, masking="activation")
+    projection = lavise.filter_embedding(maps, 0, threshold=2.0, masking="projection")
+    # activation keeps (0, 0) only: channel 0 averages 4 over 16 cells, channel 1 sees nothing
+    assert torch.allclose(activation, torch.tensor([[4 / 16, 0.0]]))
+    # projection weights every cell by c / ||c|| (||c|| = sqrt(17)): (1, 1) counts too
+    norm = 17 ** 0.5
+    assert torch.allclose(projection, torch.tensor([[(16 + 1) / norm / 16, 1 / norm / 16]]))
+    with pytest.raises(ValueError, match="masking"):
+        lavise.filter_embedding(maps, 0, 2.0, masking="image")
+
+
+def _write_coco(root, n_images: int = 12):
+    """A COCO-format folder: images of two sizes, a polygon 'cat' and an RLE 'traffic light' per image."""
+    from PIL import Image
+    from pycocotools import mask as mask_utils
+
+    images, annotations = [], []
+    for i in range(n_images):
+        w, h = (80, 64) if i % 2 else (64, 64)
+        pixels = np.full((h, w, 3), 40 + 10 * i, dtype=np.uint8)
+        pixels[8:40, 8:40] = (200, 30, 30)
+        Image.fromarray(pixels).save(root / f"img{i}.png")
+        images.append({"id": i + 1, "file_name": f"img{i}.png", "width": w, "height": h})
+        polygon = [8.0, 8.0, 40.0, 8.0, 40.0, 40.0, 8.0, 40.0]
+        annotations.append({"id": 2 * i + 1, "image_id": i + 1, "category_id": 17, "segmentation": [polygon],
+                            "area": 1024.0, "bbox": [8, 8, 32, 32], "iscrowd": 0})
+        light = np.zeros((h, w), dtype=np.uint8, order="F")
+        light[44:60, 20:30] = 1
+        rle = mask_utils.encode(light)
+        rle["counts"] = rle["counts"].decode()
+        annotations.append({"id": 2 * i + 2, "image_id": i + 1, "category_id": 10, "segmentation": rle,
+                            "area": 160.0, "bbox": [20, 44, 10, 16], "iscrowd": 0})
+    categories = [{"id": 10, "name": "traffic light", "supercategory": "outdoor"},
+                  {"id": 17, "name": "cat", "supercategory": "animal"},
+                  {"id": 90, "name": "toothbrush", "supercategory": "indoor"}]
+    path = root / "instances.json"
+    path.write_text(json.dumps({"images": images, "annotations": annotations, "categories": categories}))
+    return path
+
+
+def test_coco_images_read_polygon_and_rle_masks(tmp_path):
+    annotations = _write_coco(tmp_path)
+    data = lavise.CocoImages(tmp_path, annotations, size=32)
+    assert [c.name for c in data.concepts] == ["traffic light", "cat", "toothbrush"]
+    assert len(data) == 12 and data.images(np.arange(2)).shape == (2, 32, 32, 3)
+    regions = data.regions(np.array([0]))[0]  # a square 64x64 image, halved
+    assert regions[1, 4:20, 4:20].all() and regions[1].sum() == 16 * 16  # the polygon
+    assert regions[0, 22:30, 10:15].all() and regions[0].sum() == 8 * 5  # the RLE
+    assert not regions[2].any()
+    wide = data.regions(np.array([1]))[0]  # 80x64: shortest side to 32, centre crop drops 4 columns each side
+    assert wide[1].sum() == 16 * 16 and wide[1, 4:20, 0:16].all()
+    assert data.images(np.array([0]))[0, 10, 10].tolist() == [200, 30, 30]
+    assert data.composition(np.arange(3)).shape == (3, 3, 3)
+    fewer = data.with_concepts(np.array([False, True, True]))
+    assert [c.name for c in fewer.concepts] == ["cat", "toothbrush"]
+    assert (fewer.composition(np.arange(1))[0] == np.eye(3)[1:]).all()
+    train, test = lavise.split_coco(data, n_train=100, n_eval=5, seed=0)
+    assert len(test) == 2 and len(train) == 10 and not set(train.image_ids) & set(test.image_ids)
+
+
+def _chapter(tmp_path, **params):
+    from conceptlab.chapter import setup
+
+    namespace = {"artifacts_dir": str(tmp_path / "artifacts"), "results_dir": str(tmp_path / "results"),
+                 "world": {"n_classes": 4}, "embedding": "random", "cnn_n_train": 64, "cnn_steps": 2,
+                 "cnn_batch_size": 16, "n_explain": 32, "explainer_epochs": 2, "n_eval": 24, "n_top": 2, **params}
+    return setup("06_lavise", namespace, lavise.PARAMETERS)
+
+
+def test_coco_path_trains_and_explains_with_the_data_sets_own_words(tmp_path, capsys):
+    annotations = _write_coco(tmp_path)
+    cnn = torchvision.models.resnet18(num_classes=5)
+    torch.save(cnn.state_dict(), tmp_path / "resnet18.pt")
+    glove = tmp_path / "glove.txt"
+    glove.write_text("cat 1 0 0 0\ntraffic 0 1 0 0\nlight 0 0 1 1\n")  # no vector for "toothbrush"
+    ch = _chapter(tmp_path, dataset="coco", data_root=str(tmp_path), annotations=str(annotations),
+                  target_model="resnet18", target_weights=str(tmp_path / "resnet18.pt"), target_layer="layer4",
+                  target_input_size=64, embedding=f"glove:{glove}", min_pixels=4, iou_size=16)
+    run = lavise.setup_run(ch, progress=False)
+    out = capsys.readouterr().out
+    assert "lacks 1 word(s) (toothbrush)" in out and "dropped 1 of 3 concepts" in out
+    assert run.names == ["traffic light", "cat"]  # the data set's categories, never the world's
+    head, history = lavise.train_head(run, progress=False)
+    expl = lavise.explain(run, lavise.eval_features(run, progress=False), head, progress=False)
+    assert expl.scores.shape[1:] == (2, 2) and len(history) == 2
+    assert lavise.train_head(run, progress=False)[1] == history  # stored, then loaded
+
+
+def test_bad_target_layer_fails_before_any_work(tmp_path):
+    from conceptlab.chapter import ParameterError
+
+    with pytest.raises(ParameterError, match="layer9.*top-level layers"):
+        _chapter(tmp_path, target_layer="layer9")
+    with pytest.raises(ParameterError, match="'layer3' is not a layer of alexnet"):
+        _chapter(tmp_path, target_model="alexnet", target_init="random")
+    assert not (tmp_path / "artifacts").exists()
+    assert lavise.check_target_layer("features.10", {"target_model": "alexnet"}) is None
+    with pytest.raises(ParameterError, match="dataset='coco' needs data_root and annotations"):
+        _chapter(tmp_path, dataset="coco")
+
+
+def test_switches_say_where_the_run_departs_from_the_original(tmp_path):
+    ch = _chapter(tmp_path)
+    table = ch.differences(lavise.SWITCHES)
+    assert table.loc["bn_eval", "this run follows"] == "original code"
+    assert table.loc["masking", "this run follows"] == "paper"
+    assert table.loc["explainer_lr", "this run follows"] == "neither"
+    original = {**ch.params, **lavise.ORIGINAL_CODE}
+    assert original["masking"] == "projection" and original["mask_resize"] == "nearest"
+    assert differences_table(lavise.SWITCHES, original)["this run follows"].str.contains("original").all()
+    lines = lavise.setting_differences(ch.params)
+    assert any(line.startswith("annotation_rate = 0.6") for line in lines)
+    assert not any(line.startswith("annotation_rate") for line in lavise.setting_differences(
+        {**ch.params, "annotation_rate": 0.1}))
+
+
+def test_world_pipeline_and_an_exercise_change_with_the_parameter(tmp_path):
+    ch = _chapter(tmp_path)
+    base = lavise.exercise(ch)
+    fewer = lavise.exercise(ch, annotation_rate=0.2)
+    assert fewer["seen concepts"] < base["seen concepts"]
+    assert set(base) >= {"R@5 seen", "R@20 unseen"}
+    run = lavise.setup_run(ch, progress=False)
+    frozen, _ = lavise.train_head(run, progress=False)
+    moving, _ = lavise.train_head(run, progress=False, bn_eval=False)
+    assert torch.equal(frozen[0].running_mean, torch.zeros_like(frozen[0].running_mean))
+    assert not torch.equal(moving[0].running_mean, frozen[0].running_mean)

@@ -4,9 +4,6 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
-import subprocess
-import sys
 import tomllib
 from pathlib import Path
 
@@ -14,6 +11,7 @@ import jupytext
 import pytest
 import yaml
 
+import conceptlab.chapter
 from conceptlab.bookrun import NOTEBOOKS, ROOT, chapters, run_chapter, smoke_parameters
 
 CHAPTERS = chapters()
@@ -53,18 +51,44 @@ def test_smoke_parameters_exist_for_every_chapter_and_are_real_parameters(chapte
     assert own <= declared, f"smoke.yml sets parameters {own - declared} that {chapter} does not declare"
 
 
-@pytest.fixture(scope="session")
-def run_smoke(tmp_path_factory):
-    """Run a chapter on its smoke parameters once per test session; returns its work folder."""
-    workdir, done = tmp_path_factory.mktemp("smoke"), {}
+@pytest.mark.parametrize("chapter", CHAPTERS)
+def test_parameters_cell_states_exactly_the_declared_parameters(chapter, monkeypatch):
+    """The literal parameters cell (papermill's interface) and the declared spec (validation) agree."""
+    code = [c.source for c in jupytext.read(NOTEBOOKS / f"{chapter}.py").cells if c.cell_type == "code"]
+    assert code[0].lstrip().startswith(conceptlab.chapter.PARAMETERS_MARK), "the harness finds the cell by it"
+    cell_values: dict = {}
+    exec(code[0], cell_values)
+    cell_values = {k: v for k, v in cell_values.items() if not k.startswith("__")}
+    seen = {}
 
-    def run(chapter: str) -> Path:
-        if chapter not in done:
-            run_chapter(chapter, workdir / "executed", smoke_parameters(chapter, workdir))
-            done[chapter] = workdir
-        return done[chapter]
+    def fake_setup(name, namespace, parameters=None):
+        seen.update(name=name, spec={**conceptlab.chapter.SHARED, **(parameters or {})})
+        raise _SetupReached
 
-    return run
+    monkeypatch.setattr(conceptlab.chapter, "setup", fake_setup)
+    with pytest.raises(_SetupReached):
+        exec(code[1], {"get_ipython": None})
+    assert seen["name"] == chapter, "the setup cell (the cell after the parameters) calls chapter.setup"
+    assert cell_values == conceptlab.chapter.parameters_cell(seen["spec"])
+
+
+class _SetupReached(Exception):
+    pass
+
+
+@pytest.mark.notebook
+def test_every_chapter_refuses_bad_parameters_before_any_work(tmp_path):
+    """A misspelt name and a wrong type stop each chapter in its setup cell, with both problems named."""
+    import papermill as pm
+
+    for chapter in CHAPTERS:
+        params = {**smoke_parameters(chapter, tmp_path), "seed": "abc", "definitely_mispelt": 1}
+        with pytest.raises(pm.PapermillExecutionError) as err:
+            run_chapter(chapter, tmp_path / "executed", params)
+        assert err.value.ename == "ParameterError", (chapter, err.value.ename, err.value.evalue)
+        assert "'definitely_mispelt'" in err.value.evalue and "seed='abc'" in err.value.evalue, chapter
+        assert err.value.exec_count <= 3, f"{chapter} validated only in cell {err.value.exec_count}"
+    assert not (tmp_path / "artifacts").exists(), "nothing may be built before the parameters are valid"
 
 
 @pytest.mark.notebook
@@ -82,22 +106,15 @@ def test_chapter_runs_with_smoke_parameters_and_writes_its_results(chapter, run_
 
 
 @pytest.mark.notebook
-def test_book_builds_from_executed_chapters_without_reexecuting(run_smoke, tmp_path):
-    book = tmp_path / "book_root"
-    (book / "book" / "chapters").mkdir(parents=True)
-    for name in ("_config.yml", "_toc.yml"):
-        shutil.copy(ROOT / name, book / name)
-    shutil.copy(ROOT / "book" / "intro.md", book / "book" / "intro.md")
-    for chapter in CHAPTERS:
-        shutil.copy(run_smoke(chapter) / "executed" / f"{chapter}.ipynb", book / "book" / "chapters")
-    jb = Path(sys.executable).with_name("jupyter-book")
-    proc = subprocess.run([str(jb), "build", "--all", str(book)], capture_output=True, text=True, timeout=300)
+def test_book_builds_from_executed_chapters_without_reexecuting(smoke_book):
+    book, proc = smoke_book
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     assert "Executing" not in proc.stdout, "jupyter-book must not execute notebooks"
     for chapter in CHAPTERS:
         html = (book / "_build" / "html" / "book" / "chapters" / f"{chapter}.html").read_text()
         assert "<img" in html and "Traceback" not in html, chapter
-    assert (book / "_build" / "html" / "index.html").exists()
+    index = (book / "_build" / "html" / "index.html").read_text()
+    assert "zero-shot top-1" in index, "the intro page shows the computed headline table"
 
 
 def test_environment_yml_matches_pyproject():

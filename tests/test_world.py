@@ -178,3 +178,28 @@ def test_statistics_measure_the_planted_rates():
     assert stats["atypical colour"] == stats["atypical pattern"] == stats["atypical size"] == 0.0
     noisy = ConceptWorld(attribute_noise=0.5, habitat_correlation=0.0)
     assert noisy.statistics(noisy.sample(300, "test"))["atypical colour"] > 0.3
+
+
+def test_blind_field_leaves_the_default_key_and_images_unchanged():
+    """Artifacts of every chapter are keyed by WorldConfig.to_dict(): the new field must not move them."""
+    from conceptlab.artifacts import params_key
+
+    assert "blind" not in WorldConfig().to_dict()
+    assert params_key(WorldConfig().to_dict()) == "61562fee91ab378c"  # the key before `blind` existed
+    assert params_key(WorldConfig(n_classes=6).to_dict()) != params_key(WorldConfig(blind=["body colour"]).to_dict())
+    assert WorldConfig(**WorldConfig(blind=["head size"]).to_dict()) == WorldConfig(blind=("head size",))
+
+
+def test_blind_attribute_is_random_and_the_rest_of_the_world_stays():
+    plain = ConceptWorld(n_classes=6, attribute_noise=0.0).sample(600, "train")
+    blind = ConceptWorld(n_classes=6, attribute_noise=0.0, blind=("body colour",)).sample(600, "train")
+    body, colour = PARTS.index("body"), 0
+    assert np.array_equal(plain.labels, blind.labels) and np.array_equal(plain.masks, blind.masks)
+    other = np.ones(plain.attributes.shape, bool)
+    other[:, body, colour] = False
+    assert np.array_equal(plain.attributes[other], blind.attributes[other])
+    # the blinded value no longer follows the class: about 1/8 of creatures keep their typical colour
+    typical = (blind.attributes[:, body, colour] == plain.attributes[:, body, colour]).mean()
+    assert 0.05 < typical < 0.25
+    with pytest.raises(ValueError, match="beak colour"):
+        WorldConfig(blind=("beak colour",))

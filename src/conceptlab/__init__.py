@@ -1,9 +1,11 @@
 """conceptlab: concept-level explanations of vision-language models, checked against ground truth.
 
-Modules: ``world`` (Concept World), ``models`` (open_clip loading and world CLIP training),
-``data`` (real image folders), ``artifacts`` (parameter-keyed store), ``plots``, ``bookrun``
-(papermill runner), ``bench`` (benchmarks); one module per method: ``descriptors``, ``explain``,
-``deal``, ``ex2``, ``dncbm``, ``lavise``.
+Shared modules: ``world`` (Concept World), ``models`` (open_clip loading, world CLIP training),
+``data`` (real data sets), ``artifacts`` (the content-keyed store), ``training`` (resumable runs),
+``chapter`` (the chapter harness), ``plots``, ``explore`` (widgets), ``reliance`` (interventions),
+``bookrun`` (papermill runner), ``bench`` (benchmarks). One module per method: ``descriptors``,
+``explain`` and ``deal`` (DEAL), ``ex2``, ``judges`` and ``textlm`` (EX2), ``sae`` and ``dncbm``
+(DN-CBM), ``cnn`` and ``lavise`` (LaViSE); ``verdict`` scores them all against measured reliance.
 """
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"

@@ -1,10 +1,14 @@
-"""A small artifact store: files keyed by a hash of the parameters that made them.
+"""The artifact store: everything the book caches, keyed by every input that made it.
 
-``store.path("clip", params)`` names a directory ``<root>/clip/<hash>/`` that holds the
-artifact and a ``params.json`` saying what made it. Writes are atomic (temporary file,
-then ``os.replace``), so an interrupted run never leaves a half-written artifact that a
-later run would mistake for a finished one, and a finished artifact is never
-overwritten by a failed run.
+``store.get_or_build(kind, key, build, load)`` is the one way to cache a thing. It names a
+directory ``<root>/<kind>/<hash of key>/`` (with a ``params.json`` saying what made it), holds a
+lock on it so that two kernels build it once, calls ``build(dir)`` unless the directory holds the
+completion marker ``DONE``, writes ``DONE`` last, and returns ``load(dir)``. A directory without
+``DONE`` is unfinished (a crash, a kill): it is built again, with a note, and a training run in
+it resumes from its ``state.pt``. Keys carry content hashes of input files (:func:`fingerprint`),
+never paths alone, so overwriting a checkpoint or a data folder invalidates what was made from it.
+
+Every write is atomic (temporary file, then ``os.replace``) and readable by the group.
 """
 
 from __future__ import annotations
@@ -15,13 +19,20 @@ import hashlib
 import io
 import json
 import os
+import sys
 import tempfile
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, is_dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
+
+T = TypeVar("T")
+DONE = "DONE"
+_UMASK = os.umask(0o022)
+os.umask(_UMASK)
 
 
 def _jsonable(obj: Any) -> Any:
@@ -50,6 +61,7 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; artifacts are shared like any file
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
@@ -71,68 +83,54 @@ def atomic_torch_save(obj: Any, path: str | Path) -> Path:
     return atomic_write_bytes(path, buffer.getvalue())
 
 
-def safe_torch_load(path: str | Path, map_location: str | torch.device = "cpu") -> Any:
-    """``torch.load(weights_only=True)`` with errors that say which file is wrong and what to do."""
+def safe_torch_load(path: str | Path, map_location: str | torch.device = "cpu", owner: str = "user") -> Any:
+    """``torch.load(weights_only=True)`` with errors that say which file is wrong and what to do.
+
+    ``owner="user"``: a file the reader supplied (never call it rebuildable); ``"store"``: the
+    artifact store's own file (deleting its folder rebuilds it).
+    """
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"No checkpoint at {path}. Check the path, or delete the parameter to train one.")
+        raise FileNotFoundError(f"No checkpoint at {path}: check the path.")
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
     except Exception as err:  # torch raises several types for truncated or foreign files
-        raise ValueError(
-            f"Could not read checkpoint {path} ({type(err).__name__}: {str(err)[:200]}). "
-            "The file is corrupt, truncated or not a PyTorch state dict: delete it and rerun to rebuild it, "
-            "or point to a valid checkpoint.") from err
+        why = f"Could not read checkpoint {path} ({type(err).__name__}: {str(err)[:200]})."
+        if owner == "store":
+            raise ValueError(f"{why} It is a cached artifact: delete the folder {path.parent} and rerun to "
+                             "rebuild it.") from err
+        raise ValueError(f"{why} It is not a PyTorch state dict readable with weights_only=True (or it is "
+                         "truncated). Pass a state dict saved with torch.save(model.state_dict(), path), an "
+                         "open_clip checkpoint, or OpenAI's original .pt file.") from err
 
 
-class TrainingRun:
-    """Resumable training state in ``out_dir``: ``state.pt`` while a run is under way,
-    ``model.pt`` and ``history.json`` once it is finished.
+_FINGERPRINTS: dict[tuple[str, int, int], str] = {}
 
-    Construction resumes model, optimizer and history from ``state.pt`` if an earlier run was
-    interrupted; ``start`` is the first step still to do. ``writes=False`` (a non-main process
-    of a multi-GPU run) keeps the bookkeeping but writes nothing.
+
+def fingerprint(path: str | Path) -> str:
+    """sha256 of a file's content, or of a folder's file list with sizes (hidden entries skipped).
+
+    File hashes are memoised per (path, size, modification time), so a large checkpoint is read once.
     """
+    path = Path(path).resolve()
+    if path.is_dir():
+        lines = sorted(f"{p.relative_to(path).as_posix()}\t{p.stat().st_size}" for p in path.rglob("*")
+                       if p.is_file() and not any(part.startswith(".") for part in p.relative_to(path).parts))
+        return hashlib.sha256("\n".join(lines).encode()).hexdigest()
+    stat = path.stat()
+    memo = (str(path), stat.st_size, stat.st_mtime_ns)
+    if memo not in _FINGERPRINTS:
+        digest = hashlib.sha256()
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                digest.update(block)
+        _FINGERPRINTS[memo] = digest.hexdigest()
+    return _FINGERPRINTS[memo]
 
-    def __init__(self, out_dir: str | Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                 writes: bool = True) -> None:
-        self.out_dir, self.model, self.optimizer, self.writes = Path(out_dir), model, optimizer, writes
-        self.state_path = self.out_dir / "state.pt"
-        self.history: list[dict] = []
-        if self.state_path.exists():
-            state = safe_torch_load(self.state_path)
-            model.load_state_dict(state["model"])
-            optimizer.load_state_dict(state["optimizer"])
-            self.history = state["history"]
 
-    @property
-    def start(self) -> int:
-        return len(self.history)
-
-    def checkpoint(self) -> None:
-        """Save everything needed to resume after the steps logged so far."""
-        if self.writes:
-            atomic_torch_save({"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
-                               "history": self.history}, self.state_path)
-
-    @contextlib.contextmanager
-    def checkpoint_on_interrupt(self) -> Iterator[None]:
-        """Keep the finished steps when the run is interrupted (Ctrl-C, a stopped kernel)."""
-        try:
-            yield
-        except KeyboardInterrupt:
-            self.checkpoint()
-            raise
-
-    def finish(self, **extra_json: Any) -> None:
-        """Write ``model.pt``, ``history.json`` (and any ``name=object`` as ``name.json``); drop ``state.pt``."""
-        if not self.writes:
-            return
-        atomic_torch_save(self.model.state_dict(), self.out_dir / "model.pt")
-        atomic_write_json(self.out_dir / "history.json", self.history)
-        for name, obj in extra_json.items():
-            atomic_write_json(self.out_dir / f"{name}.json", obj)
-        self.state_path.unlink(missing_ok=True)
+def file_input(path: str | Path | None) -> dict[str, str] | None:
+    """``{"path", "sha256"}`` of an input file or folder, for keys and results (``None`` stays ``None``)."""
+    return None if path is None else {"path": str(path), "sha256": fingerprint(path)}
 
 
 class ArtifactStore:
@@ -160,23 +158,39 @@ class ArtifactStore:
             finally:
                 fcntl.flock(lock, fcntl.LOCK_UN)
 
-    def get_or_create(self, kind: str, params: Any, filename: str,
-                      build: Callable[[Path], Any], load: Callable[[Path], Any]) -> Any:
-        """Load ``<dir>/filename`` if present, else ``build(dir)`` (which must write it) and load it."""
-        with self.building(kind, params) as d:
-            target = d / filename
-            if not target.exists():
-                build(d)
-                if not target.exists():
-                    raise RuntimeError(f"Building {kind} did not write {target}.")
-        return load(target)
+    def get_or_build(self, kind: str, key: Any, build: Callable[[Path], Any], load: Callable[[Path], T]) -> T:
+        """``load(dir)`` of the finished artifact for ``key``, building it first if it is not finished.
+
+        ``build(dir)`` writes the artifact's files into ``dir``; ``DONE`` is written after it returns.
+        A finished artifact that cannot be loaded (a corrupt file) is rebuilt once, with a note.
+        """
+        with self.building(kind, key) as d:
+            if not (d / DONE).exists():
+                _build(kind, d, build)
+            try:
+                return load(d)
+            except Exception as err:
+                note(f"{kind}/{d.name} is finished but cannot be loaded ({type(err).__name__}: "
+                      f"{str(err)[:200]}): building it again.")
+                (d / DONE).unlink()
+                _build(kind, d, build)
+                return load(d)
 
 
-def write_results(results_dir: str | Path, chapter: str, numbers: dict[str, Any],
-                  params: dict[str, Any]) -> Path:
-    """Write a chapter's headline numbers, with the parameters that produced them."""
-    return atomic_write_json(Path(results_dir) / f"{chapter}.json",
-                             {"chapter": chapter, "results": numbers, "parameters": params})
+def _build(kind: str, d: Path, build: Callable[[Path], Any]) -> None:
+    leftovers = sorted(p.name for p in d.iterdir() if p.name not in ("params.json", ".lock"))
+    if leftovers:
+        resume = " (resuming from its checkpoint)" if "state.pt" in leftovers else ""
+        note(f"{kind}/{d.name} is unfinished (no {DONE} marker; found {', '.join(leftovers)}): "
+              f"building it again{resume}.")
+    build(d)
+    files = {p.name: p.stat().st_size for p in sorted(d.iterdir()) if p.is_file() and p.name not in (DONE, ".lock")}
+    atomic_write_json(d / DONE, {"finished": time.strftime("%Y-%m-%dT%H:%M:%S"), "files": files})
+
+
+def note(message: str) -> None:
+    """Tell the reader something worth knowing that is not an error (on stderr, so it stands out)."""
+    print(f"note: {message}", file=sys.stderr, flush=True)
 
 
 def read_results(results_dir: str | Path, chapter: str) -> dict[str, Any]:

@@ -6,14 +6,13 @@ convolution and the max-pool is removed, so ``layer1 .. layer4`` see 32, 16, 8 a
 side (the ImageNet stem would leave ``layer4`` with 2x2 cells). ``load_torchvision_cnn(arch,
 weights)`` builds any torchvision classification architecture and loads a local state dict
 with ``weights_only=True``. Both come with the input transform they expect
-(:class:`CNNInput`), since world and ImageNet models are normalised differently.
+(:class:`CNNInput`), since world and ImageNet models are normalised differently. The world
+CNN trains through ``accelerate``: on a GPU when present, on several with ``accelerate launch``.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
-import math
 from copy import deepcopy
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -24,8 +23,9 @@ import torch.nn.functional as F
 import torchvision
 from tqdm.auto import tqdm
 
-from .artifacts import ArtifactStore, TrainingRun, safe_torch_load
+from .artifacts import ArtifactStore, safe_torch_load
 from .models import load_weights
+from .training import TrainingRun, cosine_lr, set_lr
 from .world import ConceptWorld, WorldConfig
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -59,11 +59,10 @@ class CNNConfig:
     lr: float = 2e-3
     weight_decay: float = 1e-4
     seed: int = 0
-    checkpoint_every: int = 50
 
     def __post_init__(self) -> None:
         problems = [f"{k}={getattr(self, k)} must be positive" for k in
-                    ("n_train", "steps", "batch_size", "lr", "checkpoint_every") if getattr(self, k) <= 0]
+                    ("n_train", "steps", "batch_size", "lr") if getattr(self, k) <= 0]
         if self.batch_size > self.n_train:
             problems.append(f"batch_size={self.batch_size} exceeds n_train={self.n_train}")
         if problems:
@@ -78,56 +77,60 @@ def world_resnet18(n_classes: int) -> torch.nn.Module:
     return model
 
 
-def _lr_at(step: int, cfg: CNNConfig) -> float:
-    warmup = max(1, cfg.steps // 20)
-    if step < warmup:
-        return cfg.lr * (step + 1) / warmup
-    return cfg.lr * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, cfg.steps - warmup)))
-
-
-def train_world_cnn(world: ConceptWorld, cfg: CNNConfig, out_dir: str | Path, progress: bool = True) -> list[dict]:
+def train_world_cnn(world: ConceptWorld, cfg: CNNConfig, out_dir: str | Path, device: str | None = None,
+                    progress: bool = True) -> list[dict]:
     """Train the world ResNet-18 into ``out_dir`` (``model.pt``, ``history.json``); resumes from ``state.pt``.
 
-    The batch of step ``t`` depends only on ``(cfg.seed, t)``, so a resumed run sees the same data.
+    Runs through ``accelerate``: on the GPU when one is present (``device="cpu"`` forces the CPU), and
+    on several GPUs when started with ``accelerate launch``, each process taking its share of every
+    batch; only the main process writes. The batch of step ``t`` depends only on ``(cfg.seed, t)``,
+    so a resumed run sees the same data.
     """
+    from accelerate import Accelerator
+
+    accelerator = Accelerator(cpu=device is not None and torch.device(device).type == "cpu")
     torch.manual_seed(cfg.seed)
-    model = world_resnet18(len(world.class_names))
+    model = world_resnet18(len(world.class_names)).to(accelerator.device)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    run = TrainingRun(out_dir, model, opt)
+    run = TrainingRun(out_dir, model, opt, writes=accelerator.is_main_process)  # resumes onto the device
+    ddp_model, ddp_opt = accelerator.prepare(model, opt)
     batch = world.sample(cfg.n_train, split="train")
     images, labels = batch.images, torch.from_numpy(batch.labels)
     to_input = CNNInput(world.config.resolution)
-    model.train()
-    bar = tqdm(range(run.start, cfg.steps), initial=run.start, total=cfg.steps, disable=not progress,
-               desc="train CNN")
+    share = slice(accelerator.process_index, None, accelerator.num_processes)
+    ddp_model.train()
+    bar = tqdm(range(run.start, cfg.steps), initial=run.start, total=cfg.steps,
+               disable=not (progress and accelerator.is_main_process), desc="train CNN")
     with run.checkpoint_on_interrupt():
         for step in bar:
             idx = np.random.default_rng([cfg.seed, step]).choice(cfg.n_train, size=cfg.batch_size, replace=False)
-            for group in opt.param_groups:
-                group["lr"] = _lr_at(step, cfg)
-            logits = model(to_input(images[idx]))
-            loss = F.cross_entropy(logits, labels[idx])
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            acc = (logits.argmax(1) == labels[idx]).float().mean().item()
-            run.history.append({"step": step, "loss": loss.item(), "accuracy": acc, "lr": _lr_at(step, cfg)})
+            idx = np.sort(idx)[share]
+            set_lr(opt, cosine_lr(step, cfg.lr, cfg.steps, warmup=max(1, cfg.steps // 20)))
+            logits = ddp_model(to_input(images[idx]).to(accelerator.device))
+            loss = F.cross_entropy(logits, labels[idx].to(accelerator.device))
+            ddp_opt.zero_grad(set_to_none=True)
+            accelerator.backward(loss)
+            ddp_opt.step()
+            acc = (logits.argmax(1).cpu() == labels[idx]).float().mean().item()
+            run.log({"step": step, "loss": loss.item(), "accuracy": acc, "lr": opt.param_groups[0]["lr"]})
             bar.set_postfix(loss=f"{loss.item():.3f}", acc=f"{acc:.2f}")
-            if (step + 1) % cfg.checkpoint_every == 0:
-                run.checkpoint()
     run.finish()
+    accelerator.wait_for_everyone()  # every process returns once the main one has written the model
     return run.history
 
 
-def world_cnn(store: ArtifactStore, world_cfg: WorldConfig, cfg: CNNConfig,
+def world_cnn(store: ArtifactStore, world_cfg: WorldConfig, cfg: CNNConfig, device: str | None = None,
               progress: bool = True) -> tuple[torch.nn.Module, CNNInput, list[dict]]:
-    """The world ResNet-18 for these parameters (trained once, then loaded): ``(model, input, history)``."""
-    d = store.path("world_cnn", {"world": asdict(world_cfg), "cnn": asdict(cfg), "arch": "world_resnet18"})
-    if not (d / "model.pt").exists():
-        train_world_cnn(ConceptWorld(world_cfg), cfg, d, progress=progress)
-    model = world_resnet18(world_cfg.n_classes)
-    load_weights(model, d / "model.pt")
-    return model.eval(), CNNInput(world_cfg.resolution), json.loads((d / "history.json").read_text())
+    """The world ResNet-18 for these parameters (trained once, then loaded, on the CPU): ``(model, input, history)``."""
+
+    def load(d: Path) -> tuple[torch.nn.Module, CNNInput, list[dict]]:
+        model = world_resnet18(world_cfg.n_classes)
+        load_weights(model, d / "model.pt")
+        return model.eval(), CNNInput(world_cfg.resolution), json.loads((d / "history.json").read_text())
+
+    key = {"world": world_cfg.to_dict(), "cnn": asdict(cfg), "arch": "world_resnet18"}
+    return store.get_or_build("world_cnn", key, lambda d: train_world_cnn(ConceptWorld(world_cfg), cfg, d, device,
+                                                                           progress), load)
 
 
 def randomised_copy(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
@@ -161,17 +164,24 @@ def load_torchvision_cnn(arch: str, weights: str | Path, input_size: int = 224) 
     num_classes = last_weight[-1].shape[0] if last_weight else 1000
     model = torchvision.models.get_model(arch, weights=None, num_classes=num_classes)
     load_weights(model, weights)
-    return model.eval(), CNNInput(input_size, IMAGENET_MEAN, IMAGENET_STD)
+    return model.eval(), imagenet_input(input_size)
+
+
+def imagenet_input(size: int) -> CNNInput:
+    """Inputs of an ImageNet-trained torchvision model at ``size`` pixels."""
+    return CNNInput(size, IMAGENET_MEAN, IMAGENET_STD)
 
 
 def get_cnn(target_model: str, target_weights: str | None, store: ArtifactStore, world_cfg: WorldConfig,
-            cfg: CNNConfig, input_size: int = 224, progress: bool = True):
+            cfg: CNNConfig, input_size: int = 224, device: str | torch.device | None = None, progress: bool = True):
     """``"world"`` trains/loads the world ResNet-18; a torchvision name loads ``target_weights``.
 
     Returns ``(model, input transform, history or None)``.
     """
     if target_model == "world":
-        return world_cnn(store, world_cfg, cfg, progress=progress)
+        return world_cnn(store, world_cfg, cfg, None if device is None else str(device), progress=progress)
+    if target_weights is None:  # the random-features baseline of a torchvision architecture
+        return torchvision.models.get_model(target_model, weights=None).eval(), imagenet_input(input_size), None
     return (*load_torchvision_cnn(target_model, target_weights, input_size), None)
 
 
@@ -181,10 +191,3 @@ def cnn_accuracy(model: torch.nn.Module, to_input: CNNInput, images: np.ndarray,
     """Top-1 accuracy of a classifier on uint8 images."""
     preds = torch.cat([model(to_input(images[s:s + batch_size])).argmax(1) for s in range(0, len(images), batch_size)])
     return (preds.numpy() == labels).mean().item()
-
-
-def weights_digest(path: str | Path | None) -> str | None:
-    """A short SHA-256 of a weights file, so artifacts built from it are keyed by its content."""
-    if not path:
-        return None
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]

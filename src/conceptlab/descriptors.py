@@ -12,6 +12,7 @@ ArtifactStore under the backend, prompt and class list that produced them.
 
 from __future__ import annotations
 
+import difflib
 import json
 import re
 from collections.abc import Sequence
@@ -23,6 +24,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from .artifacts import ArtifactStore, atomic_write_json
+from .chapter import Param
 from .llm import OpenAIChat
 from .world import PARTS, ConceptWorld
 
@@ -90,6 +92,21 @@ def descriptor_sentence(cls: str, descriptor: str) -> str:
     return f"{cls}, which has {d}"
 
 
+CONCEPT_TEXTS: tuple[str, ...] = ("bare", "sentence")
+
+
+def concept_text(cls: str, descriptor: str, form: str = "bare") -> str:
+    """The text a descriptor's *explanation map* is computed for.
+
+    ``"bare"`` (the original DEAL code: ``category_name_inclusion=None``): the descriptor as it stands.
+    ``"sentence"``: "{class}, which has {descriptor}" (the original uses that form only for
+    classification by description; for maps it shares the class name across all K texts).
+    """
+    if form not in CONCEPT_TEXTS:
+        raise ValueError(f"concept_text={form!r}: use one of {CONCEPT_TEXTS}.")
+    return descriptor.strip() if form == "bare" else descriptor_sentence(cls, descriptor)
+
+
 def rich_label(cls: str, descriptors: Sequence[str]) -> str:
     """DEAL's text augmentation: '{class}. It may contain {d_1}, {d_2}, ..., {d_K}'."""
     return f"{cls}. It may contain " + ", ".join(descriptors)
@@ -108,10 +125,57 @@ def validate_descriptors(data: object, source: str = "descriptors") -> dict[str,
     return {str(k): [d.strip() for d in v] for k, v in data.items()}
 
 
+def class_key(name: str) -> str:
+    """A class name reduced for matching across sources: case, a CUB-style ``001.`` prefix, a possessive
+    ``'s`` (CUB's folders drop it: "Brewer's Blackbird" is ``Brewer_Blackbird``), apostrophes, and
+    ``_``/``-``/spaces ignored. "Black-footed Albatross" and ``001.Black_footed_Albatross`` agree."""
+    s = re.sub(r"^\d+[._]", "", name.strip().lower())
+    s = re.sub(r"['\u2019]s\b", "", s).replace("'", "").replace("\u2019", "")
+    return re.sub(r"[\s_\-]+", " ", s).strip()
+
+
+@dataclass
+class NameMatch:
+    """How a descriptor file's class names matched a data set's: ``matched`` maps each data set class
+    to its file entry; ``missing`` data set classes have none; ``unused`` file entries fit no class."""
+
+    matched: dict[str, str]
+    missing: list[str]
+    unused: list[str]
+
+    def report(self) -> str:
+        """One paragraph: counts, the matches that needed normalising, what did not match."""
+        loose = [(c, k) for c, k in self.matched.items() if k != c]
+        lines = [f"{len(self.matched)} of {len(self.matched) + len(self.missing)} classes matched "
+                 f"({len(loose)} after normalising names)"]
+        lines += [f"  {k!r} -> {c!r}" for c, k in loose[:5]] + (["  ..."] if len(loose) > 5 else [])
+        if self.missing:
+            lines.append(f"no entry for {len(self.missing)}: {self.missing[:10]}")
+        if self.unused:
+            lines.append(f"{len(self.unused)} file entries match no class: {self.unused[:10]}")
+        return "\n".join(lines)
+
+
+def match_class_names(file_names: Sequence[str], class_names: Sequence[str]) -> NameMatch:
+    """Match descriptor-file keys to data set class names by :func:`class_key`; two file keys that
+    reduce to the same name are an error (which one is meant cannot be told)."""
+    by_key: dict[str, str] = {}
+    for name in file_names:
+        other = by_key.setdefault(class_key(name), name)
+        if other != name:
+            raise ValueError(f"Descriptor entries {other!r} and {name!r} name the same class; keep one.")
+    matched = {c: by_key[class_key(c)] for c in class_names if class_key(c) in by_key}
+    used = set(matched.values())
+    return NameMatch(matched, [c for c in class_names if c not in matched],
+                     [k for k in file_names if k not in used])
+
+
 def load_descriptors(path: str | Path, class_names: Sequence[str] | None = None) -> dict[str, list[str]]:
     """Read a descriptor file in the original format; with ``class_names``, return them in that order.
 
-    Class names are matched case-insensitively and with '_' read as ' '; missing classes are an error.
+    Class names are matched by :func:`class_key` (case, underscores, hyphens, apostrophes, CUB's
+    number prefix ignored) and the match is reported; a class without descriptors is an error that
+    lists the closest file entries.
     """
     path = Path(path)
     if not path.is_file():
@@ -124,13 +188,15 @@ def load_descriptors(path: str | Path, class_names: Sequence[str] | None = None)
     table = validate_descriptors(data, str(path))
     if class_names is None:
         return table
-    norm = lambda s: s.lower().replace("_", " ").strip()  # noqa: E731
-    by_norm = {norm(k): v for k, v in table.items()}
-    missing = [c for c in class_names if norm(c) not in by_norm]
-    if missing:
-        raise ValueError(f"{path} has no descriptors for {len(missing)} of {len(class_names)} classes "
-                         f"(e.g. {missing[:5]}); its classes are e.g. {list(table)[:5]}.")
-    return {c: by_norm[norm(c)] for c in class_names}
+    match = match_class_names(list(table), class_names)
+    if match.missing:
+        close = {c: difflib.get_close_matches(class_key(c), [class_key(k) for k in match.unused], n=2)
+                 for c in match.missing[:5]}
+        raise ValueError(f"{path} has no descriptors for {len(match.missing)} of {len(class_names)} classes "
+                         f"(e.g. {match.missing[:5]}); closest unused entries (normalised): {close}. "
+                         "Rename those entries to the data set's class names.")
+    print(f"descriptors from {path}: {match.report()}")
+    return {c: table[match.matched[c]] for c in class_names}
 
 
 def save_descriptors(path: str | Path, descriptors: dict[str, list[str]]) -> Path:
@@ -268,7 +334,7 @@ def cached_llm_descriptors(llm: LLM, class_names: Sequence[str], store: Artifact
         atomic_write_json(d / "raw_answers.json", raw)
         save_descriptors(d / "descriptors.json", table)
 
-    return store.get_or_create("descriptors", params, "descriptors.json", build, load_descriptors)
+    return store.get_or_build("descriptors", params, build, lambda d: load_descriptors(d / "descriptors.json"))
 
 
 def get_descriptors(source: str, class_names: Sequence[str], store: ArtifactStore, world: ConceptWorld | None = None,
@@ -297,15 +363,16 @@ def get_descriptors(source: str, class_names: Sequence[str], store: ArtifactStor
 
 
 def descriptor_text_features(model, tokenizer, descriptors: dict[str, list[str]], class_names: Sequence[str],
-                             k: int | None = None):
-    """(C, K, D) normalised embeddings of each class's first ``k`` descriptor sentences (equal K per class)."""
+                             k: int | None = None, form: str = "bare"):
+    """(C, K, D) normalised embeddings of each class's first ``k`` descriptors as :func:`concept_text`
+    ``form`` gives them (``"bare"``: the original's map texts); equal K per class."""
     from .models import encode_texts
 
     k = k or min(len(descriptors[c]) for c in class_names)
     short = [c for c in class_names if len(descriptors[c]) < k]
     if short:
         raise ValueError(f"Classes {short[:5]} have fewer than {k} descriptors.")
-    texts = [descriptor_sentence(c, d) for c in class_names for d in descriptors[c][:k]]
+    texts = [concept_text(c, d, form) for c in class_names for d in descriptors[c][:k]]
     return encode_texts(model, tokenizer, texts).view(len(class_names), k, -1)
 
 
@@ -325,3 +392,105 @@ def description_logits(image_features, model, tokenizer, descriptors: dict[str, 
         emb = encode_texts(model, tokenizer, texts)
         scores.append((image_features @ emb.T).mean(1))
     return torch.stack(scores, 1)
+
+
+# ---------------------------------------------------------------------------- the chapter
+def check_descriptor_source(value: str, params: dict) -> str | None:
+    """The ``descriptors`` parameter: a problem in words, or None (checked before any work)."""
+    import os
+
+    if value == "oracle":
+        return None if params.get("dataset", "world") == "world" else (
+            "'oracle' needs Concept World (dataset='world'); with real data pass a JSON file, 'hf:<model>' or "
+            "'openai:<model>'")
+    if value.startswith("hf:"):
+        name = value[3:]
+        looks_local = name.startswith((".", "/", "~"))
+        return f"no language-model folder at {name!r}" if looks_local and not Path(name).expanduser().is_dir() \
+            else None
+    if value.startswith("openai:"):
+        env = params.get("llm_api_key_env") or "OPENAI_API_KEY"
+        return None if os.environ.get(env) else f"'openai:' needs the API key in the environment variable {env}"
+    return None if Path(value).expanduser().is_file() else (
+        f"no descriptor file {value!r} (relative paths start in notebooks/); or use 'oracle', 'hf:<model>', "
+        "'openai:<model>'")
+
+
+PARAMETERS: dict[str, Param] = {
+    "dataset": Param("world", str, choices=("world", "imagefolder", "cub")),
+    "data_root": Param(None, "dir", applies=lambda p: p["dataset"] != "world"),
+    "descriptors": Param("oracle", str, check=check_descriptor_source,
+                         help="'oracle' (world), a JSON file, 'hf:<model>' or 'openai:<model>'"),
+    "llm_base_url": Param(None, str, applies=lambda p: p["descriptors"].startswith("openai:")),
+    "llm_api_key_env": Param("OPENAI_API_KEY", str, applies=lambda p: p["descriptors"].startswith("openai:")),
+    "n_descriptors": Param(6, int, min=1),
+    "fault_rate": Param(0.25, float, min=0.0, max=1.0, applies=lambda p: p["descriptors"] == "oracle",
+                        help="oracle: share of faulty descriptors in the maps section"),
+    "fault_rates": Param([0.0, 0.25, 0.5, 0.75, 1.0], list, item=float, min=0.0, max=1.0,
+                         applies=lambda p: p["descriptors"] == "oracle", help="oracle: the quality sweep"),
+    "concept_text": Param("bare", str, choices=CONCEPT_TEXTS, help="text of a descriptor's map"),
+    "n_test": Param(500, int, min=1),
+    "n_explain": Param(200, int, min=1, help="test images whose maps are drawn and scored"),
+    "start_layer": Param(None, int, help="ViT relevance from this block; None: the last block only"),
+}
+
+
+def map_scores(model, tokenizer, images, labels, class_names: Sequence[str], ds: DescriptorSet, k: int,
+               masks: np.ndarray | None, form: str = "bare", start_layer: int | None = None):
+    """Explanation maps of each image's first ``k`` descriptors, and their scores: disentanglability and,
+    where Concept World ``masks`` (N, parts, H, W) exist, pointing game and energy in the part's mask.
+    Returns (scores, maps (N, k, h, w), per-descriptor table or None)."""
+    import pandas as pd
+    import torch
+
+    from .explain import explain_batches
+    from .metrics import disentanglability, energy_in_mask, pointing_game, separation_loss
+
+    table = {c: ds.descriptors[c][:k] for c in class_names}
+    concepts = descriptor_text_features(model, tokenizer, table, class_names, k, form)
+    maps = explain_batches(model, images, concepts[torch.as_tensor(labels)], start_layer=start_layer)
+    out = {"disentanglability": disentanglability([separation_loss(m[None]).item() for m in maps])}
+    if masks is None:
+        return out, maps, None
+    first = ds.first(k)
+    part_masks = first.part_masks(class_names, labels, masks)
+    rows = pd.DataFrame({"part": [p for c in labels for p in first.parts[class_names[c]]],
+                         "fault": [f or "none" for c in labels for f in first.faults[class_names[c]]],
+                         "pointing game": pointing_game(maps, part_masks).numpy().ravel(),
+                         "energy in mask": energy_in_mask(maps, part_masks).numpy().ravel(),
+                         "part area": part_masks.mean((-2, -1)).ravel()}).dropna()
+    out.update({"pointing_game": float(rows["pointing game"].mean()),
+                "energy_in_mask": float(rows["energy in mask"].mean()), "part_area": float(rows["part area"].mean())})
+    return out, maps, rows
+
+
+def description_accuracy(features, model, tokenizer, class_names: Sequence[str], ds: DescriptorSet, labels
+                         ) -> dict[str, float]:
+    """Top-1 of classification by description, with the class name in each sentence (the original) and
+    with the bare descriptors only."""
+    from .models import topk_accuracy
+
+    return {f"description_top1{suffix}": topk_accuracy(description_logits(
+        features, model, tokenizer, ds.descriptors, class_names, with_class_name=named), labels, 1)
+        for suffix, named in (("", True), ("_descriptors_only", False))}
+
+
+def exercise(ch, **changes) -> dict[str, float]:
+    """A "predict, then run" exercise of the descriptors chapter: description accuracy and map scores on
+    200 test images with ``changes`` (parameter names)."""
+    from .data import load_eval_set
+    from .models import encode_images
+
+    p = {**ch.params, **changes}
+    clip, preprocess, tokenizer, _ = ch.clip()
+    world = ch.world if p["dataset"] == "world" else None
+    test = load_eval_set(clip, preprocess, min(200, p["n_test"]), p["dataset"], p["data_root"], world=world,
+                         seed=p["seed"])
+    ds = get_descriptors(p["descriptors"], test.class_names, ch.store, world, n=p["n_descriptors"],
+                         fault_rate=p["fault_rate"], seed=p["seed"], llm_base_url=p["llm_base_url"],
+                         llm_api_key_env=p["llm_api_key_env"])
+    k = min(5, min(len(v) for v in ds.descriptors.values()))
+    out = description_accuracy(encode_images(clip, test.images), clip, tokenizer, test.class_names, ds, test.labels)
+    out.update(map_scores(clip, tokenizer, test.images, test.labels, test.class_names, ds, k, test.masks,
+                          p["concept_text"], p["start_layer"])[0])
+    return out

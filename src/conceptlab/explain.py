@@ -5,8 +5,17 @@
   ``R <- R + cam @ R`` from the identity, map = ``R[CLS, 1:]`` on the patch grid.
 - ModifiedResNet (the RN CLIPs): Grad-CAM at ``layer4``.
 
-The score of a pair is ``s(x, t) = exp(logit_scale) * f_I(x) . f_T(t)`` (Grad-CAM uses the plain
-cosine, as the original does; the factor drops out after min-max normalisation anyway).
+The ViT score of a pair is ``s(x, t) = exp(logit_scale) * f_I(x) . f_T(t)`` with both embeddings
+L2-normalised (the original's ``logits_per_image``). The Grad-CAM target is the original's raw dot
+product ``g_I(x) . t`` of the *unnormalised* image embedding ``g_I`` (``output.backward(target)`` in its
+``gradCAM``); texts are L2-normalised here, which scales each map by a constant that min-max
+normalisation removes.
+
+Detached maps (``detach_maps=True``): the original code builds the ViT relevance from
+``attn_probs.detach()`` and ``grad.detach()`` and computes Grad-CAM with every visual weight frozen, so
+its maps are constants for the optimiser and DEAL's map losses never reach the model. This switch
+reproduces that: the forward pass stays in the graph (the image embedding remains differentiable for
+the contrastive loss) but the maps are built from detached attention, activations and gradients.
 
 Batching. The original explains one image at a time with K+1 copies of it. Here everything that
 does not depend on the text runs once per image: the blocks before ``start_layer`` (ViT) or the
@@ -105,6 +114,16 @@ def _start(start_layer: int | None, n_blocks: int) -> int:
     return start
 
 
+def relevance_step(relevance: torch.Tensor, probs: torch.Tensor, grads: torch.Tensor) -> torch.Tensor:
+    """One attention block of the relevance rule: ``R <- R + mean_heads(clamp(dS/dA * A, min=0)) @ R``.
+
+    ``relevance`` (B, L, L), ``probs`` A and ``grads`` dS/dA (B, heads, rows, L). With ``rows < L``
+    (the last block, class token only) the first ``rows`` rows of the updated R are returned.
+    """
+    cam = (grads * probs).clamp(min=0).mean(dim=1)
+    return relevance[:, :cam.shape[1]] + cam @ relevance
+
+
 def _expand_texts(text_features: torch.Tensor, n_images: int) -> torch.Tensor:
     """(K, D) shared concepts or (N, K, D) per-image concepts -> (N, K, D), L2-normalised."""
     if text_features.dim() == 2:
@@ -115,7 +134,7 @@ def _expand_texts(text_features: torch.Tensor, n_images: int) -> torch.Tensor:
 
 
 def _vit_maps(model: nn.Module, images: torch.Tensor, text_features: torch.Tensor, start_layer: int | None,
-              create_graph: bool) -> tuple[torch.Tensor, torch.Tensor]:
+              create_graph: bool, detach_maps: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """Relevance maps (N, K, gh, gw) and image embeddings of a ViT CLIP.
 
     The last block is computed for the class token only: the other tokens' outputs do not reach the
@@ -143,12 +162,15 @@ def _vit_maps(model: nn.Module, images: torch.Tensor, text_features: torch.Tenso
         if visual.proj is not None:
             pooled = pooled @ visual.proj
         scores = model.logit_scale.exp() * (F.normalize(pooled, dim=-1) * texts.reshape(n * k, -1)).sum(-1)
-        grads = torch.autograd.grad(scores.sum(), probs, create_graph=create_graph)
+        grads = torch.autograd.grad(scores.sum(), probs, create_graph=create_graph and not detach_maps,
+                                    retain_graph=create_graph)
+    if detach_maps:  # the original's interpret(): relevance from attn_probs.detach() and grad.detach()
+        probs, grads = [p.detach() for p in probs], [g.detach() for g in grads]
     tokens = probs[0].shape[-1]
     relevance = torch.eye(tokens, dtype=h.dtype, device=h.device).expand(n * k, tokens, tokens)
     for p, g in zip(probs[:-1], grads[:-1]):
-        relevance = relevance + (g * p).clamp(min=0).mean(dim=1) @ relevance
-    cls_row = relevance[:, :1] + (grads[-1] * probs[-1]).clamp(min=0).mean(dim=1) @ relevance  # (N*K, 1, L)
+        relevance = relevance_step(relevance, p, g)
+    cls_row = relevance_step(relevance, probs[-1], grads[-1])  # (N*K, 1, L)
     gh, gw = visual.grid_size
     return cls_row[:, 0, 1:].reshape(n, k, gh, gw), pooled.view(n, k, -1)[:, 0]
 
@@ -171,7 +193,7 @@ def _attention_pool(pool: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 
 def _resnet_maps(model: nn.Module, images: torch.Tensor, text_features: torch.Tensor,
-                 create_graph: bool) -> tuple[torch.Tensor, torch.Tensor]:
+                 create_graph: bool, detach_maps: bool) -> tuple[torch.Tensor, torch.Tensor]:
     visual = model.visual
     texts = _expand_texts(text_features, len(images))
     n, k = texts.shape[:2]
@@ -184,20 +206,28 @@ def _resnet_maps(model: nn.Module, images: torch.Tensor, text_features: torch.Te
             x.requires_grad_(True)
         acts = x.repeat_interleave(k, dim=0)  # only the attention pool runs once per (image, concept) pair
         pooled = _attention_pool(visual.attnpool, acts)
-        target = (F.normalize(pooled, dim=-1) * texts.reshape(n * k, -1)).sum(-1)
-        (grad,) = torch.autograd.grad(target.sum(), acts, create_graph=create_graph)
+        target = (pooled * texts.reshape(n * k, -1)).sum(-1)  # raw dot product, as the original
+        (grad,) = torch.autograd.grad(target.sum(), acts, create_graph=create_graph and not detach_maps,
+                                      retain_graph=create_graph)
+    if detach_maps:  # the original's gradCAM(): visual weights frozen, so activations and gradients are constants
+        acts, grad = acts.detach(), grad.detach()
     alpha = grad.mean(dim=(-2, -1), keepdim=True)
     cam = F.relu((alpha * acts).sum(1))
     return cam.reshape(n, k, *cam.shape[-2:]), pooled.view(n, k, -1)[:, 0]
 
 
 def explain_with_features(model: nn.Module, images: torch.Tensor, text_features: torch.Tensor,
-                          start_layer: int | None = None, create_graph: bool = False
+                          start_layer: int | None = None, create_graph: bool = False, detach_maps: bool = False
                           ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Raw maps (N, K, h, w) and the images' (unnormalised) embeddings (N, D) from the same forward pass."""
+    """Raw maps (N, K, h, w) and the images' (unnormalised) embeddings (N, D) from the same forward pass.
+
+    ``create_graph``: keep the graph (the embeddings, and unless ``detach_maps`` the maps, are
+    differentiable in the model parameters). ``detach_maps``: maps as the original code builds them,
+    constants for the optimiser (see the module docstring).
+    """
     if model_kind(model) == "vit":
-        return _vit_maps(model, images, text_features, start_layer, create_graph)
-    return _resnet_maps(model, images, text_features, create_graph)
+        return _vit_maps(model, images, text_features, start_layer, create_graph, detach_maps)
+    return _resnet_maps(model, images, text_features, create_graph, detach_maps)
 
 
 def explain(model: nn.Module, images: torch.Tensor, text_features: torch.Tensor, start_layer: int | None = None,
@@ -239,14 +269,14 @@ def per_image_reference(model: nn.Module, images: torch.Tensor, text_features: t
                 grads = torch.autograd.grad(score.sum(), probs[start:])
                 relevance = torch.eye(h.shape[1]).expand(len(concepts), -1, -1)
                 for p, g in zip(probs[start:], grads):
-                    relevance = relevance + (g * p).clamp(min=0).mean(dim=1) @ relevance
+                    relevance = relevance_step(relevance, p, g)
                 out.append(relevance[:, 0, 1:].reshape(len(concepts), *visual.grid_size))
             else:
                 visual, layer4_out = model.visual, []
                 handle = visual.layer4.register_forward_hook(lambda m, i, o, store=layer4_out: store.append(o))
                 emb = visual(copies)
                 handle.remove()
-                target = (F.normalize(emb, dim=-1) * concepts).sum(-1)
+                target = (emb * concepts).sum(-1)
                 (grad,) = torch.autograd.grad(target.sum(), layer4_out[0])
                 out.append(F.relu((grad.mean((-2, -1), keepdim=True) * layer4_out[0]).sum(1)))
     return torch.stack(out).detach()

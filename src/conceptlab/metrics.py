@@ -31,9 +31,12 @@ def consistency_loss(concept_maps: torch.Tensor, class_maps: torch.Tensor) -> to
     return ((concept_maps.sum(1) - class_maps) ** 2).flatten(1).sum(1).mean()
 
 
-def sparsity_loss(maps: torch.Tensor) -> torch.Tensor:
-    """``mean_batch sum_k sum_pixels |h_k|``."""
-    return maps.abs().flatten(1).sum(1).mean()
+def sparsity_loss(raw_maps: torch.Tensor) -> torch.Tensor:
+    """L_spa as the original codes it (``SparsityLoss``): each image's K *raw* maps (N, K, h, w) min-max
+    normalised jointly (one min and max per image), then ``sum |h|`` over maps, pixels *and the batch*."""
+    flat = raw_maps.flatten(1)
+    lo, hi = flat.min(1, keepdim=True).values, flat.max(1, keepdim=True).values
+    return ((flat - lo) / (hi - lo + 1e-8)).abs().sum()
 
 
 # ---------------------------------------------------------------------------- DEAL evaluation
@@ -78,26 +81,47 @@ def insertion_images(images: torch.Tensor, maps: torch.Tensor, steps: int = 5,
     return torch.where(keep, full[:, None, None], base[:, None, None])
 
 
+def pairing_rows(n: int, k: int, original_pairing: bool = False, batch: int = 8) -> torch.Tensor:
+    """Which image each (image, concept) row of image-major maps and texts is inserted into, (N*K,).
+
+    Correct: row ``i*K + j`` uses image i. ``original_pairing``: the original notebook tiles each batch of
+    ``batch`` images with ``images.repeat(K, 1, 1, 1)`` (image-major maps and texts against a tiled image
+    list), so row r of a batch of b images uses image ``r mod b``, mostly another image than its map's.
+    """
+    if not original_pairing:
+        return torch.arange(n).repeat_interleave(k)
+    rows = []
+    for start in range(0, n, batch):
+        b = min(batch, n - start)
+        rows.append(start + torch.arange(b * k) % b)
+    return torch.cat(rows)
+
+
 @torch.no_grad()
 def localizability(encode: Callable[[torch.Tensor], torch.Tensor], images: torch.Tensor, maps: torch.Tensor,
                    text_features: torch.Tensor, steps: int = 5, original_indexing: bool = False,
-                   chunk: int = 256) -> torch.Tensor:
+                   original_pairing: bool = False, pairing_batch: int = 8, chunk: int = 256) -> torch.Tensor:
     """Insertion fidelity per (image, concept), (N, K), in [0, 1]; DEAL's localizability is its mean.
 
     ``encode`` maps preprocessed images to L2-normalised embeddings; ``text_features`` (K, D) or (N, K, D).
     At each step ``|cos(x_step, d) - cos(x_blur, d)| / |cos(x, d) - cos(x_blur, d)|`` is clamped to [0, 1].
+    ``original_indexing`` / ``original_pairing``: the original notebook's two quirks (see
+    :func:`insertion_images` and :func:`pairing_rows`; the pairing tiles batches of ``pairing_batch``).
     """
     n, k = maps.shape[:2]
     texts = text_features if text_features.dim() == 3 else text_features.unsqueeze(0).expand(n, -1, -1)
-    texts = F.normalize(texts.float(), dim=-1)
-    cos = lambda emb, t: (emb * t).sum(-1)  # noqa: E731
-    f_full, f_blur = encode(images), encode(blur(images))  # (N, D)
-    cos_full, cos_blur = cos(f_full[:, None], texts), cos(f_blur[:, None], texts)  # (N, K)
-    inserted = insertion_images(images, maps, steps, original_indexing).flatten(0, 2)
-    f_steps = torch.cat([encode(inserted[s:s + chunk]) for s in range(0, len(inserted), chunk)])
-    cos_steps = cos(f_steps.view(n, k, steps, -1), texts[:, :, None])  # (N, K, S)
-    ratio = (cos_steps - cos_blur[..., None]).abs() / ((cos_full - cos_blur).abs()[..., None] + 1e-8)
-    return ratio.clamp(0, 1).mean(-1)
+    texts = F.normalize(texts.float(), dim=-1).reshape(n * k, -1)
+    rows = pairing_rows(n, k, original_pairing, pairing_batch).to(images.device)
+    f_full, f_blur = encode(images)[rows], encode(blur(images))[rows]  # (N*K, D)
+    cos_full, cos_blur = (f_full * texts).sum(-1), (f_blur * texts).sum(-1)
+    flat_maps, per = maps.reshape(n * k, 1, *maps.shape[-2:]), max(1, chunk // steps)
+    cos_steps = []
+    for s in range(0, n * k, per):
+        inserted = insertion_images(images[rows[s:s + per]], flat_maps[s:s + per], steps, original_indexing)
+        f_steps = encode(inserted.flatten(0, 2)).view(-1, steps, f_full.shape[-1])
+        cos_steps.append((f_steps * texts[s:s + per, None]).sum(-1))
+    ratio = (torch.cat(cos_steps) - cos_blur[:, None]).abs() / ((cos_full - cos_blur).abs()[:, None] + 1e-8)
+    return ratio.clamp(0, 1).mean(-1).view(n, k)
 
 
 # ---------------------------------------------------------------------------- ground truth

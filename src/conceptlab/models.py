@@ -5,6 +5,9 @@
 - an open_clip architecture with a local checkpoint (``"ViT-B-32", "/path/model.pt"``),
 - a Hugging Face hub model (``"hf-hub:org/repo"``),
 - the registered Concept World architectures (``"ConceptWorld-ViT"``, ``"ConceptWorld-RN"``).
+Checkpoint files may be OpenAI's TorchScript ``.pt``, open_clip, DEAL or plain state dicts, or
+safetensors (:func:`read_checkpoint`); the activation (GELU or QuickGELU) follows the weights
+(:func:`clip_variant`), never silently the name alone.
 
 ``train_world_clip`` trains the small CLIP contrastively on world captions; it is seeded,
 shows progress, checkpoints atomically and resumes where an interrupted run stopped.
@@ -17,8 +20,10 @@ import difflib
 import json
 import logging
 import math
+import warnings
+import zipfile
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -27,7 +32,8 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from .artifacts import ArtifactStore, TrainingRun, safe_torch_load
+from .artifacts import ArtifactStore, note, safe_torch_load
+from .training import TrainingRun, cosine_lr, set_lr
 from .world import ConceptWorld, WorldConfig
 
 open_clip.add_model_config(Path(__file__).parent / "model_configs")
@@ -67,51 +73,200 @@ def _check_model_name(name: str) -> None:
 
 
 def _looks_like_path(pretrained: str) -> bool:
-    return any(c in pretrained for c in "/\\") or pretrained.endswith((".pt", ".pth", ".bin", ".ckpt"))
+    return any(c in pretrained for c in "/\\") or pretrained.endswith(
+        (".pt", ".pth", ".bin", ".ckpt", ".safetensors"))
+
+
+# Keys of OpenAI's TorchScript CLIP that are not weights (open_clip drops them the same way).
+_OPENAI_EXTRA_KEYS = ("input_resolution", "context_length", "vocab_size")
+# The checkpoint format of DEAL's training script; DEAL fine-tunes OpenAI's CLIP (`clip.load`).
+_DEAL_KEYS = {"epoch", "model_state_dict", "optimizer_state_dict", "loss"}
+DEAL_FORM = "DEAL checkpoint"
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """The weights in a user's checkpoint file, and what the file says about their activation.
+
+    ``quick_gelu`` is ``True``/``False`` when the file shows which MLP activation the weights were
+    trained with, ``None`` when nothing in it does; ``evidence`` says what showed it.
+    """
+
+    state: dict[str, torch.Tensor]
+    form: str
+    quick_gelu: bool | None = None
+    evidence: str = ""
+
+
+def _is_torchscript(path: Path) -> bool:
+    """A TorchScript archive (OpenAI's released CLIP ``.pt`` files) is a zip with ``constants.pkl``."""
+    if not zipfile.is_zipfile(path):
+        return False
+    with zipfile.ZipFile(path) as z:
+        return any(n.endswith("/constants.pkl") or n == "constants.pkl" for n in z.namelist())
+
+
+def _activation_hint(obj: dict) -> tuple[bool | None, str]:
+    """An explicit ``quick_gelu`` entry at the top of a checkpoint or in its model config."""
+    for where in (obj, obj.get("model_cfg"), obj.get("config")):
+        if isinstance(where, dict) and isinstance(where.get("quick_gelu"), bool):
+            return where["quick_gelu"], f"the checkpoint records quick_gelu={where['quick_gelu']}"
+    return None, ""
+
+
+def read_checkpoint(path: str | Path) -> Checkpoint:
+    """Read the weights of a user's CLIP checkpoint, whatever the wrapping.
+
+    Accepted: OpenAI's original TorchScript ``.pt`` (its tensors are taken, as open_clip's own
+    ``load_state_dict`` does; TorchScript code is compiled, never run), ``.safetensors``, and
+    ``torch.save`` files read with ``weights_only=True``: a plain state dict, ``{"state_dict": ...}``
+    (open_clip's training checkpoints), ``{"model_state_dict": ...}`` (DEAL's released format),
+    with or without DDP ``module.`` / ``torch.compile`` ``_orig_mod.`` prefixes.
+
+    The activation is inferred from the file only: a TorchScript archive or OpenAI's extra keys
+    (``input_resolution``...) mean OpenAI's weights (all trained with QuickGELU); an explicit
+    ``quick_gelu`` entry is followed. DEAL's format is reported in ``form`` (see :func:`load_clip`).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"No checkpoint file at {path}: check the path, or pass a pretrained tag "
+                                "(open_clip.list_pretrained()) instead.")
+    quick_gelu, evidence = None, ""
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        obj, form = load_file(path), "safetensors file"
+    elif _is_torchscript(path):
+        try:
+            with warnings.catch_warnings():  # torch.jit.load is deprecated; open_clip still reads them so
+                warnings.simplefilter("ignore", FutureWarning)
+                obj = torch.jit.load(path, map_location="cpu").state_dict()
+        except RuntimeError as err:
+            raise ValueError(f"{path} is a TorchScript archive that could not be read ({str(err)[:200]}); "
+                             "it may be truncated: download OpenAI's file again.") from err
+        form, quick_gelu, evidence = "TorchScript archive", True, "it is OpenAI's TorchScript release format"
+    else:
+        obj, form = safe_torch_load(path, owner="user"), "state dict"
+        if isinstance(obj, dict):
+            quick_gelu, evidence = _activation_hint(obj)
+            for wrapper in ("state_dict", "model_state_dict"):
+                if isinstance(obj.get(wrapper), dict):
+                    form = DEAL_FORM if _DEAL_KEYS <= set(obj) else f"{{{wrapper!r}: ...}} checkpoint"
+                    obj = obj[wrapper]
+                    break
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise ValueError(f"{path} holds a {type(obj).__name__} that is not a state dict (a dict of tensors, "
+                         "possibly under 'state_dict' or 'model_state_dict'). Save the weights with "
+                         "torch.save(model.state_dict(), path) and pass that file.")
+    state = {k.removeprefix("module.").removeprefix("_orig_mod."): v for k, v in obj.items()}
+    if any(k in state for k in _OPENAI_EXTRA_KEYS):
+        state = {k: v for k, v in state.items() if k not in _OPENAI_EXTRA_KEYS}
+        if quick_gelu is None:
+            quick_gelu, evidence = True, "it has OpenAI's keys input_resolution/context_length/vocab_size"
+    return Checkpoint(state, form, quick_gelu, evidence)
+
+
+def _uses_quick_gelu(name: str) -> bool:
+    cfg = open_clip.get_model_config(name) or {}
+    return bool(cfg.get("quick_gelu", False)) or name.endswith("-quickgelu")
+
+
+def clip_variant(name: str, quick_gelu: bool | None, evidence: str, source: str) -> tuple[str, bool]:
+    """The open_clip config to build for weights that need ``quick_gelu``: ``(name, force_quick_gelu)``.
+
+    QuickGELU weights named with a GELU config become the registered ``<name>-quickgelu`` (or the
+    same config with QuickGELU forced), with a note; GELU weights named with a QuickGELU config are
+    refused, naming the config to use. Unknown (``None``): built as named, with a warning when the
+    architecture's weights exist both ways (it has a ``-quickgelu`` twin), so that no mismatch is silent.
+    """
+    if name.startswith(("hf-hub:", "local-dir:")):
+        return name, False  # the hub/folder config carries quick_gelu itself
+    has_it = _uses_quick_gelu(name)
+    twin = f"{name}-quickgelu"
+    if quick_gelu is None:
+        if not has_it and twin in open_clip.list_models():
+            warnings.warn(f"{source}: nothing in it says which activation it was trained with; it is loaded "
+                          f"as {name} (GELU). OpenAI's CLIP weights, and fine-tunes of them, need QuickGELU: "
+                          f"for those pass model={twin!r}.", UserWarning, stacklevel=3)
+        return name, False
+    if quick_gelu == has_it:
+        return name, False
+    if not quick_gelu:
+        base = name.removesuffix("-quickgelu")
+        raise ValueError(f"{source}: {evidence}, but {name!r} uses QuickGELU. Pass model={base!r}.")
+    if twin in open_clip.list_models():
+        note(f"{source}: {evidence}, so the weights need QuickGELU: loading them as {twin!r}, not {name!r}.")
+        return twin, False
+    note(f"{source}: {evidence}, so the weights need QuickGELU: loading {name!r} with QuickGELU.")
+    return name, True
 
 
 def load_clip(name: str, pretrained: str | None = None, device: str | None = None):
-    """Return ``(model, preprocess, tokenizer)`` in eval mode; see the module docstring."""
+    """Return ``(model, preprocess, tokenizer)`` in eval mode; see the module docstring.
+
+    The MLP activation matches the weights (:func:`clip_variant`): a pretrained tag's recorded
+    ``quick_gelu``, what :func:`read_checkpoint` finds in a file, and for a checkpoint in DEAL's
+    release format of one of OpenAI's architectures, QuickGELU (DEAL fine-tunes OpenAI's CLIP).
+    """
     _check_model_name(name)
     dev = pick_device(device)
     if pretrained and _looks_like_path(pretrained):
+        ckpt = read_checkpoint(pretrained)
+        quick_gelu, evidence = ckpt.quick_gelu, ckpt.evidence
+        if quick_gelu is None and ckpt.form == DEAL_FORM and name in open_clip.list_openai_models():
+            quick_gelu, evidence = True, "it is in DEAL's format, a fine-tune of OpenAI's CLIP (`clip.load`)"
+        arch, force = clip_variant(name, quick_gelu, evidence, f"checkpoint {pretrained}")
         with _quiet_random_init():
-            model, _, preprocess = open_clip.create_model_and_transforms(name, pretrained=None)
-        load_weights(model, pretrained)
-    else:
-        if pretrained and not name.startswith("hf-hub:"):
-            tags = open_clip.list_pretrained_tags_by_model(name)
-            if pretrained not in tags:
-                raise ValueError(f"Model {name!r} has no pretrained tag {pretrained!r}; known tags: {tags}. "
-                                 "For your own weights pass a checkpoint path instead.")
-        try:
-            model, _, preprocess = open_clip.create_model_and_transforms(name, pretrained=pretrained)
-        except (OSError, RuntimeError) as err:
-            if pretrained is None and not name.startswith("hf-hub:"):
-                raise
-            raise RuntimeError(f"Could not fetch weights for {name!r} / {pretrained!r} ({err}). Without network "
-                               "access, download them elsewhere and pass the local file as `pretrained`.") from err
-    return model.to(dev).eval(), preprocess, open_clip.get_tokenizer(name)
+            model, _, preprocess = open_clip.create_model_and_transforms(arch, force_quick_gelu=force)
+        fit_weights(model, ckpt.state, f"Checkpoint {pretrained} ({ckpt.form})",
+                    advice="Pass the open_clip model name the checkpoint was trained with.")
+        return model.to(dev).eval(), preprocess, open_clip.get_tokenizer(arch)
+    arch, force = name, False
+    if pretrained and not name.startswith("hf-hub:"):
+        tags = open_clip.list_pretrained_tags_by_model(name)
+        if pretrained not in tags:
+            raise ValueError(f"Model {name!r} has no pretrained tag {pretrained!r}; known tags: {tags}. "
+                             "For your own weights pass a checkpoint path instead.")
+        tag_qg = bool(open_clip.get_pretrained_cfg(name, pretrained).get("quick_gelu", False))
+        arch, force = clip_variant(name, tag_qg, f"open_clip's tag records quick_gelu={tag_qg}",
+                                   f"{name} / {pretrained}")
+    try:
+        model, _, preprocess = open_clip.create_model_and_transforms(arch, pretrained=pretrained,
+                                                                     force_quick_gelu=force)
+    except (OSError, RuntimeError) as err:
+        if pretrained is None and not name.startswith("hf-hub:"):
+            raise
+        raise RuntimeError(f"Could not fetch weights for {name!r} / {pretrained!r} ({err}). Without network "
+                           "access, download them elsewhere and pass the local file as `pretrained`.") from err
+    return model.to(dev).eval(), preprocess, open_clip.get_tokenizer(arch)
 
 
-def load_weights(model: torch.nn.Module, path: str | Path) -> None:
-    """Load a state dict (plain, ``{"state_dict": ...}`` or DDP-prefixed) with a clear mismatch error."""
-    state = safe_torch_load(path)
-    if isinstance(state, dict) and "state_dict" in state:
-        state = state["state_dict"]
-    if not isinstance(state, dict):
-        raise ValueError(f"{path} holds a {type(state).__name__}, not a state dict.")
-    state = {k.removeprefix("module."): v for k, v in state.items()}
+def fit_weights(model: torch.nn.Module, state: dict[str, torch.Tensor], source: str, advice: str = "") -> None:
+    """Load ``state`` into ``model`` strictly, with one error naming what does not fit.
+
+    Non-persistent buffers that some exports carry (a TorchScript ``attn_mask``) are dropped, and a
+    scalar/1-element ``logit_scale`` is reshaped, as open_clip's own ``load_checkpoint`` does.
+    """
     own = model.state_dict()
+    buffers = {k for k, _ in model.named_buffers()}
+    state = {k: v for k, v in state.items() if k in own or k not in buffers}
+    for k in ("logit_scale", "logit_bias"):
+        if k in state and k in own and state[k].numel() == own[k].numel():
+            state[k] = state[k].reshape(own[k].shape)
     missing = [k for k in own if k not in state]
     unexpected = [k for k in state if k not in own]
     wrong_shape = [k for k in own if k in state and tuple(state[k].shape) != tuple(own[k].shape)]
     if missing or unexpected or wrong_shape:
-        raise ValueError(f"Checkpoint {path} does not fit this architecture: {len(missing)} missing keys "
+        raise ValueError(f"{source} does not fit this architecture: {len(missing)} missing keys "
                          f"(e.g. {missing[:3]}), {len(unexpected)} unexpected (e.g. {unexpected[:3]}), "
-                         f"{len(wrong_shape)} of another shape (e.g. {wrong_shape[:3]}). "
-                         "Pass the model name the checkpoint was trained with.")
+                         f"{len(wrong_shape)} of another shape (e.g. {wrong_shape[:3]}). {advice}".rstrip())
     model.load_state_dict(state)
+
+
+def load_weights(model: torch.nn.Module, path: str | Path) -> None:
+    """Load a checkpoint file of any form :func:`read_checkpoint` reads into ``model``, strictly."""
+    fit_weights(model, read_checkpoint(path).state, f"Checkpoint {path}",
+                advice="Pass the architecture the checkpoint was trained with.")
 
 
 def image_size(model: torch.nn.Module) -> int:
@@ -171,6 +326,12 @@ def topk_accuracy(logits: torch.Tensor, labels: np.ndarray | torch.Tensor, k: in
     return (top == labels[:, None]).any(1).float().mean().item()
 
 
+def topk_accuracies(logits: torch.Tensor, labels: np.ndarray | torch.Tensor,
+                    ks: Sequence[int] = (1, 5)) -> dict[str, float]:
+    """``{"top1": ..., "top5": ...}`` for each k below the number of classes (k >= classes means nothing)."""
+    return {f"top{k}": topk_accuracy(logits, labels, k) for k in ks if k < logits.shape[1]}
+
+
 # ---------------------------------------------------------------------------- training
 @dataclass(frozen=True)
 class TrainConfig:
@@ -184,11 +345,10 @@ class TrainConfig:
     weight_decay: float = 0.1
     warmup: int = 50
     seed: int = 0
-    checkpoint_every: int = 100
 
     def __post_init__(self) -> None:
         problems = [f"{k}={getattr(self, k)} must be positive" for k in
-                    ("n_train", "steps", "batch_size", "lr", "checkpoint_every") if getattr(self, k) <= 0]
+                    ("n_train", "steps", "batch_size", "lr") if getattr(self, k) <= 0]
         if self.arch not in WORLD_ARCHS:
             problems.append(f"arch={self.arch!r} is not a world architecture {WORLD_ARCHS}")
         if self.batch_size > self.n_train:
@@ -204,13 +364,6 @@ def _render_training_set(world: ConceptWorld, n: int) -> dict[str, np.ndarray]:
         for k in keep:
             keep[k].append(getattr(batch, k))
     return {k: np.concatenate(v) for k, v in keep.items()}
-
-
-def _lr_at(step: int, cfg: TrainConfig) -> float:
-    if step < cfg.warmup:
-        return cfg.lr * (step + 1) / cfg.warmup
-    progress = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
-    return cfg.lr * 0.5 * (1 + math.cos(math.pi * progress))
 
 
 def train_world_clip(world: ConceptWorld, cfg: TrainConfig, out_dir: str | Path, progress: bool = True,
@@ -233,11 +386,12 @@ def train_world_clip(world: ConceptWorld, cfg: TrainConfig, out_dir: str | Path,
     with run.checkpoint_on_interrupt():
         for step in bar:
             rng = np.random.default_rng([cfg.seed, step])
+            torch.manual_seed(int(rng.integers(2**62)))  # any torch randomness of step t also follows (seed, t)
             idx = rng.choice(cfg.n_train, size=cfg.batch_size, replace=False)
             captions, _ = world.resample_captions(data["labels"][idx], data["present"][idx],
                                                   data["attributes"][idx], data["habitats"][idx], [cfg.seed, step])
-            for group in opt.param_groups:
-                group["lr"] = _lr_at(step, cfg)
+            lr = cosine_lr(step, cfg.lr, cfg.steps, cfg.warmup)
+            set_lr(opt, lr)
             img_f, txt_f, scale = model(images_to_tensor(data["images"][idx], model), open_clip.tokenize(
                 captions, context_length=model.context_length))
             loss = loss_fn(img_f, txt_f, scale)
@@ -246,10 +400,8 @@ def train_world_clip(world: ConceptWorld, cfg: TrainConfig, out_dir: str | Path,
             opt.step()
             with torch.no_grad():
                 model.logit_scale.clamp_(0, math.log(100))
-            run.history.append({"step": step, "loss": loss.item(), "lr": _lr_at(step, cfg)})
+            run.log({"step": step, "loss": loss.item(), "lr": lr})
             bar.set_postfix(loss=f"{loss.item():.3f}")
-            if (step + 1) % cfg.checkpoint_every == 0:
-                run.checkpoint()
             if on_step:
                 on_step(step)
     run.finish()
@@ -261,20 +413,63 @@ def world_clip(store: ArtifactStore, world_cfg: WorldConfig, train_cfg: TrainCon
 
     Returns ``(model, preprocess, tokenizer, history)``.
     """
-    params = {"world": asdict(world_cfg), "train": asdict(train_cfg)}
-    with store.building("world_clip", params) as d:
-        if not (d / "model.pt").exists():
-            train_world_clip(ConceptWorld(world_cfg), train_cfg, d, progress=progress)
-    model, preprocess, tokenizer = load_clip(train_cfg.arch, str(d / "model.pt"), device="cpu")
-    history = json.loads((d / "history.json").read_text())
-    return model, preprocess, tokenizer, history
+    def load(d: Path):
+        model, preprocess, tokenizer = load_clip(train_cfg.arch, str(d / "model.pt"), device="cpu")
+        return model, preprocess, tokenizer, json.loads((d / "history.json").read_text())
+
+    return store.get_or_build("world_clip", {"world": world_cfg.to_dict(), "train": asdict(train_cfg)},
+                              lambda d: train_world_clip(ConceptWorld(world_cfg), train_cfg, d, progress=progress),
+                              load)
 
 
-def get_clip(model: str, pretrained: str | None, store: ArtifactStore, world_cfg: WorldConfig,
-             train_cfg: TrainConfig, device: str | None = None, progress: bool = True):
-    """The chapters' model parameter: ``"world"`` trains/loads the world CLIP, anything else goes to
-    :func:`load_clip`. Returns ``(model, preprocess, tokenizer, history or None)``."""
-    if model == "world":
-        m, preprocess, tokenizer, history = world_clip(store, world_cfg, train_cfg, progress=progress)
-        return m.to(pick_device(device)), preprocess, tokenizer, history
-    return (*load_clip(model, pretrained, device), None)
+# ---------------------------------------------------------------------------- chapter 1: measures and exercises
+def zero_shot(model: torch.nn.Module, tokenizer: Callable, images: np.ndarray, labels: np.ndarray,
+              class_names: Sequence[str], templates: Sequence[str] = CLASS_PROMPTS) -> tuple[torch.Tensor, dict]:
+    """Zero-shot logits of ``images`` against class prompts, and top-k accuracies (k < number of classes)."""
+    logits = encode_images(model, images) @ class_text_weights(model, tokenizer, class_names, templates).T
+    return logits, topk_accuracies(logits, labels)
+
+
+def habitat_shortcut(predictions: np.ndarray, batch, world: ConceptWorld) -> dict[str, float]:
+    """Accuracy on creatures in their home habitat and elsewhere: the gap measures the shortcut."""
+    right = predictions == batch.labels
+    home = batch.habitats == world.home_habitats(batch.labels)
+    return {"home habitat": float(right[home].mean()), "other habitat": float(right[~home].mean())}
+
+
+def _lesson_clip(ch, world_cfg: WorldConfig):
+    """A lesson-sized world CLIP (the chapter's settings, ``exercise_steps`` steps on 4000 images)."""
+    steps = ch.params["exercise_steps"]
+    cfg = replace(ch.train_cfg, n_train=min(ch.train_cfg.n_train, 4000), steps=steps, warmup=min(steps // 5, 50),
+                  batch_size=min(ch.train_cfg.batch_size, 64))
+    return world_clip(ch.store, world_cfg, cfg, progress=False)
+
+
+def exercise_train_habitat(ch, habitat_correlation: float | None = None) -> dict[str, float]:
+    """Train a lesson CLIP on a world with another habitat correlation; test on the chapter's world."""
+    cfg = ch.world_cfg if habitat_correlation is None else replace(ch.world_cfg,
+                                                                   habitat_correlation=habitat_correlation)
+    model, _, tokenizer, _ = _lesson_clip(ch, cfg)
+    test = ch.world.sample(ch.params["n_test"], split="test")
+    logits, acc = zero_shot(model, tokenizer, test.images, test.labels, ch.world.class_names)
+    return {"top-1": acc["top1"], **habitat_shortcut(logits.argmax(1).numpy(), test, ch.world)}
+
+
+def exercise_test_habitat(ch, habitat_correlation: float | None = None) -> dict[str, float]:
+    """The chapter's CLIP on test images drawn with another habitat correlation (no retraining)."""
+    world = ch.world if habitat_correlation is None else ConceptWorld(
+        replace(ch.world_cfg, habitat_correlation=habitat_correlation))
+    model, _, tokenizer, _ = ch.clip(progress=False)
+    test = world.sample(ch.params["n_test"], split="test")
+    _, acc = zero_shot(model, tokenizer, test.images, test.labels, world.class_names)
+    return {"top-1": acc["top1"], "home habitat share": float(
+        (test.habitats == world.home_habitats(test.labels)).mean())}
+
+
+def exercise_prompts(ch, template: str | None = None) -> dict[str, float]:
+    """Zero-shot accuracy of the chapter's CLIP with one prompt template instead of the ensemble."""
+    model, _, tokenizer, _ = ch.clip(progress=False)
+    test = ch.world.sample(ch.params["n_test"], split="test")
+    _, acc = zero_shot(model, tokenizer, test.images, test.labels, ch.world.class_names,
+                       CLASS_PROMPTS if template is None else (template,))
+    return acc

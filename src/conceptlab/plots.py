@@ -81,22 +81,37 @@ def confusion(y_true: np.ndarray, y_pred: np.ndarray, class_names: Sequence[str]
     return ax
 
 
-def heatmap_grid(images: np.ndarray, maps: np.ndarray, row_titles: Sequence[str] | None = None,
-                 col_titles: Sequence[str] | None = None, alpha: float = 0.55) -> plt.Figure:
-    """Overlay ``maps`` (R, C, h, w) on ``images`` (R, H, W, 3): row = image, column = concept."""
+def upsample_map(heat: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    """A (h, w) map resized bilinearly to ``shape`` (H, W): the map's grid spans the whole model input."""
     import torch
     import torch.nn.functional as F
 
+    x = torch.as_tensor(np.asarray(heat), dtype=torch.float32)[None, None]
+    return F.interpolate(x, size=shape, mode="bilinear", align_corners=False)[0, 0].numpy()
+
+
+def overlay(ax: plt.Axes, image: np.ndarray, heat: np.ndarray, alpha: float = 0.55) -> plt.Axes:
+    """Draw ``heat`` (h, w) over ``image`` (H, W, 3). ``image`` must be what the model saw
+    (:func:`conceptlab.data.model_view` for a photo), so that the map lands on the pixels it explains."""
+    ax.imshow(image)
+    ax.imshow(upsample_map(heat, image.shape[:2]), cmap="jet", alpha=alpha)
+    ax.axis("off")
+    return ax
+
+
+def heatmap_grid(images: np.ndarray, maps: np.ndarray, row_titles: Sequence[str] | None = None,
+                 col_titles: Sequence[str] | None = None, alpha: float = 0.55) -> plt.Figure:
+    """Overlay ``maps`` (R, C, h, w) on ``images`` (R, H, W, 3): row = image, column = concept.
+
+    ``images`` are the model's views (see :func:`overlay`); pick rows across classes with
+    :func:`conceptlab.data.spread_over_classes`.
+    """
     r, c = maps.shape[:2]
-    size = images.shape[1]
-    up = F.interpolate(torch.as_tensor(maps, dtype=torch.float32).reshape(r * c, 1, *maps.shape[2:]),
-                       size=(size, size), mode="bilinear", align_corners=False).reshape(r, c, size, size).numpy()
     fig, axes = plt.subplots(r, c + 1, figsize=(1.7 * (c + 1), 1.8 * r), squeeze=False)
     for i in range(r):
         axes[i, 0].imshow(images[i])
         for j in range(c):
-            axes[i, j + 1].imshow(images[i])
-            axes[i, j + 1].imshow(up[i, j], cmap="jet", alpha=alpha)
+            overlay(axes[i, j + 1], images[i], maps[i, j], alpha)
         if row_titles is not None:
             axes[i, 0].set_title(row_titles[i], fontsize=8)
     if col_titles is not None:
@@ -106,3 +121,22 @@ def heatmap_grid(images: np.ndarray, maps: np.ndarray, row_titles: Sequence[str]
         ax.axis("off")
     fig.tight_layout()
     return fig
+
+
+LABELS = {"top1": "top-1", "top5": "top-5", "fvu": "FVU", "l0": "L0", "auroc": "AUROC", "lr": "learning rate",
+          "r@5": "recall@5", "r@10": "recall@10", "r@20": "recall@20"}
+
+
+def human_label(name: object) -> object:
+    """``"pointing_game"`` -> ``"pointing game"``; known abbreviations spelt as readers expect."""
+    if not isinstance(name, str):
+        return name
+    return LABELS.get(name, LABELS.get(name.lower(), name.replace("_", " ")))
+
+
+def table(frame: pd.DataFrame | pd.Series, digits: int = 3) -> pd.DataFrame:
+    """A table for the page: human labels on both axes, floats rounded to ``digits``."""
+    frame = frame.to_frame() if isinstance(frame, pd.Series) else frame
+    shown = frame.rename(index=human_label, columns=human_label)
+    shown.index.name, shown.columns.name = human_label(frame.index.name), human_label(frame.columns.name)
+    return shown.round(digits)

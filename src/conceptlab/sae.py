@@ -1,7 +1,17 @@
 """A sparse autoencoder on CLIP embeddings, as in Discover-then-Name (DN-CBM).
 
 ``z = ReLU(W_enc (x - b_dec) + b_enc)``, ``x_hat = W_dec z + b_dec``, decoder columns of unit
-norm, loss ``||x - x_hat||^2 + l1 * ||z||_1``, dead concepts resampled every few epochs.
+norm, dead concepts resampled every few epochs. The loss is the one the original *code*
+computes (the ``sparse_autoencoder`` library's ``L2ReconstructionLoss`` plus
+``LearnedActivationsL1Loss``): the squared error **averaged over the feature dimensions**, plus
+``l1`` times the L1 norm of ``z``, both averaged over the batch, on raw (not L2-normalised)
+embeddings. ``reconstruction="sum"`` switches to the paper's ``||x - x_hat||^2``; on
+``D``-dimensional inputs it equals the original loss with ``l1`` multiplied by ``D``
+(:func:`l1_on_original_scale` converts). As in the original training script the tied bias
+``b_dec`` starts at zero (no geometric median is passed to the library's model). Two details
+differ and have no switch: the encoder starts as the decoder's transpose (the library draws it
+independently), and resampling follows the same recipe (inputs drawn with probability ~ loss²,
+encoder rows at a fifth of the mean live norm) on up to 16 384 candidates.
 
 Written here rather than taken from ``overcomplete`` (the maintained SAE toolbox on PyPI):
 its SAE has no decoder bias (so no ``x - b_dec`` centring) and no dead-neuron resampling,
@@ -11,7 +21,9 @@ lines of PyTorch; the training loop below is meant to be read in one screen.
 
 from __future__ import annotations
 
+import hashlib
 import json
+import tempfile
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -21,12 +33,16 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from .artifacts import ArtifactStore, atomic_torch_save, atomic_write_json, safe_torch_load
+from .artifacts import ArtifactStore, safe_torch_load
+from .training import TrainingRun
+
+RECONSTRUCTIONS = ("mean", "sum")
 
 
 @dataclass(frozen=True)
 class SAEConfig:
-    """SAE hyper-parameters (DN-CBM: expansion 8, lr 5e-4, batch 4096, 200 epochs, resample every 10)."""
+    """SAE hyper-parameters; the defaults are the original's (expansion 8, l1 3e-5, lr 5e-4,
+    batch 4096, 200 epochs, resampling every 10, reconstruction averaged over dimensions)."""
 
     expansion: int = 8
     l1: float = 3e-5
@@ -34,18 +50,31 @@ class SAEConfig:
     batch_size: int = 4096
     epochs: int = 200
     resample_every: int = 10  # epochs; 0 switches resampling off
+    reconstruction: str = "mean"  # "mean": the original code; "sum": the paper's squared L2 norm
     seed: int = 0
 
     def __post_init__(self) -> None:
         problems = [f"{k}={getattr(self, k)} must be positive" for k in ("expansion", "lr", "batch_size", "epochs")
                     if getattr(self, k) <= 0]
         problems += [f"{k}={getattr(self, k)} must be >= 0" for k in ("l1", "resample_every") if getattr(self, k) < 0]
+        if self.reconstruction not in RECONSTRUCTIONS:
+            problems.append(f"reconstruction={self.reconstruction!r} is not one of {RECONSTRUCTIONS}")
         if problems:
             raise ValueError("Bad SAEConfig: " + "; ".join(problems) + ".")
 
 
+def l1_on_original_scale(l1: float, reconstruction: str, dim: int) -> float:
+    """The coefficient that gives the same minimiser in the original code's loss (reconstruction
+    averaged over ``dim`` features): ``l1`` itself for ``"mean"``, ``l1 / dim`` for ``"sum"``."""
+    return l1 if reconstruction == "mean" else l1 / dim
+
+
 class SparseAutoencoder(nn.Module):
-    """One hidden ReLU layer of ``n_concepts`` units; ``directions`` are the unit-norm decoder columns."""
+    """One hidden ReLU layer of ``n_concepts`` units; ``directions`` are the unit-norm decoder columns.
+
+    The buffer ``fired`` marks the concepts active since the last resampling (saved with the weights,
+    so that a resumed training run resamples exactly as an uninterrupted one).
+    """
 
     def __init__(self, dim: int, n_concepts: int) -> None:
         super().__init__()
@@ -54,6 +83,7 @@ class SparseAutoencoder(nn.Module):
         self.W_enc = nn.Parameter(w_dec.T.clone())  # tied initialisation, trained untied
         self.b_enc = nn.Parameter(torch.zeros(n_concepts))
         self.b_dec = nn.Parameter(torch.zeros(dim))
+        self.register_buffer("fired", torch.zeros(n_concepts, dtype=torch.bool))
 
     @property
     def n_concepts(self) -> int:
@@ -62,12 +92,14 @@ class SparseAutoencoder(nn.Module):
     @property
     def directions(self) -> torch.Tensor:
         """(n_concepts, dim) concept directions in the embedding space."""
-        return self.W_dec.detach().T
+        return self.W_dec.detach().T.cpu()
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
+        """Concept strengths: ``z = ReLU(W_enc (x - b_dec) + b_enc)``."""
         return F.relu(F.linear(x - self.b_dec, self.W_enc, self.b_enc))
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
+        """Reconstruction ``x_hat = W_dec z + b_dec``."""
         return F.linear(z, self.W_dec, self.b_dec)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -85,10 +117,27 @@ class SparseAutoencoder(nn.Module):
             self.W_dec.grad -= (self.W_dec.grad * self.W_dec).sum(0, keepdim=True) * self.W_dec
 
 
+def sae_loss(x: torch.Tensor, x_hat: torch.Tensor, z: torch.Tensor, l1: float,
+             reconstruction: str = "mean") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(loss, reconstruction term, L1 term)``, each averaged over the batch.
+
+    Per input: the squared error averaged (``"mean"``, the original code) or summed (``"sum"``)
+    over the feature dimensions, plus ``l1 * sum_k |z_k|``.
+    """
+    squared = (x_hat - x).pow(2)
+    rec = squared.mean(-1) if reconstruction == "mean" else squared.sum(-1)
+    sparsity = z.abs().sum(-1)
+    return (rec + l1 * sparsity).mean(), rec.mean(), sparsity.mean()
+
+
 @torch.no_grad()
-def encode_concepts(sae: SparseAutoencoder, features: torch.Tensor, batch_size: int = 8192) -> torch.Tensor:
-    """(N, n_concepts) concept strengths of embeddings."""
-    return torch.cat([sae.encode(features[s:s + batch_size]) for s in range(0, len(features), batch_size)])
+def encode_concepts(sae: SparseAutoencoder, features: torch.Tensor, batch_size: int = 8192,
+                    device: str | torch.device | None = None) -> torch.Tensor:
+    """(N, n_concepts) concept strengths of embeddings (computed on ``device``, returned on the CPU)."""
+    dev = torch.device(device) if device is not None else next(sae.parameters()).device
+    sae = sae.to(dev)
+    return torch.cat([sae.encode(features[s:s + batch_size].to(dev).float()).cpu()
+                      for s in range(0, len(features), batch_size)])
 
 
 @torch.no_grad()
@@ -98,16 +147,18 @@ def resample_dead(sae: SparseAutoencoder, opt: torch.optim.Adam, features: torch
 
     The new decoder column is the centred input's direction, the encoder row the same direction
     scaled to a fifth of the mean live encoder norm, the bias zero, and Adam forgets their history.
+    ``generator`` is a CPU generator: the choice is the same on every device.
     """
     n_dead = int(dead.sum())
     if n_dead == 0:
         return 0
-    idx = torch.randperm(len(features), generator=generator)[:n_candidates]
+    dev = features.device
+    idx = torch.randperm(len(features), generator=generator)[:n_candidates].to(dev)
     x = features[idx]
-    loss = (sae(x)[0] - x).pow(2).sum(-1)
-    pick = torch.multinomial(loss.pow(2) + 1e-12, n_dead, replacement=True, generator=generator)
+    loss = (sae(x)[0] - x).pow(2).sum(-1).cpu()
+    pick = torch.multinomial(loss.pow(2) + 1e-12, n_dead, replacement=True, generator=generator).to(dev)
     new_dirs = F.normalize(x[pick] - sae.b_dec, dim=-1)
-    alive_norm = sae.W_enc[~dead].norm(dim=1).mean() if (~dead).any() else torch.tensor(1.0)
+    alive_norm = sae.W_enc[~dead].norm(dim=1).mean() if (~dead).any() else torch.tensor(1.0, device=dev)
     sae.W_dec[:, dead] = new_dirs.T
     sae.W_enc[dead] = new_dirs * 0.2 * alive_norm
     sae.b_enc[dead] = 0
@@ -122,75 +173,87 @@ def resample_dead(sae: SparseAutoencoder, opt: torch.optim.Adam, features: torch
 
 
 def train_sae(features: torch.Tensor, cfg: SAEConfig, out_dir: str | Path | None = None, progress: bool = True,
-              checkpoint_every: int = 5, on_epoch: Callable[[int], None] | None = None,
-              ) -> tuple[SparseAutoencoder, list[dict]]:
-    """Train an SAE on (N, D) embeddings. With ``out_dir`` it checkpoints and resumes from ``state.pt``.
+              device: str | torch.device | None = None, checkpoint_seconds: float | None = None,
+              on_epoch: Callable[[int], None] | None = None) -> tuple[SparseAutoencoder, list[dict]]:
+    """Train an SAE on (N, D) embeddings on ``device`` (default: the CPU); returns it on the CPU.
 
-    The shuffling and the resampling of epoch ``e`` depend only on ``(cfg.seed, e)``, so a resumed
-    run ends with the same weights as an uninterrupted one.
+    With ``out_dir`` the run checkpoints (:class:`~conceptlab.training.TrainingRun`, one step per
+    epoch) and resumes from ``state.pt``. The shuffling and the resampling of epoch ``e`` depend
+    only on ``(cfg.seed, e)``, so a resumed run ends with the same weights as an uninterrupted one.
     """
-    features = features.float()
+    dev = torch.device(device or "cpu")
+    features = features.float().to(dev)
     torch.manual_seed(cfg.seed)
-    sae = SparseAutoencoder(features.shape[1], cfg.expansion * features.shape[1])
-    with torch.no_grad():
-        sae.b_dec.copy_(features.mean(0))  # centring; the original starts from the geometric median
+    sae = SparseAutoencoder(features.shape[1], cfg.expansion * features.shape[1]).to(dev)
     opt = torch.optim.Adam(sae.parameters(), lr=cfg.lr)
-    history, start = [], 0
-    state_path = Path(out_dir) / "state.pt" if out_dir else None
-    if state_path and state_path.exists():
-        state = safe_torch_load(state_path)
-        sae.load_state_dict(state["sae"])
-        opt.load_state_dict(state["optimizer"])
-        history, start, fired = state["history"], state["epoch"], state["fired"]
-    else:
-        fired = torch.zeros(sae.n_concepts, dtype=torch.bool)  # concepts active since the last resampling
-    variance = (features - features.mean(0)).pow(2).sum(-1).mean().item()
-    bar = tqdm(range(start, cfg.epochs), initial=start, total=cfg.epochs, disable=not progress, desc="train SAE")
-    for epoch in bar:
-        gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + epoch)
-        totals = torch.zeros(3)
-        for idx in torch.randperm(len(features), generator=gen).split(cfg.batch_size):
-            x = features[idx]
-            x_hat, z = sae(x)
-            mse, l1 = (x_hat - x).pow(2).sum(-1).mean(), z.sum(-1).mean()  # z >= 0, so sum = L1
-            loss = mse + cfg.l1 * l1
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            sae.project_decoder_grad()
-            opt.step()
-            sae.normalise_decoder()
-            with torch.no_grad():  # running sums stay tensors: no synchronising .item() per step
-                active = z > 0
-                fired |= active.any(0)
-                totals += torch.stack([mse, l1, active.sum(-1).float().mean()]) * len(idx)
-        mse, l1, l0 = (totals / len(features)).tolist()
-        row = {"epoch": epoch, "mse": mse, "fvu": mse / variance, "l1": l1, "l0": l0,
-               "dead": int((~fired).sum()) if cfg.resample_every and (epoch + 1) % cfg.resample_every == 0 else None,
-               "resampled": 0}
-        if cfg.resample_every and (epoch + 1) % cfg.resample_every == 0:
-            if epoch + 1 < cfg.epochs:
-                row["resampled"] = resample_dead(sae, opt, features, ~fired, gen)
-            fired[:] = False
-        history.append(row)
-        bar.set_postfix(fvu=f"{row['fvu']:.3f}", l0=f"{l0:.1f}")
-        if state_path and (epoch + 1) % checkpoint_every == 0:
-            atomic_torch_save({"sae": sae.state_dict(), "optimizer": opt.state_dict(), "history": history,
-                               "epoch": epoch + 1, "fired": fired}, state_path)
-        if on_epoch:
-            on_epoch(epoch)
-    sae.eval()
-    return sae, history
+    with tempfile.TemporaryDirectory() as scratch:
+        run = TrainingRun(out_dir or scratch, sae, opt, writes=out_dir is not None,
+                          checkpoint_seconds=checkpoint_seconds)
+        variance = (features - features.mean(0)).pow(2).sum(-1).mean().item()
+        bar = tqdm(range(run.start, cfg.epochs), initial=run.start, total=cfg.epochs, disable=not progress,
+                   desc="train SAE")
+        with run.checkpoint_on_interrupt():
+            for epoch in bar:
+                row = _train_epoch(sae, opt, features, cfg, epoch, variance)
+                run.log(row)
+                bar.set_postfix(fvu=f"{row['fvu']:.3f}", l0=f"{row['l0']:.1f}")
+                if on_epoch:
+                    on_epoch(epoch)
+        if out_dir is not None:
+            run.finish()
+    return sae.cpu().eval(), run.history
 
 
-def load_or_train_sae(store: ArtifactStore, features: torch.Tensor, features_key: dict, cfg: SAEConfig,
+def _train_epoch(sae: SparseAutoencoder, opt: torch.optim.Adam, features: torch.Tensor, cfg: SAEConfig,
+                 epoch: int, variance: float) -> dict:
+    """One pass over ``features`` in the order of ``(cfg.seed, epoch)``, then resampling if due."""
+    gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + epoch)
+    totals = torch.zeros(4, device=features.device)
+    for idx in torch.randperm(len(features), generator=gen).split(cfg.batch_size):
+        x = features[idx.to(features.device)]
+        x_hat, z = sae(x)
+        loss, rec, l1 = sae_loss(x, x_hat, z, cfg.l1, cfg.reconstruction)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        sae.project_decoder_grad()
+        opt.step()
+        sae.normalise_decoder()
+        with torch.no_grad():  # running sums stay tensors: no synchronising .item() per step
+            active = z > 0
+            sae.fired |= active.any(0)
+            sq = (x_hat - x).pow(2).sum(-1).mean()
+            totals += torch.stack([rec, sq, l1, active.sum(-1).float().mean()]) * len(idx)
+    rec, sq, l1, l0 = (totals / len(features)).tolist()
+    due = bool(cfg.resample_every) and (epoch + 1) % cfg.resample_every == 0
+    row = {"epoch": epoch, "reconstruction": rec, "fvu": sq / variance, "l1": l1, "l0": l0,
+           "dead": int((~sae.fired).sum()) if due else None, "resampled": 0}
+    if due:
+        if epoch + 1 < cfg.epochs:
+            row["resampled"] = resample_dead(sae, opt, features, ~sae.fired, gen)
+        sae.fired[:] = False
+    return row
+
+
+def tensor_fingerprint(x: torch.Tensor) -> str:
+    """sha256 of a tensor's shape, dtype and values: an artifact key by content."""
+    x = x.detach().cpu().contiguous()
+    digest = hashlib.sha256(f"{tuple(x.shape)}{x.dtype}".encode())
+    digest.update(x.numpy().tobytes())
+    return digest.hexdigest()
+
+
+def load_or_train_sae(store: ArtifactStore, features: torch.Tensor, cfg: SAEConfig, key: dict | None = None,
+                      device: str | torch.device | None = None,
                       progress: bool = True) -> tuple[SparseAutoencoder, list[dict]]:
-    """The SAE for these features and hyper-parameters: loaded from the store, or trained and stored."""
-    d = store.path("dncbm_sae", {"features": features_key, "sae": asdict(cfg)})
-    if not (d / "sae.pt").exists():
-        sae, history = train_sae(features, cfg, d, progress=progress)
-        atomic_torch_save(sae.state_dict(), d / "sae.pt")
-        atomic_write_json(d / "history.json", history)
-        (d / "state.pt").unlink(missing_ok=True)
-    sae = SparseAutoencoder(features.shape[1], cfg.expansion * features.shape[1])
-    sae.load_state_dict(safe_torch_load(d / "sae.pt"))
-    return sae.eval(), json.loads((d / "history.json").read_text())
+    """The SAE for these features (keyed by their content and ``key``) and hyper-parameters:
+    loaded from the store, or trained on ``device`` and stored."""
+    dim = features.shape[1]
+
+    def load(d: Path) -> tuple[SparseAutoencoder, list[dict]]:
+        sae = SparseAutoencoder(dim, cfg.expansion * dim)
+        sae.load_state_dict(safe_torch_load(d / "model.pt", owner="store"))
+        return sae.eval(), json.loads((d / "history.json").read_text())
+
+    full_key = {"features": tensor_fingerprint(features), **(key or {}), "sae": asdict(cfg)}
+    return store.get_or_build("dncbm_sae", full_key,
+                              lambda d: train_sae(features, cfg, d, progress=progress, device=device), load)

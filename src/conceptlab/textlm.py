@@ -12,7 +12,6 @@ parameter. :func:`load_lm` loads any transformers causal LM by name or path inst
 from __future__ import annotations
 
 import json
-import math
 import os
 import shutil
 import tempfile
@@ -24,7 +23,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .artifacts import ArtifactStore, atomic_write_json
+from .artifacts import ArtifactStore
 from .world import (
     ATTRIBUTES,
     BEHAVIOURS,
@@ -160,12 +159,15 @@ def _batches(docs: list[str], tokenizer, cfg: WorldLMConfig) -> tuple[torch.Tens
 
 def pretrain_world_lm(cfg: WorldLMConfig, templates: Sequence[str], out_dir: str | Path,
                       progress: bool = True) -> list[dict]:
-    """Train tokenizer and GPT-2 on the world corpus; save both to ``out_dir`` (``save_pretrained``).
+    """Train tokenizer and GPT-2 on the world corpus; save both to ``out_dir / "lm"`` (``save_pretrained``).
 
     The loop is hand-written (nanoGPT style) because a transformers ``Trainer`` adds nothing
-    but overhead for a model this small; it is seeded and shows progress.
+    but overhead for a model this small. It runs in a :class:`~conceptlab.training.TrainingRun`
+    (checkpointed, resumable); the batch of step t depends only on ``(seed, t)``.
     """
     from transformers import GPT2Config, GPT2LMHeadModel
+
+    from .training import TrainingRun, cosine_lr, set_lr
 
     torch.manual_seed(cfg.seed)
     docs = world_corpus(cfg, templates)
@@ -176,28 +178,28 @@ def pretrain_world_lm(cfg: WorldLMConfig, templates: Sequence[str], out_dir: str
                                        n_layer=cfg.n_layer, n_head=cfg.n_head, bos_token_id=tokenizer.eos_token_id,
                                        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.eos_token_id))
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.01)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 50) * 0.5 * (
-        1 + math.cos(math.pi * s / cfg.steps)))
-    gen = torch.Generator().manual_seed(cfg.seed)
-    history = []
+    run = TrainingRun(out_dir, model, opt)
     model.train()
-    for step in (bar := tqdm(range(cfg.steps), disable=not progress, desc="pretrain world LM")):
-        idx = torch.randint(len(ids), (cfg.batch_size,), generator=gen)
-        width = int(mask[idx].sum(1).max())  # trim the padding shared by the whole batch
-        loss = model(input_ids=ids[idx, :width], attention_mask=mask[idx, :width], labels=labels[idx, :width]).loss
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        sched.step()
-        history.append({"step": step, "loss": loss.item()})
-        bar.set_postfix(loss=f"{loss.item():.3f}")
+    with run.checkpoint_on_interrupt():
+        for step in (bar := tqdm(range(run.start, cfg.steps), disable=not progress, desc="pretrain world LM")):
+            set_lr(opt, cosine_lr(step, cfg.lr, cfg.steps, warmup=min(50, cfg.steps // 10)))
+            gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
+            idx = torch.randint(len(ids), (cfg.batch_size,), generator=gen)
+            width = int(mask[idx].sum(1).max())  # trim the padding shared by the whole batch
+            loss = model(input_ids=ids[idx, :width], attention_mask=mask[idx, :width],
+                         labels=labels[idx, :width]).loss
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+            run.log({"step": step, "loss": loss.item()})
+            bar.set_postfix(loss=f"{loss.item():.3f}")
     model.eval()
     model.generation_config.pad_token_id = tokenizer.eos_token_id
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     save_pretrained_atomic(model, tokenizer, Path(out_dir) / "lm")
-    atomic_write_json(Path(out_dir) / "history.json", history)
-    return history
+    run.finish()
+    return run.history
 
 
 def save_pretrained_atomic(model, tokenizer, target: str | Path) -> Path:
@@ -218,24 +220,69 @@ def save_pretrained_atomic(model, tokenizer, target: str | Path) -> Path:
 
 
 def world_lm(store: ArtifactStore, cfg: WorldLMConfig, templates: Sequence[str], progress: bool = True):
-    """The world LM for these parameters, loaded from the store or trained. Returns ``(model, tokenizer, history)``."""
-    d = store.path("world_lm", {"lm": asdict(cfg), "templates": list(templates)})
-    if not (d / "history.json").exists():
-        pretrain_world_lm(cfg, templates, d, progress=progress)
-    model, tokenizer = load_lm(str(d / "lm"))
-    return model, tokenizer, json.loads((d / "history.json").read_text())
+    """The world LM for these parameters, loaded from the store or trained. Returns ``(model, tokenizer, history)``.
+
+    Loaded in fp32 on the CPU: it is small, and GRPO fine-tunes all of its weights.
+    """
+    return store.get_or_build(
+        "world_lm", {"lm": asdict(cfg), "templates": list(templates)},
+        build=lambda d: pretrain_world_lm(cfg, templates, d, progress=progress),
+        load=lambda d: (*load_lm(str(d / "lm"), device="cpu", dtype=torch.float32),
+                        json.loads((d / "history.json").read_text())))
 
 
-def load_lm(name_or_path: str, device: str = "cpu"):
+QUANTIZATIONS = (None, "8bit", "4bit")
+
+
+def lm_load_kwargs(device: str, quantization: str | None = None, bf16_supported: bool | None = None,
+                   bitsandbytes: bool | None = None) -> dict:
+    """``from_pretrained`` arguments for a language model on ``device``.
+
+    On a GPU: bf16 where the GPU supports it (else fp16), ``device_map="auto"`` (spread over the
+    visible GPUs), and optionally 8- or 4-bit weights through bitsandbytes. On the CPU: fp32.
+    ``bf16_supported`` and ``bitsandbytes`` default to what this machine has (tests pass them).
+    """
+    if quantization not in QUANTIZATIONS:
+        raise ValueError(f"quantization={quantization!r}: use one of {list(QUANTIZATIONS)}.")
+    if not str(device).startswith("cuda"):
+        if quantization:
+            raise ValueError(f"quantization={quantization!r} needs a CUDA GPU (bitsandbytes); this run is on "
+                             f"{device}. Leave lm_quantization unset on the CPU.")
+        return {"dtype": torch.float32}
+    if bf16_supported is None:
+        bf16_supported = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    kwargs = {"dtype": torch.bfloat16 if bf16_supported else torch.float16, "device_map": "auto"}
+    if quantization:
+        if bitsandbytes is None:
+            import importlib.util
+
+            bitsandbytes = importlib.util.find_spec("bitsandbytes") is not None
+        if not bitsandbytes:
+            raise ValueError(f"quantization={quantization!r} needs bitsandbytes: pip install bitsandbytes.")
+        from transformers import BitsAndBytesConfig
+
+        kwargs["quantization_config"] = (BitsAndBytesConfig(load_in_8bit=True) if quantization == "8bit" else
+                                         BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_compute_dtype=kwargs["dtype"]))
+    return kwargs
+
+
+def load_lm(name_or_path: str, device: str | None = None, dtype: torch.dtype | None = None,
+            quantization: str | None = None):
     """Any transformers causal LM and its tokenizer by hub name or local path, in eval mode.
 
-    The tokenizer pads on the left (for batched generation) and gets a pad token if it has none.
+    ``device`` None: the GPU when there is one (half precision, ``device_map="auto"``, see
+    :func:`lm_load_kwargs`), else the CPU in fp32; ``dtype`` overrides the precision. The tokenizer
+    pads on the left (for batched generation) and gets a pad token if it has none.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    kwargs = lm_load_kwargs(device, quantization)
+    if dtype is not None:
+        kwargs["dtype"] = dtype
     try:
         tokenizer = AutoTokenizer.from_pretrained(name_or_path)
-        model = AutoModelForCausalLM.from_pretrained(name_or_path)
+        model = AutoModelForCausalLM.from_pretrained(name_or_path, **kwargs)
     except (OSError, ValueError) as err:
         raise RuntimeError(f"Could not load a causal language model from {name_or_path!r} ({err}). Pass a "
                            "local directory written by save_pretrained, or a hub name cached here.") from err
@@ -243,8 +290,11 @@ def load_lm(name_or_path: str, device: str = "cpu"):
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "left"
     model.generation_config.pad_token_id = tokenizer.pad_token_id
-    return model.to(device).eval(), tokenizer
+    if "device_map" not in kwargs:
+        model = model.to(device)
+    return model.eval(), tokenizer
 
 
 def count_parameters(model: torch.nn.Module) -> int:
+    """Number of parameters of a model."""
     return sum(p.numel() for p in model.parameters())

@@ -115,9 +115,15 @@ class WorldConfig:
     pixel_noise: float = 0.03
     caption_mix: dict[str, float] = field(default_factory=lambda: {
         "visual": 0.55, "class": 0.2, "habitat": 0.1, "behaviour": 0.05, "spurious": 0.1})
+    # part attributes drawn uniformly at random, whatever the class ("body colour", ...): a model
+    # trained on such a world cannot use them (a planted "blind" model, chapter 7)
+    blind: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "blind", tuple(self.blind))  # JSON gives a list
         problems = []
+        known = [f"{p} {a}" for p in PARTS for a in ATTRIBUTES]
+        problems += [f"blind has unknown part attribute {b!r}; known: {known}" for b in self.blind if b not in known]
         if self.resolution < 16:
             problems.append(f"resolution={self.resolution} is too small (use >= 16, e.g. 64 or 224)")
         for name in ("attribute_noise", "habitat_correlation", "pixel_noise"):
@@ -133,7 +139,17 @@ class WorldConfig:
         build_ontology(self.n_classes)  # validates n_classes
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        """The fields as a dict; ``blind`` only where set, so that the dict (and every artifact key made
+        from it) of a world without blinded attributes is the one it was before ``blind`` existed."""
+        out = asdict(self)
+        if not self.blind:
+            del out["blind"]
+        return out
+
+    def blinded(self) -> list[tuple[int, int]]:
+        """``(part index, attribute index)`` of every blinded part attribute."""
+        names = list(ATTRIBUTES)
+        return [(PARTS.index(b.split()[0]), names.index(b.split()[1])) for b in self.blind]
 
 
 @dataclass
@@ -235,6 +251,11 @@ class ConceptWorld:
         flip = rng.random(attrs.shape) < cfg.attribute_noise
         random_vals = (rng.random(attrs.shape) * sizes).astype(int)
         attrs = np.where(flip & present[..., None], random_vals, attrs)
+        if cfg.blind:  # own random stream: poses and noise stay those of the same world without blinding
+            blind_rng = np.random.default_rng([cfg.seed, _SPLITS[split], block, 1])
+            for p, a in cfg.blinded():
+                values = blind_rng.integers(sizes[a], size=n)
+                attrs[:, p, a] = np.where(present[:, p], values, attrs[:, p, a])
         own = self.home_habitats(labels)
         habitats = np.where(rng.random(n) < cfg.habitat_correlation, own, rng.integers(len(HABITATS), size=n))
         if edit is not None:

@@ -1,0 +1,146 @@
+"""Measured reliance: what a model uses, found by changing one factor of otherwise identical images.
+
+Concept World can draw the same creatures (pose, background phase, noise) twice with one factor
+changed (:meth:`~conceptlab.world.ConceptWorld.sample` with ``edit``). The *factors* are every
+part's colour, pattern and size, and the habitat. Base images show each creature with its
+class-typical attributes in its home habitat; each counterfactual changes one factor to another
+value. The drop of the true class's logit margin between the two is the model's reliance on that
+factor for that image; its mean over images (per class, or overall) is the measured reliance that
+chapter 7 scores every explanation method against.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+import torch
+
+from .models import class_text_weights, encode_images
+from .world import ATTRIBUTES, HABITATS, PARTS, ConceptWorld, Edit, WorldBatch
+
+FACTORS: tuple[str, ...] = ("habitat", *(f"{p} {a}" for p in PARTS for a in ATTRIBUTES))
+EX2_FACTORS: tuple[str, ...] = ("habitat", *(f"{p} colour" for p in PARTS))  # the EX2 chapter's factors
+Scorer = Callable[[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]
+
+
+def factor_part(factor: str) -> int | None:
+    """Index into PARTS of the part a factor belongs to (None for the habitat)."""
+    return None if factor == "habitat" else PARTS.index(factor.split()[0])
+
+
+def factor_edit(factor: str, rng: np.random.Generator) -> Edit:
+    """An edit that changes ``factor`` to another value (uniformly among the others) where the part exists."""
+    if factor == "habitat":
+        return lambda lab, att, hab: (att, (hab + rng.integers(1, len(HABITATS), size=len(lab))) % len(HABITATS))
+    part, name = factor.split()
+    p, a = PARTS.index(part), list(ATTRIBUTES).index(name)
+    size = len(ATTRIBUTES[name])
+
+    def edit(labels, attrs, habitats):
+        present = attrs[:, p, a] >= 0
+        shift = rng.integers(1, size, size=len(labels))
+        attrs[:, p, a] = np.where(present, (attrs[:, p, a] + shift) % size, attrs[:, p, a])
+        return attrs, habitats
+    return edit
+
+
+def prototypical(world: ConceptWorld) -> Edit:
+    """Every creature with its class-typical attributes in its home habitat."""
+    return lambda labels, attrs, habitats: (world.typical_attributes(labels).copy(), world.home_habitats(labels))
+
+
+def zero_shot_scorer(clip: torch.nn.Module, tokenizer, class_names: Sequence[str]) -> Scorer:
+    """``score(images, labels) -> (correct, margin)`` of a CLIP's zero-shot classifier: whether the
+    top class is right, and the true class's logit minus the best other class's logit."""
+    weights = class_text_weights(clip, tokenizer, class_names)
+
+    def score(images: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        logits = encode_images(clip, images) @ weights.T
+        rows, lab = torch.arange(len(labels)), torch.as_tensor(labels)
+        true = logits[rows, lab]
+        others = logits.clone()
+        others[rows, lab] = -torch.inf
+        return (logits.argmax(1).numpy() == labels), (true - others.max(1).values).numpy()
+    return score
+
+
+@dataclass
+class Interventions:
+    """Per-image results of the factor interventions on ``base`` (the prototypical images).
+
+    ``drops`` and ``correct_edited`` are (images, factors); NaN / False where the image lacks the part.
+    """
+
+    base: WorldBatch
+    factors: tuple[str, ...]
+    correct_base: np.ndarray
+    margin_base: np.ndarray
+    correct_edited: np.ndarray
+    drops: np.ndarray
+
+    def has(self) -> np.ndarray:
+        """(images, factors) bool: the image has the factor (its part is present; the habitat always)."""
+        return ~np.isnan(self.drops)
+
+    def reliance(self, images: np.ndarray | None = None) -> pd.Series:
+        """Mean margin drop per factor over ``images`` (indices; all by default)."""
+        d = self.drops if images is None else self.drops[images]
+        return pd.Series(np.nanmean(d, axis=0), index=list(self.factors), name="reliance")
+
+    def by_class(self, class_names: Sequence[str]) -> pd.DataFrame:
+        """Mean margin drop per class (rows) and factor (columns)."""
+        frame = pd.DataFrame(self.drops, columns=list(self.factors))
+        return frame.groupby(np.asarray(class_names)[self.base.labels]).mean()
+
+
+def intervene(score: Scorer, world: ConceptWorld, n: int = 512, split: str = "test",
+              factors: Sequence[str] = FACTORS, seed: int = 0) -> Interventions:
+    """Change each factor in turn on ``n`` prototypical images and record the margin drops.
+
+    The edits of the factors draw their new values from one generator seeded by ``seed``, in the
+    order of ``factors``.
+    """
+    proto = prototypical(world)
+    base = world.sample(n, split, edit=proto)
+    correct_base, margin_base = score(base.images, base.labels)
+    rng = np.random.default_rng(seed)
+    drops = np.full((n, len(factors)), np.nan)
+    correct = np.zeros((n, len(factors)), bool)
+    for j, factor in enumerate(factors):
+        edit = factor_edit(factor, rng)
+        edited = world.sample(n, split, edit=lambda lab, att, hab, e=edit: e(lab, *proto(lab, att, hab)))
+        p = factor_part(factor)
+        keep = np.ones(n, bool) if p is None else edited.present[:, p]
+        correct[:, j], margin = score(edited.images, edited.labels)
+        drops[keep, j] = (margin_base - margin)[keep]
+        correct[~keep, j] = False
+    return Interventions(base, tuple(factors), correct_base, margin_base, correct, drops)
+
+
+def counterfactual_reliance(clip: torch.nn.Module, tokenizer, world: ConceptWorld, n: int = 1024,
+                            split: str = "test", seed: int = 0, factors: Sequence[str] = EX2_FACTORS
+                            ) -> pd.DataFrame:
+    """What a CLIP relies on, one row per factor: ``reliance`` is the drop in zero-shot accuracy,
+    ``logit_drop`` the mean drop of the true class's logit margin, on the images that have the factor."""
+    res = intervene(zero_shot_scorer(clip, tokenizer, world.class_names), world, n, split, factors, seed)
+    rows = []
+    for j, factor in enumerate(res.factors):
+        keep = res.has()[:, j]
+        base, edited = res.correct_base[keep].mean(), res.correct_edited[keep, j].mean()
+        rows.append({"factor": factor, "n_images": int(keep.sum()), "accuracy_base": float(base),
+                     "accuracy_edited": float(edited), "reliance": float(base - edited),
+                     "logit_drop": float(res.drops[keep, j].mean())})
+    return pd.DataFrame(rows)
+
+
+def rank_correlation(a: Sequence[float], b: Sequence[float]) -> float | None:
+    """Spearman's rho, or None where it is undefined (one side constant, e.g. nothing changed)."""
+    from scipy.stats import spearmanr
+
+    a, b = np.asarray(a, float), np.asarray(b, float)
+    if np.ptp(a) == 0 or np.ptp(b) == 0:
+        return None
+    return float(spearmanr(a, b).statistic)

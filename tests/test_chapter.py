@@ -1,0 +1,156 @@
+"""The chapter harness: every parameter validated before any work, results with every input."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from conceptlab import chapter
+from conceptlab.chapter import Param, ParameterError, Switch, differences_table, fidelity_table, setup, validate
+
+SPEC = {
+    "steps": Param(10, int, min=0),
+    "lr": Param(1e-3, float, min=0.0),
+    "dataset": Param("world", str, choices=("world", "imagefolder")),
+    "data_root": Param(None, "dir", applies=lambda p: p["dataset"] != "world"),
+    "weights": Param(None, "file"),
+    "grid": Param([0.0, 0.1], list, item=float),
+}
+
+
+def _namespace(tmp_path, **given):
+    defaults = {k: v.default for k, v in {**chapter.SHARED, **SPEC}.items()}
+    defaults.update(artifacts_dir=str(tmp_path / "artifacts"), results_dir=str(tmp_path / "results"))
+    defaults.update(given)
+    return defaults
+
+
+def test_defaults_pass_and_coercion_is_written_back(tmp_path):
+    ns = _namespace(tmp_path, lr=1, steps=5.0, grid=(1, 2))
+    ch = setup("99_test", ns, SPEC)
+    assert ns["lr"] == 1.0 and isinstance(ns["lr"], float)
+    assert ns["steps"] == 5 and isinstance(ns["steps"], int)
+    assert ns["grid"] == [1.0, 2.0] and ch.params["grid"] == [1.0, 2.0]
+
+
+def test_a_wrong_type_is_named_with_what_was_expected(tmp_path):
+    with pytest.raises(ParameterError, match=r"steps='abc' \(str\) should be an integer"):
+        validate(_namespace(tmp_path, steps="abc"), {**chapter.SHARED, **SPEC})
+
+
+def test_a_misspelt_parameter_is_refused_with_a_suggestion(tmp_path):
+    ns = _namespace(tmp_path)
+    ns["step"] = 3  # papermill would only warn and run the full default
+    with pytest.raises(ParameterError, match="unknown parameter 'step': did you mean 'steps'"):
+        validate(ns, {**chapter.SHARED, **SPEC})
+
+
+def test_every_problem_is_reported_at_once(tmp_path):
+    ns = _namespace(tmp_path, steps=-1, dataset="imagenet", weights=str(tmp_path / "none.pt"),
+                    world={"habitat_corelation": 0.9})
+    with pytest.raises(ParameterError) as err:
+        validate(ns, {**chapter.SHARED, **SPEC})
+    message = str(err.value)
+    assert "steps=-1 must be >= 0" in message
+    assert "'imagenet' is not one of" in message
+    assert "no such file" in message
+    lines = [line for line in message.splitlines() if line.strip().startswith("-")]
+    assert len(lines) == 3  # the world typo is a check, run once the types are right
+
+
+def test_world_and_training_overrides_are_checked_against_their_configs(tmp_path):
+    with pytest.raises(ParameterError, match="did you mean 'habitat_correlation'"):
+        validate(_namespace(tmp_path, world={"habitat_corelation": 0.9}), {**chapter.SHARED, **SPEC})
+    with pytest.raises(ParameterError, match="habitat_correlation=1.5 must lie in"):
+        validate(_namespace(tmp_path, world={"habitat_correlation": 1.5}), {**chapter.SHARED, **SPEC})
+    with pytest.raises(ParameterError, match="steps=0 must be positive"):
+        validate(_namespace(tmp_path, world_clip={"steps": 0}), {**chapter.SHARED, **SPEC})
+
+
+def test_model_and_pretrained_are_checked_before_any_work(tmp_path):
+    with pytest.raises(ParameterError, match="Unknown open_clip model 'ViT-B-33'"):
+        validate(_namespace(tmp_path, model="ViT-B-33"), {**chapter.SHARED, **SPEC})
+    with pytest.raises(ParameterError, match="checkpoint file .* does not exist"):
+        validate(_namespace(tmp_path, model="ViT-B-32", pretrained="/no/such/model.pt"), {**chapter.SHARED, **SPEC})
+    with pytest.raises(ParameterError, match="no pretrained tag 'opneai'"):
+        validate(_namespace(tmp_path, model="ViT-B-32", pretrained="opneai"), {**chapter.SHARED, **SPEC})
+
+
+def test_a_chapter_check_runs_with_the_other_parameters(tmp_path):
+    spec = {**SPEC, "layer": Param("layer4", str, check=lambda v, p: None if v.startswith("layer") else
+                                   f"no layer {v!r} in the model (steps={p['steps']})")}
+    ns = _namespace(tmp_path, layer="fc9")
+    with pytest.raises(ParameterError, match=r"layer: no layer 'fc9' in the model \(steps=10\)"):
+        setup("99_test", ns, spec)
+
+
+def test_in_a_kernel_only_the_parameters_and_injected_cells_hold_parameters(tmp_path):
+    ns = _namespace(tmp_path)
+    params_cell = f"{chapter.PARAMETERS_MARK}\nsteps = 10\nlr = 1e-3\n"
+    ns["In"] = ["", params_cell, "from x import PARTS\nch = setup(...)"]
+    ns["PARTS"] = ("head", "body")  # imported by the setup cell, not a parameter
+    setup("99_test", ns, SPEC)
+    ns["In"].insert(2, "# Parameters\nstepz = 3\n")  # papermill's injected cell, with a typo
+    ns["stepz"] = 3
+    with pytest.raises(ParameterError, match="'stepz'"):
+        setup("99_test", ns, SPEC)
+    # a live lesson: parameters edited and rerun after later cells made their own variables
+    ns["In"] = ["", params_cell, "ch = setup(...)", "accuracy = {'top1': 0.9}", params_cell, "ch = setup(...)"]
+    ns.pop("stepz")
+    ns["accuracy"] = {"top1": 0.9}
+    setup("99_test", ns, SPEC)
+
+
+def test_results_record_inputs_by_content_and_only_parameters_that_applied(tmp_path):
+    weights = tmp_path / "w.pt"
+    weights.write_bytes(b"some weights")
+    ch = setup("99_test", _namespace(tmp_path, weights=str(weights)), SPEC)
+    ch.finish({"accuracy": 0.5}, summary=["half right"], headline={"accuracy": 0.5})
+    record = json.loads((tmp_path / "results" / "99_test.json").read_text())
+    assert record["inputs"]["weights"]["sha256"] and record["results"] == {"accuracy": 0.5}
+    assert "data_root" not in record["parameters"], "data_root does not apply on the world"
+    assert "pretrained" not in record["parameters"] and "world" in record["parameters"]
+    key = ch.key()
+    weights.write_bytes(b"other weights")  # overwrite the file in place
+    again = setup("99_test", _namespace(tmp_path, weights=str(weights)), SPEC)
+    assert again.key() != key, "a changed input file must change every artifact key"
+
+
+def test_a_real_model_run_records_no_world_settings(tmp_path):
+    ckpt = tmp_path / "model.pt"
+    ckpt.write_bytes(b"x")
+    ch = setup("99_test", _namespace(tmp_path, model="ViT-B-32", pretrained=str(ckpt), dataset="imagefolder",
+                                     data_root=str(tmp_path)), SPEC)
+    applied = ch.applied()
+    assert "world" not in applied and "world_clip" not in applied and applied["data_root"] == str(tmp_path)
+    assert ch.model_key["pretrained"]["sha256"] == ch.inputs["pretrained"]["sha256"]
+
+
+def _count(ch, factor: float = 1.0) -> dict[str, float]:
+    _count.calls += 1
+    return {"score": ch.params["steps"] * factor}
+
+
+_count.calls = 0
+
+
+def test_an_exercise_runs_both_settings_once_and_reports_the_change(tmp_path):
+    ch = setup("99_test", _namespace(tmp_path), SPEC)
+    table = ch.exercise("double", _count, factor=2.0)
+    assert table.loc["as in the chapter", "score"] == 10 and table.loc["factor = 2.0", "score"] == 20
+    assert table.loc["change", "score"] == 10
+    calls = _count.calls
+    ch.exercise("double", _count, factor=2.0)
+    assert _count.calls == calls, "solutions are cached like any artifact"
+    assert ch.exercise("double", _count, factor=3.0).loc["factor = 3.0", "score"] == 30
+
+
+def test_differences_say_which_side_the_run_follows():
+    switches = {"detach": Switch(paper=False, original=True, what="map losses reach the model or not"),
+                "steps": Switch(paper=10, original=10, what="same")}
+    table = differences_table(switches, {"detach": True, "steps": 10})
+    assert table.loc["detach", "this run follows"] == "original code"
+    assert table.loc["steps", "this run follows"] == "paper and original code"
+    fidelity = fidelity_table({"accuracy": {"paper": 0.7, "this book": 0.6}})
+    assert list(fidelity.columns) == ["paper reports", "this book"]
