@@ -32,7 +32,7 @@ html: install
 smoke: install
 	$(PY) -m conceptlab.bookrun --smoke --out _build/smoke
 
-test: install
+test: install browser
 	$(PY) -m pytest
 
 bench: install

@@ -47,8 +47,9 @@ exercise_steps = 150  # training steps of the lesson-sized CLIPs that the exerci
 # %% tags=["hide-cell"]
 import importlib.util
 
-if importlib.util.find_spec("conceptlab") is None:  # outside a checkout (Colab, a hub): install the package
-    get_ipython().run_line_magic("pip", "install -q 'conceptlab @ git+https://github.com/conceptlab/conceptlab'")  # noqa: F821
+if importlib.util.find_spec("conceptlab") is None:  # outside a checkout (Colab, a hub): install it
+    get_ipython().run_line_magic(  # noqa: F821
+        "pip", "install -q 'conceptlab @ git+https://github.com/conceptlab/conceptlab'")
 import pandas as pd
 
 from conceptlab import chapter, explore, models, plots

@@ -56,8 +56,9 @@ start_layer = None  # ViT relevance from this block (None: last block only)
 # %% tags=["hide-cell"]
 import importlib.util
 
-if importlib.util.find_spec("conceptlab") is None:  # outside a checkout (Colab, a hub): install the package
-    get_ipython().run_line_magic("pip", "install -q 'conceptlab @ git+https://github.com/conceptlab/conceptlab'")  # noqa: F821
+if importlib.util.find_spec("conceptlab") is None:  # outside a checkout (Colab, a hub): install it
+    get_ipython().run_line_magic(  # noqa: F821
+        "pip", "install -q 'conceptlab @ git+https://github.com/conceptlab/conceptlab'")
 from conceptlab import chapter, plots
 from conceptlab import descriptors as desc
 
@@ -201,7 +202,7 @@ summary += [f"By description ({n}): top-1 {r['description_top1']:.3f}, descripto
 summary += ["Maps, " + "; ".join(f"{t} concept text: " + ", ".join(f"{m.replace('_', ' ')} {v:.3f}"
                                                                for m, v in s.items()) for t, s in
                                  results["maps_by_concept_text"].items()) + "."]
-ch.finish(results, summary=summary, headline={"zero_shot_top1": results["zero_shot_top1"]})
+ch.finish(results, summary=summary, headline={"zero-shot top-1 (bare class name)": results["zero_shot_top1"]})
 
 # %% [markdown]
 # ## Exercises

@@ -90,8 +90,9 @@ n_show = 4
 # %% tags=["hide-cell"]
 import importlib.util
 
-if importlib.util.find_spec("conceptlab") is None:  # outside a checkout (Colab, a hub): install the package
-    get_ipython().run_line_magic("pip", "install -q 'conceptlab @ git+https://github.com/conceptlab/conceptlab'")  # noqa: F821
+if importlib.util.find_spec("conceptlab") is None:  # outside a checkout (Colab, a hub): install it
+    get_ipython().run_line_magic(  # noqa: F821
+        "pip", "install -q 'conceptlab @ git+https://github.com/conceptlab/conceptlab'")
 from conceptlab import chapter, deal, plots
 
 ch = chapter.setup("03_deal", globals(), deal.PARAMETERS)

@@ -72,8 +72,9 @@ second_world_clip = {"steps": 150}
 # %% tags=["hide-cell"]
 import importlib.util
 
-if importlib.util.find_spec("conceptlab") is None:  # outside a checkout (Colab, a hub): install the package
-    get_ipython().run_line_magic("pip", "install -q 'conceptlab @ git+https://github.com/conceptlab/conceptlab'")  # noqa: F821
+if importlib.util.find_spec("conceptlab") is None:  # outside a checkout (Colab, a hub): install it
+    get_ipython().run_line_magic(  # noqa: F821
+        "pip", "install -q 'conceptlab[llm] @ git+https://github.com/conceptlab/conceptlab'")
 import time
 
 import pandas as pd

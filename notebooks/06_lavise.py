@@ -79,8 +79,9 @@ iou_size = 32
 # %% tags=["hide-cell"]
 import importlib.util
 
-if importlib.util.find_spec("conceptlab") is None:  # outside a checkout (Colab, a hub): install the package
-    get_ipython().run_line_magic("pip", "install -q 'conceptlab @ git+https://github.com/conceptlab/conceptlab'")  # noqa: F821
+if importlib.util.find_spec("conceptlab") is None:  # outside a checkout (Colab, a hub): install it
+    get_ipython().run_line_magic(  # noqa: F821
+        "pip", "install -q 'conceptlab @ git+https://github.com/conceptlab/conceptlab'")
 import numpy as np
 import pandas as pd
 import seaborn as sns

@@ -63,6 +63,11 @@ n_random_images = 64
 cascade = [1, 3, 6]
 
 # %% tags=["hide-cell"]
+import importlib.util
+
+if importlib.util.find_spec("conceptlab") is None:  # outside a checkout (Colab, a hub): install it
+    get_ipython().run_line_magic(  # noqa: F821
+        "pip", "install -q 'conceptlab @ git+https://github.com/conceptlab/conceptlab'")
 import time
 
 import numpy as np
@@ -233,7 +238,8 @@ summary = [
 ch.finish({"scoreboard": board.to_dict(orient="index"), "planted_check": check.reset_index().to_dict("records"),
            "recovered": recovered, "measured_reliance": measured.to_dict(orient="index"),
            "details": {m: r.details for m, r in results.items()}},
-          summary=summary, headline={f"{m} {t}": v for m in board.index for t, v in board.loc[m].items()})
+          summary=summary, headline={f"{m}: {board.columns[0]}": v for m, v in board.iloc[:, 0].items()
+                                     if m not in ("truth (planted)", "noise") and v == v})
 
 # %% [markdown]
 # ## Exercises

@@ -40,15 +40,16 @@ def test_notebook_has_parameters_cell_first_and_no_outputs(chapter):
     assert {"artifacts_dir", "results_dir"} <= params
 
 
+@pytest.mark.parametrize("parameter_set", ["smoke", "lesson"])
 @pytest.mark.parametrize("chapter", CHAPTERS)
-def test_smoke_parameters_exist_for_every_chapter_and_are_real_parameters(chapter):
-    table = yaml.safe_load((NOTEBOOKS / "smoke.yml").read_text())
-    assert chapter in table, f"add a `{chapter}` block to notebooks/smoke.yml"
+def test_parameter_sets_exist_for_every_chapter_and_are_real_parameters(chapter, parameter_set):
+    table = yaml.safe_load((NOTEBOOKS / f"{parameter_set}.yml").read_text())
+    assert chapter in table, f"add a `{chapter}` block to notebooks/{parameter_set}.yml"
     source = jupytext.read(NOTEBOOKS / f"{chapter}.py").cells
     first_code = next(c for c in source if c.cell_type == "code").source
     declared = set(re.findall(r"^(\w+)\s*=", first_code, flags=re.M))
     own = set(table[chapter] or {})
-    assert own <= declared, f"smoke.yml sets parameters {own - declared} that {chapter} does not declare"
+    assert own <= declared, f"{parameter_set}.yml sets parameters {own - declared} that {chapter} does not declare"
 
 
 @pytest.mark.parametrize("chapter", CHAPTERS)
@@ -101,8 +102,19 @@ def test_chapter_runs_with_smoke_parameters_and_writes_its_results(chapter, run_
     assert any("image/png" in o.get("data", {}) for c in nb["cells"] for o in c.get("outputs", [])), "no figure"
     results = json.loads((workdir / "results" / f"{chapter}.json").read_text())
     assert results["chapter"] == chapter and results["results"]
-    numbers = [v for v in results["results"].values() if isinstance(v, (int, float))]
-    assert numbers and all(v == v for v in numbers), "results must hold real numbers (no NaN)"
+    assert _numbers(results["results"]), "results must hold numbers"
+    headline = _numbers(results["headline"])
+    assert headline and all(v == v for v in headline), "the headline (the intro's table) holds real numbers"
+    assert results["parameters"]["results_dir"] == str(workdir / "results"), "every applied parameter is recorded"
+
+
+def _numbers(value) -> list[float]:
+    """Every number in a nested results record."""
+    if isinstance(value, dict):
+        return [x for v in value.values() for x in _numbers(v)]
+    if isinstance(value, list):
+        return [x for v in value for x in _numbers(v)]
+    return [value] if isinstance(value, (int, float)) and not isinstance(value, bool) else []
 
 
 @pytest.mark.notebook

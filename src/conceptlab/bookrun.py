@@ -60,6 +60,7 @@ def run_chapter(chapter: str, out_dir: Path, parameters: dict | None = None) -> 
     import papermill as pm
 
     out_dir.mkdir(parents=True, exist_ok=True)
+    os.environ["CONCEPTLAB_INTERACTIVE"] = "0"  # a book page shows static figures, never live widgets
     target = out_dir / f"{chapter}.ipynb"
     tmp = out_dir / f".{chapter}.running.ipynb"
     pm.execute_notebook(str(NOTEBOOKS / f"{chapter}.ipynb"), str(tmp), parameters=parameters or {},
@@ -83,12 +84,14 @@ def _hide_injected_parameters(path: Path) -> None:
 
 def headline_table(results_dir: Path) -> str:
     """The book's headline numbers, one row per (chapter, measure), as a Markdown table."""
+    from .plots import human_label
+
     rows = ["| chapter | measure | value |", "| --- | --- | --- |"]
     for path in sorted(results_dir.glob("[0-9][0-9]_*.json")):
         record = json.loads(path.read_text())
         for measure, value in (record.get("headline") or {}).items():
             shown = f"{value:.3f}" if isinstance(value, float) else str(value)
-            rows.append(f"| {record['chapter']} | {measure} | {shown} |")
+            rows.append(f"| {record['chapter']} | {human_label(measure)} | {shown} |")
     return "\n".join(rows) + "\n"
 
 

@@ -207,10 +207,10 @@ class ConceptWorld:
         if n <= 0:
             raise ValueError(f"n={n}: ask for at least one image.")
         first, last = start // _BLOCK, (start + n - 1) // _BLOCK
-        parts = [self._render_block(split, b, edit) for b in range(first, last + 1)]
-        batch = parts[0] if len(parts) == 1 else _concat(parts)
-        offset = start - first * _BLOCK
-        return _slice(batch, offset, offset + n)
+        parts = [self._render_block(split, b, edit, slice(max(start - b * _BLOCK, 0),
+                                                          min(start + n - b * _BLOCK, _BLOCK)))
+                 for b in range(first, last + 1)]
+        return parts[0] if len(parts) == 1 else _concat(parts)
 
     def stream(self, n: int, batch_size: int = 512, split: str = "train") -> Iterator[WorldBatch]:
         """Yield ``n`` images in batches without holding them all in memory."""
@@ -240,7 +240,10 @@ class ConceptWorld:
         return stats
 
     # ------------------------------------------------------------------ rendering
-    def _render_block(self, split: str, block: int, edit: Edit | None = None) -> WorldBatch:
+    def _render_block(self, split: str, block: int, edit: Edit | None = None,
+                      rows: slice = slice(None)) -> WorldBatch:
+        """Images ``rows`` of a block. Every random number of the whole block is drawn, so a row is the
+        same whatever else is asked for, but only the asked-for rows are drawn (the costly part)."""
         cfg = self.config
         rng = np.random.default_rng([cfg.seed, _SPLITS[split], block])
         n = _BLOCK
@@ -268,14 +271,16 @@ class ConceptWorld:
             "facing": np.where(rng.random(n) < 0.5, -1.0, 1.0),
             "phase": rng.uniform(0, 2 * np.pi, n),
         }
-        images, masks = self._draw(attrs, present, habitats, geometry)
+        images, masks = self._draw(attrs[rows], present[rows], habitats[rows],
+                                   {k: v[rows] for k, v in geometry.items()})
         if cfg.pixel_noise > 0:
-            noise = rng.standard_normal(images.shape, dtype=np.float32)
+            noise = rng.standard_normal((n, *images.shape[1:]), dtype=np.float32)[rows]
             images += noise * np.float32(cfg.pixel_noise)
         np.clip(images * 255 + 0.5, 0, 255, out=images)
         images = images.astype(np.uint8)
         captions, styles = self._captions(rng, labels, present, attrs, habitats)
-        return WorldBatch(images, labels, masks, present, attrs, habitats, captions, styles)
+        return WorldBatch(images, labels[rows], masks, present[rows], attrs[rows], habitats[rows], captions[rows],
+                          styles[rows])
 
     def _draw(self, attrs, present, habitats, g) -> tuple[np.ndarray, np.ndarray]:
         n, r = len(attrs), self.config.resolution
@@ -423,11 +428,6 @@ _HABITAT_COLOURS = {  # (texture 0, texture 1) RGB
     "cave": ((0.10, 0.09, 0.09), (0.38, 0.35, 0.33)),
     "meadow": ((0.55, 0.78, 0.40), (0.95, 0.85, 0.95)),
 }
-
-
-def _slice(b: WorldBatch, lo: int, hi: int) -> WorldBatch:
-    return WorldBatch(b.images[lo:hi], b.labels[lo:hi], b.masks[lo:hi], b.present[lo:hi],
-                      b.attributes[lo:hi], b.habitats[lo:hi], b.captions[lo:hi], b.caption_styles[lo:hi])
 
 
 def _concat(bs: list[WorldBatch]) -> WorldBatch:
