@@ -133,7 +133,9 @@ ax = plots.confusion(sample.labels, logits.argmax(1).numpy(), ch.world.class_nam
 #
 # A high accuracy says nothing about *how* the model decides. The model above could be
 # reading the head colour, the wing pattern, or simply the background: with
-# `habitat_correlation` at the value above, the habitat alone predicts much of the class.
+# `habitat_correlation` at the value above, most creatures sit in their class's home
+# habitat, and a habitat is home to only a few classes, so the background narrows the class
+# down before any part is looked at.
 # A quick probe of that shortcut: accuracy on test images whose creature sits in its
 # home habitat versus images where it does not.
 

@@ -184,9 +184,11 @@ else:
     print("No part masks for real data: ground-truth map scores need Concept World.")
 
 # %% [markdown]
-# Where the energy in a part's mask is not far above the part's area, the map is barely
-# better than a uniform one at finding that part: the entangled, poorly localized
-# explanations that DEAL sets out to fix in the next chapter.
+# The energy in a part's mask is to be read against the part's area: a uniform map puts
+# exactly the area's share there. The table above shows, part by part, how far above that
+# baseline the maps get, and the pointing game how often their peak lands on the part;
+# where both are low the explanation does not localise the part, which is what DEAL sets
+# out to fix in the next chapter.
 #
 # ## Summary
 
@@ -210,8 +212,8 @@ ch.finish(results, summary=summary, headline={"zero-shot top-1 (bare class name)
 # Each solution reruns the chapter's measurements on 200 test images, once as in the
 # chapter and once with one parameter changed. Predict first, then open the solution.
 #
-# 1. **More faults.** Raise the oracle's `fault_rate` to 0.75. Which accuracy falls more:
-#    by description with the class name, or with the descriptors only?
+# 1. **More faults.** Raise the oracle's `fault_rate` to 0.75. How does each accuracy
+#    change: by description with the class name, and with the descriptors only?
 
 # %% tags=["hide-cell"]
 ch.exercise("more faults", desc.exercise, fault_rate=0.75)

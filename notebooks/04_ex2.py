@@ -291,7 +291,8 @@ if second is not None:
     agreement["habitat reliance and EX2 habitat share move together"] = bool(
         (diff["EX2 habitat share"] > 0) == (diff["habitat reliance (logit drop)"] > 0))
 if ch.on_world:
-    agreement["Spearman(logit drop, EX2 gain) > 0"] = None if rho_gain is None else rho_gain > 0
+    agreement[f"Spearman(logit drop, EX2 gain) > 0 (rho {rho_gain if rho_gain is not None else float('nan'):.2f} "
+              f"over {len(check)} factors)"] = None if rho_gain is None else rho_gain > 0
 pd.Series(agreement, name="EX2 agrees with the ground truth", dtype=object).to_frame()
 
 # %% [markdown]
@@ -301,13 +302,14 @@ pd.Series(agreement, name="EX2 agrees with the ground truth", dtype=object).to_f
 # world shows why they can:
 #
 # - The reward is the similarity of a sentence to *all* of a class's images, background
-#   included. A habitat sentence can earn a high reward because habitat captions taught the
-#   text encoder what backgrounds look like, while the zero-shot decision between classes
-#   (what the counterfactuals measure) may lean on part colours. EX2 reveals which *text*
-#   the VLM matches to a class, not which *pixels* decide it.
-# - The language model can only write what its corpus taught it, and the KL penalty keeps it
-#   near that. With a weak penalty the policy tends to collapse to the bare class name,
-#   which every judge marks as spurious.
+#   included, while the zero-shot decision between classes (what the counterfactuals
+#   measure) is made by whatever separates the classes. A sentence kind can therefore earn
+#   a high reward without being what decides the class: compare the reward by kind in the
+#   preference table above with the logit drops. EX2 reveals which *text* the VLM matches
+#   to a class, not which *pixels* decide it.
+# - The language model can only write what its corpus taught it, and the KL penalty
+#   `grpo_beta` keeps it near that; with a weaker penalty the policy is freer to drift
+#   towards whatever the reward favours (try `grpo_beta=0.02`).
 # - False descriptions are a category of their own: counted as spurious, they would inflate
 #   the paper's headline share on any data where the LM writes confident but wrong details.
 
@@ -318,12 +320,14 @@ verdicts = [f"{claim}: {'undefined' if ok is None else 'yes' if ok else 'no'}."
             for claim, ok in agreement.items()]
 ch.finish(results, headline={"EX2 spurious share (aligned)": aft["spurious"],
                              "EX2 informative-but-false share (aligned)": aft["false"]}, summary=[
-    f"GRPO raised the mean reward from {reward_first:.4f} to {reward_last:.4f} in {len(curve)} "
-    "steps.",
+    f"In {len(curve)} GRPO steps the mean reward of the sampled completions went from {reward_first:.4f} "
+    f"(first {window} steps) to {reward_last:.4f} (last {window}); over all {len(before)} queries the "
+    f"descriptions' mean reward went from {before.reward.mean():.4f} before alignment to "
+    f"{after.reward.mean():.4f} after ({'up' if after.reward.mean() > before.reward.mean() else 'not up'}).",
     f"After alignment {aft['spurious']:.1%} of the descriptions are spurious, {aft['false']:.1%} "
     f"informative but false, {aft['visual']:.1%} visual and {aft['non-visual']:.1%} non-visual.",
-    f"Non-visual attributes make up {nonvisual['after']:.1%} of the informative descriptions after "
-    f"alignment ({nonvisual['before']:.1%} before).", *verdicts])
+    f"Non-visual attributes make up {nonvisual['after']:.1%} of the informative and true descriptions "
+    f"after alignment ({nonvisual['before']:.1%} before).", *verdicts])
 
 # %% [markdown]
 # ## Exercises

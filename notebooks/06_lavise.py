@@ -253,7 +253,8 @@ fig = lavise.filter_figure(expl[masking], features, run.eval_data, list(shown.in
 #
 # * **Network Dissection** ranks concepts by their data-set IoU with the filter. It uses the
 #   masks of *all* concepts, unseen ones included, on the evaluation images themselves: an
-#   annotation-hungry upper reference, not a competitor on equal terms.
+#   annotation-hungry reference, not a competitor on equal terms (the table shows where it
+#   leads and where it does not).
 # * **Random embeddings**: the same explainer with random word vectors: seen words can still
 #   be learned, unseen ones cannot, because the space carries no meaning.
 # * **Chance**: a random ranking of the vocabulary.
@@ -288,8 +289,9 @@ print(f"{len(expl[masking].filters)} filters explained; (filter, image) pairs wi
 #
 # * **Projection against activation masking**: what the original code's default changes.
 # * **What the embedding space buys on unseen concepts**: the explainer's unseen recall minus
-#   that of the same head trained on random word vectors, whose unseen recall sits at chance;
-#   a positive gap is the open-vocabulary generalisation LaViSE is built on.
+#   that of the same head trained on random word vectors, whose unseen recall has nothing
+#   to go on (compare it with the chance row); a positive gap is the open-vocabulary
+#   generalisation LaViSE is built on.
 # * **What it costs on seen concepts**: random vectors are nearly orthogonal, so seen concepts
 #   are easy to tell apart; in a semantic space "red", "red body" and "red head" are
 #   neighbours, and a positive value here means the meaningful space makes the seen words
@@ -338,7 +340,7 @@ agreement.round(3)
 # %% [markdown]
 # Dissection answers "which annotated mask does this filter's region overlap most, over the
 # whole data set?" and so leans to large, frequent regions. The explainer answers "which word
-# does the masked feature vector look like?" on each image, and often names what the features
+# does the masked feature vector look like?" on each image, so it may name what the features
 # *encode* inside the region (a colour, a class that has it) rather than its outline. Exact
 # agreement is therefore a harsh measure; "dissection concept in the explainer's top 3" is
 # the fairer one.
@@ -372,7 +374,7 @@ ch.finish(results, headline={f"{m} masking, R@10 unseen": float(row[m]["R@10 uns
 # parameter changed (cached, a few seconds each).
 #
 # 1. **Fewer annotations.** Lower `annotation_rate` from 0.6 to 0.2. What happens to recall on
-#    seen and on unseen concepts, and why might unseen recall *not* collapse?
+#    seen and on unseen concepts? Compare unseen recall with the chance row.
 
 # %% tags=["hide-cell"]
 ch.exercise("fewer annotations", lavise.exercise, annotation_rate=0.2).round(3)

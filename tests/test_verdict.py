@@ -17,6 +17,15 @@ def proto(tiny_world):
     return tiny_world.sample(64, "test", edit=prototypical(tiny_world))
 
 
+@pytest.fixture(scope="module")
+def tiny_rn_clip():
+    """A randomly initialised world ResNet CLIP (shapes and gradients only)."""
+    from conceptlab.models import load_clip
+
+    torch.manual_seed(0)
+    return load_clip("ConceptWorld-RN", None, "cpu")
+
+
 def _synthetic_truths(batch, seed=0):
     """Six fake models (2 per condition) with planted reliance profiles and per-image noise."""
     rng = np.random.default_rng(seed)
@@ -156,3 +165,87 @@ def test_planted_worlds_force_the_answer():
 
     world = ConceptWorld(short)
     assert len(set(world.home_habitats(np.arange(6)))) == 6
+
+
+def test_part_attribute_words_and_filter_scores(tiny_world):
+    spec = tiny_world.classes[0]
+    part, attrs = next(iter(spec.parts.items()))
+    assert verdict.word_factors(f"{attrs['colour']} {part}", tiny_world, 0) == [f"{part} colour"]
+    c, missing = next((c, p) for c, k in enumerate(tiny_world.classes) for p in PARTS if p not in k.parts)
+    assert verdict.word_factors(f"{attrs['colour']} {missing}", tiny_world, c) == []
+    assert verdict.word_factors(f"blue {missing}", tiny_world, c) == []
+    names = [verdict.FACTORS[0], spec.habitat, f"{attrs['colour']} {part}", part]
+
+    class Word:  # what LaViSE's concepts look like to the conversion: a name
+        def __init__(self, name):
+            self.name = name
+
+    concepts = [Word(n) for n in names]
+    relevance = torch.tensor([[3.0, -1.0, 1.0]])  # filter 0 most relevant, then filter 2; filter 1 negative
+    words = np.array([[[1, 2], [3, 3]]])  # filter 0: habitat + "red head"; filter 2: the part (twice)
+    out = verdict.filter_factor_scores(relevance, words, concepts, np.array([0]), tiny_world)
+    assert out[0, 0] == pytest.approx(1.5)  # half of filter 0's relevance
+    assert out[0, FACTORS.index(f"{part} colour")] == pytest.approx(1.5 + 1 / 3)
+    assert out[0, FACTORS.index(f"{part} size")] == pytest.approx(1 / 3)
+    assert out.sum() == pytest.approx(4.0)
+
+
+@pytest.mark.parametrize("arch", ["vit", "rn"])
+def test_tower_maps_feed_the_embedding_and_lavise_follows_the_model(arch, tiny_clip, tiny_rn_clip, tiny_world,
+                                                                    proto):
+    clip, tokenizer = (tiny_clip[0], tiny_clip[2]) if arch == "vit" else (tiny_rn_clip[0], tiny_rn_clip[2])
+    x = verdict.images_to_tensor(proto.images[:4], clip)
+    maps, emb = verdict.tower_maps(clip, x)
+    with torch.no_grad():
+        assert torch.allclose(emb, clip.encode_image(x), atol=1e-4)  # the maps are the tower's own path
+    relevance, _ = verdict.filter_relevance(clip, tokenizer, tiny_world, proto.first(4))
+    assert relevance.shape == maps.shape[:2] and relevance.abs().sum() > 0
+    subject = verdict.Subject("s", "no-shortcut", 0, clip, tokenizer, tiny_world, {})
+    explainer = verdict.lavise_explainer(n_train=128, epochs=1, n_filters=3, n_words=2)
+    small = proto.first(16)
+    out = explainer(subject, small)
+    assert out.scores.shape == (16, len(FACTORS)) and np.isfinite(out.scores[verdict._has(small)]).all()
+    assert np.isnan(out.scores[~verdict._has(small)]).all() and np.nansum(out.scores) > 0
+    check = verdict.randomisation_check(explainer, subject, small, cascade=[len(verdict.vision_stages(clip))])
+    assert verdict.randomisation_score(check) > 0  # a randomised tower gets another explanation
+
+
+def test_descriptor_maps_and_per_class_agreement(tiny_clip, tiny_world, proto):
+    clip, _, tokenizer, _ = tiny_clip
+    subject = verdict.Subject("s", "no-shortcut", 0, clip, tokenizer, tiny_world, {})
+    out = verdict.descriptor_map_explainer(subject, proto.first(8), n_descriptors=2)
+    assert out.maps.shape[0] == 8 and out.scores.shape == (8, len(FACTORS))
+    assert np.allclose(np.nansum(out.scores[:, 1:], 1) / 3 + out.scores[:, 0], 1, atol=1e-3)  # energy shares
+    assert not np.allclose(out.scores, verdict.class_map_explainer(subject, proto.first(8)).scores, equal_nan=True)
+    truths, _ = _synthetic_truths(proto)
+    t = truths["shortcut 0"]
+    exact = verdict.per_class_agreement(t.drops, t)
+    present = np.unique(proto.labels)
+    assert np.allclose(exact[present], 1.0)
+    shuffled = verdict.per_class_agreement(t.drops[:, ::-1], t)
+    assert np.nanmean(shuffled[present]) < 0.5
+
+
+def test_planted_recovered_checks_blindness_against_no_shortcut_and_learning(proto):
+    truths, conditions = _synthetic_truths(proto)
+    subjects = [verdict.Subject(m, c, 0, None, None, None, {}) for m, c in conditions.items()]
+    check = verdict.planted_check(truths, subjects, "body colour")
+    ok = verdict.planted_recovered(check, truths, "body colour", n_classes=6)
+    assert all(ok.values()) and len(ok) == 4
+    # a blind model that relies on the blinded factor as much as the others fails the comparison
+    t = truths["blind 0"]
+    t.drops[:, FACTORS.index("body colour")] = 5.0
+    assert not verdict.planted_recovered(verdict.planted_check(truths, subjects, "body colour"), truths,
+                                         "body colour")["blinded factor: blind < no-shortcut reliance"]
+    # a model at chance has not learned
+    truths["shortcut 1"].correct_base[:] = False
+    assert not verdict.planted_recovered(verdict.planted_check(truths, subjects, "body colour"),
+                                         n_classes=6)["every planted model learned (accuracy >= 2x chance)"]
+
+
+def test_conclusion_uses_the_bootstrap_interval_for_agreement():
+    board = pd.DataFrame({t: [0.3, 0.05] for t in verdict.TESTS}, index=["m", "noise"])
+    wide = pd.DataFrame({"low": [-0.2, -0.5], "high": [0.8, 0.5]}, index=["m", "noise"])
+    tight = pd.DataFrame({"low": [0.1, -0.5], "high": [0.5, 0.5]}, index=["m", "noise"])
+    assert "On (a) agreement, m does best (0.30; chance 0.00); no method" in verdict.conclusion(board, intervals=wide)
+    assert "1 of 1 methods are clearly above" in verdict.conclusion(board, intervals=tight)

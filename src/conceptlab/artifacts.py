@@ -146,6 +146,10 @@ class ArtifactStore:
             atomic_write_json(d / "params.json", params)
         return d
 
+    def finished(self, kind: str, params: Any) -> bool:
+        """Whether the artifact for ``params`` is built (its ``DONE`` marker is written)."""
+        return (self.root / kind / params_key(params) / DONE).exists()
+
     @contextlib.contextmanager
     def building(self, kind: str, params: Any) -> Iterator[Path]:
         """Hold an exclusive lock on the artifact's directory while it is checked and built, so
@@ -158,12 +162,21 @@ class ArtifactStore:
             finally:
                 fcntl.flock(lock, fcntl.LOCK_UN)
 
-    def get_or_build(self, kind: str, key: Any, build: Callable[[Path], Any], load: Callable[[Path], T]) -> T:
+    def get_or_build(self, kind: str, key: Any, build: Callable[[Path], Any], load: Callable[[Path], T],
+                     collective: bool = False) -> T:
         """``load(dir)`` of the finished artifact for ``key``, building it first if it is not finished.
 
         ``build(dir)`` writes the artifact's files into ``dir``; ``DONE`` is written after it returns.
         A finished artifact that cannot be loaded (a corrupt file) is rebuilt once, with a note.
+        ``collective``: ``build`` is a data-parallel training whose main process writes; under
+        ``accelerate launch`` every process runs it (see :meth:`_build_together`).
         """
+        if collective:
+            from accelerate import PartialState
+
+            state = PartialState(cpu=not torch.cuda.is_available())
+            if state.num_processes > 1:
+                return self._build_together(state, kind, key, build, load)
         with self.building(kind, key) as d:
             if not (d / DONE).exists():
                 _build(kind, d, build)
@@ -175,6 +188,24 @@ class ArtifactStore:
                 (d / DONE).unlink()
                 _build(kind, d, build)
                 return load(d)
+
+
+    def _build_together(self, state, kind: str, key: Any, build: Callable[[Path], Any], load: Callable[[Path], T]
+                        ) -> T:
+        """Every process builds, the main one writes ``DONE``, all load. The lock cannot guard this: one
+        process would hold it while the others wait for a training that needs them all (and loading
+        may wait for every process too), so the processes meet at barriers instead."""
+        d = self.path(kind, key)
+        state.wait_for_everyone()
+        finished = (d / DONE).exists()
+        state.wait_for_everyone()  # nobody writes before every process has looked
+        if not finished:
+            if state.is_main_process:
+                _build(kind, d, build)
+            else:
+                build(d)
+            state.wait_for_everyone()
+        return load(d)
 
 
 def _build(kind: str, d: Path, build: Callable[[Path], Any]) -> None:

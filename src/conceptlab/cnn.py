@@ -130,7 +130,7 @@ def world_cnn(store: ArtifactStore, world_cfg: WorldConfig, cfg: CNNConfig, devi
 
     key = {"world": world_cfg.to_dict(), "cnn": asdict(cfg), "arch": "world_resnet18"}
     return store.get_or_build("world_cnn", key, lambda d: train_world_cnn(ConceptWorld(world_cfg), cfg, d, device,
-                                                                           progress), load)
+                                                                           progress), load, collective=True)
 
 
 def randomised_copy(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:

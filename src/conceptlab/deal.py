@@ -220,7 +220,8 @@ def deal_clip(store, key: dict, model: nn.Module, tokenizer: Callable, class_nam
         return tuned.eval(), json.loads((d / "history.json").read_text())
 
     return store.get_or_build("deal", params, lambda d: train_deal(
-        copy.deepcopy(model), tokenizer, class_names, descriptors, batches, cfg, d, progress=progress), load)
+        copy.deepcopy(model), tokenizer, class_names, descriptors, batches, cfg, d, progress=progress), load,
+        collective=True)
 
 
 # ---------------------------------------------------------------------------- evaluation

@@ -235,6 +235,13 @@ def _reward_logger(steps: int, progress: bool):
     return RewardLog()
 
 
+def _processes():
+    """accelerate's process state, set up as the trainer will (CPU processes where there is no GPU)."""
+    from accelerate import PartialState
+
+    return PartialState(cpu=not torch.cuda.is_available())
+
+
 def training_precision(cuda: bool | None = None, bf16_supported: bool | None = None) -> dict:
     """trl/transformers precision flags for GRPO: bf16 (or fp16) mixed precision on a GPU, fp32 on the CPU."""
     cuda = torch.cuda.is_available() if cuda is None else cuda
@@ -253,7 +260,7 @@ def align(model, tokenizer, reward: CLIPReward, queries: pd.DataFrame, cfg: Alig
     the reference model. Without LoRA the policy is a copy of ``model`` and trl loads the reference
     from the model's folder; with ``lora_r > 0`` only adapters train, the reference is the same
     weights with the adapters switched off (no second copy), and only the adapters are saved.
-    Multi-GPU: run the notebook's code under ``accelerate launch`` (see the README, "EX2 at scale").
+    Data-parallel on several GPUs: ``accelerate launch -m conceptlab.prepare 04_ex2`` (see the README).
     """
     from datasets import Dataset
     from transformers.trainer_callback import PrinterCallback
@@ -264,6 +271,11 @@ def align(model, tokenizer, reward: CLIPReward, queries: pd.DataFrame, cfg: Alig
         from peft import LoraConfig
 
         peft_config = LoraConfig(r=cfg.lora_r, lora_alpha=2 * cfg.lora_r, lora_dropout=0.05, task_type="CAUSAL_LM")
+    state = _processes()
+    processes = state.num_processes  # under `accelerate launch` each takes its share of a step
+    if cfg.prompts_per_step % processes:
+        raise ValueError(f"prompts_per_step={cfg.prompts_per_step} must be divisible by the number of processes "
+                         f"({processes}), so that a step sees the same prompts however many processes run it.")
     log = _reward_logger(cfg.steps, progress)
     data = Dataset.from_pandas(queries[["prompt", "class_index"]].reset_index(drop=True))
     with tempfile.TemporaryDirectory(prefix="ex2-grpo-") as scratch, warnings.catch_warnings():
@@ -274,7 +286,7 @@ def align(model, tokenizer, reward: CLIPReward, queries: pd.DataFrame, cfg: Alig
             data_seed=cfg.seed, max_steps=cfg.steps, learning_rate=cfg.lr, lr_scheduler_type="constant",
             beta=cfg.beta, num_generations=cfg.num_generations, max_completion_length=cfg.max_new_tokens,
             temperature=cfg.temperature, top_p=1.0, top_k=0, gradient_checkpointing=False,
-            per_device_train_batch_size=cfg.num_generations * cfg.prompts_per_step, logging_steps=1,
+            per_device_train_batch_size=cfg.num_generations * cfg.prompts_per_step // processes, logging_steps=1,
             save_strategy="no", report_to="none", disable_tqdm=True, dataloader_num_workers=0)
         trainer = GRPOTrainer(model=model if cfg.lora_r else copy.deepcopy(model), reward_funcs=reward, args=args,
                               train_dataset=data, processing_class=tokenizer, callbacks=[log],
@@ -283,10 +295,12 @@ def align(model, tokenizer, reward: CLIPReward, queries: pd.DataFrame, cfg: Alig
         trainer.train()
     from .textlm import save_pretrained_atomic
 
-    save_pretrained_atomic(trainer.model, tokenizer, Path(out_dir) / "policy")
+    if state.is_main_process:
+        save_pretrained_atomic(trainer.model, tokenizer, Path(out_dir) / "policy")
+        atomic_write_json(Path(out_dir) / "history.json", log.history)
+        atomic_write_json(Path(out_dir) / "launch.json", {"processes": processes})
     if cfg.lora_r:
         trainer.model.unload()  # takes the adapters out of ``model`` again
-    atomic_write_json(Path(out_dir) / "history.json", log.history)
     return log.history
 
 
@@ -308,11 +322,16 @@ def load_policy(folder: str | Path, base) -> torch.nn.Module:
 def aligned_lm(store: ArtifactStore, key: dict, model, tokenizer, reward: CLIPReward, queries: pd.DataFrame,
                cfg: AlignConfig, progress: bool = True) -> tuple[torch.nn.Module, list[dict]]:
     """The aligned policy for ``key`` (what made the LM and the VLM) and ``cfg``, and its reward curve:
-    loaded from the store, or trained with :func:`align` and stored."""
-    return store.get_or_build(
-        "ex2_aligned", {"key": key, "align": asdict(cfg)},
-        build=lambda d: align(model, tokenizer, reward, queries, cfg, d, progress=progress),
-        load=lambda d: (load_policy(d / "policy", model), json.loads((d / "history.json").read_text())))
+    loaded from the store, or trained with :func:`align` and stored.
+
+    Under ``accelerate launch`` (``python -m conceptlab.prepare``) every process trains, trl splitting
+    each step's completions between them, and the main process stores the policy.
+    """
+    def load(d: Path) -> tuple[torch.nn.Module, list[dict]]:
+        return load_policy(d / "policy", model), json.loads((d / "history.json").read_text())
+
+    return store.get_or_build("ex2_aligned", {"key": key, "align": asdict(cfg)}, collective=True, load=load,
+                              build=lambda d: align(model, tokenizer, reward, queries, cfg, d, progress=progress))
 
 
 # ---------------------------------------------------------------------------- inference

@@ -37,6 +37,7 @@ from scipy.stats import rankdata
 from torch import nn
 
 from .chapter import Param
+from .explain import model_kind
 from .models import TrainConfig, class_text_weights, encode_images, images_to_tensor, world_clip
 from .reliance import FACTORS, Interventions, intervene, prototypical, rank_correlation, zero_shot_scorer
 from .world import ATTRIBUTES, HABITATS, PARTS, ConceptWorld, WorldBatch, WorldConfig
@@ -61,7 +62,7 @@ PARAMETERS = {
                         and "no-shortcut" in v else f"use 'shortcut', 'no-shortcut' and optionally "
                         f"'blind' (of {list(CONDITIONS)})", help="planted training conditions"),
     "n_seeds": Param(2, int, min=1, help="planted models per condition"),
-    "blind_factor": Param("body colour", str, choices=FACTORS[1:], help="the attribute a blind model never sees"),
+    "blind_factor": Param("head colour", str, choices=FACTORS[1:], help="the attribute a blind model never sees"),
     "planted_classes": Param(6, int, min=2, max=len(HABITATS), help="classes of the planted worlds"),
     "planted_steps": Param(300, int, min=1, help="training steps of each planted CLIP"),
     "planted_batch_size": Param(64, int, min=2),
@@ -73,6 +74,8 @@ PARAMETERS = {
     "sae_epochs": Param(30, int, min=1),
     "probe_lambda": Param(0.0, float, min=0.0, help="DN-CBM: L1 weight of the concept probe (0: unpenalised, fast)"),
     "deal_steps": Param(20, int, min=0, help="DEAL fine-tuning steps of each planted model (0: no DEAL row)"),
+    "lavise_n_train": Param(1024, int, min=64, help="LaViSE: world images (with concept masks) that train the head"),
+    "lavise_epochs": Param(5, int, min=1, help="LaViSE: training epochs of the explainer head"),
     "n_random_images": Param(64, int, min=8, help="images of the randomisation check"),
     "cascade": Param([1, 3, 6], list, item=int, check=lambda v, p: None if v and min(v) >= 1 else
                      "list stage counts >= 1", help="randomisation check: re-initialise this many top stages"),
@@ -160,13 +163,24 @@ def planted_check(truths: dict[str, Interventions], subjects: Sequence[Subject],
     return pd.DataFrame(rows).set_index("model")
 
 
-def planted_recovered(check: pd.DataFrame) -> dict[str, bool]:
+def planted_recovered(check: pd.DataFrame, truths: dict[str, Interventions] | None = None,
+                      blind_factor: str | None = None, n_classes: int | None = None) -> dict[str, bool]:
     """The chapter's first check, in booleans: every shortcut model relies more on the habitat than every
-    no-shortcut model, and the blinded attribute sits in the lower half of the blind models' factors."""
+    no-shortcut model; the blinded attribute sits in the lower half of the blind models' factors and (with
+    ``truths``) every blind model relies on it less than every no-shortcut model; (with ``n_classes``)
+    every planted model learned, its accuracy on prototypical images at least twice chance."""
     by = check.groupby("condition")["habitat reliance"]
     out = {"shortcut habitat > no-shortcut habitat": bool(by.min()["shortcut"] > by.max()["no-shortcut"])}
     if "blind" in set(check.condition):
         out["blinded factor in the lower half"] = bool((check["blinded factor percentile"].dropna() < 0.5).all())
+        if truths is not None and blind_factor is not None:
+            rel = {m: truths[m].reliance()[blind_factor] for m in check.index}
+            blind = [rel[m] for m in check.index if check.condition[m] == "blind"]
+            free = [rel[m] for m in check.index if check.condition[m] == "no-shortcut"]
+            out["blinded factor: blind < no-shortcut reliance"] = bool(max(blind) < min(free))
+    if n_classes is not None:
+        out["every planted model learned (accuracy >= 2x chance)"] = bool(
+            (check["base accuracy"] >= 2 / n_classes).all())
     return out
 
 
@@ -263,10 +277,15 @@ def mention_factor_scores(candidates: pd.DataFrame, rewards: np.ndarray, beta: f
 
 def word_factors(word: str, world: ConceptWorld, c: int) -> list[str]:
     """The factors a concept name denotes for class ``c``: a habitat word -> the habitat; a part word ->
-    that part's three attributes; an attribute value ("red", "striped", "large") -> that attribute of
-    the class's parts that have this value; anything else (class names, other words) -> none."""
+    that part's three attributes; a value and a part ("red head") -> that attribute of that part; an
+    attribute value ("red", "striped", "large") -> that attribute of the class's parts that have this
+    value; anything else (class names, other words) -> none."""
     if word in HABITATS:
         return ["habitat"]
+    value, _, part = word.rpartition(" ")
+    if part in PARTS and value:  # "red head" (LaViSE's part-attribute concepts) -> head colour
+        found = [a for a, values in ATTRIBUTES.items() if value in values]
+        return [f"{part} {found[0]}"] if found and part in world.classes[c].parts else []
     if word in PARTS:
         return [f"{word} {a}" for a in ATTRIBUTES] if word in world.classes[c].parts else []
     for attribute, values in ATTRIBUTES.items():
@@ -332,6 +351,22 @@ def class_map_explainer(subject: Subject, batch: WorldBatch) -> Explanation:
     return Explanation(map_factor_scores(maps, batch), maps)
 
 
+def descriptor_map_explainer(subject: Subject, batch: WorldBatch, n_descriptors: int = 5) -> Explanation:
+    """The maps of the class's descriptors (the world's oracle descriptors, bare text as DEAL explains
+    them), each converted by :func:`map_factor_scores` and averaged; the map shown is their mean."""
+    from .descriptors import oracle_descriptors
+    from .explain import explain_batches
+    from .models import encode_texts
+
+    table = oracle_descriptors(subject.world).first(n_descriptors).descriptors
+    texts = torch.stack([encode_texts(subject.clip, subject.tokenizer, table[name])
+                         for name in subject.world.class_names])  # (classes, K, D)
+    maps = explain_batches(subject.clip, images_to_tensor(batch.images, subject.clip),
+                           texts[torch.as_tensor(batch.labels)]).numpy()  # (N, K, h, w)
+    scores = np.mean([map_factor_scores(maps[:, k], batch) for k in range(maps.shape[1])], 0)
+    return Explanation(scores, maps.mean(1))
+
+
 def ex2_explainer(beta: float) -> Explainer:
     """EX2 with a stand-in for the aligned LM: mention rates of the factors under the reward's optimal
     policy (:func:`mention_factor_scores`), the reward being EX2's (:class:`conceptlab.ex2.CLIPReward`)."""
@@ -370,9 +405,113 @@ def dncbm_explainer(n_corpus: int, epochs: int, lam: float) -> Explainer:
     return explainer
 
 
-def deal_explainer(store, steps: int, seed: int = 0) -> Explainer:
-    """The class map of a DEAL-tuned copy of the model (a short fine-tune on the world's oracle
-    descriptors, cached in ``store``): does DEAL's training change what the maps claim?"""
+def tower_maps(clip: nn.Module, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The feature maps LaViSE explains (N, C, h, w) and the image embeddings, from one forward pass.
+
+    For a ResNet: the last stage (``layer4``), LaViSE's own target. For a ViT (our addition; LaViSE
+    explains CNNs): the patch tokens entering the last block, laid out on the patch grid, the last
+    place where patch tokens still reach the class token. Differentiable when grad is enabled.
+    """
+    visual = clip.visual
+    if model_kind(clip) == "resnet":
+        maps = visual.layer4(visual.layer3(visual.layer2(visual.layer1(visual.stem(images)))))
+        return maps, visual.attnpool(maps)
+    h = visual._embeds(images)
+    for block in visual.transformer.resblocks[:-1]:
+        h = block(h)
+    gh, gw = visual.grid_size
+    maps = h[:, 1:].transpose(1, 2).reshape(len(h), -1, gh, gw)
+    h = torch.cat([h[:, :1], maps.flatten(2).transpose(1, 2)], 1)  # the last block reads the maps themselves
+    pooled, _ = visual._pool(visual.transformer.resblocks[-1](h))
+    return maps, pooled @ visual.proj if visual.proj is not None else pooled
+
+
+class _TowerFeatures(nn.Module):
+    """:func:`tower_maps` as LaViSE's feature extractor (``{"features": maps}``)."""
+
+    def __init__(self, clip: nn.Module) -> None:
+        super().__init__()
+        self.clip = clip
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {"features": tower_maps(self.clip, x)[0]}
+
+
+def filter_relevance(clip: nn.Module, tokenizer, world: ConceptWorld, batch: WorldBatch
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per image, each filter's gradient x activation of the true class's zero-shot logit, summed over
+    positions (N, C), and the feature maps (N, C, h, w): which filters the class decision uses."""
+    weights = class_text_weights(clip, tokenizer, world.class_names)[torch.as_tensor(batch.labels)]
+    with torch.enable_grad():
+        maps, emb = tower_maps(clip, images_to_tensor(batch.images, clip))
+        logit = (F.normalize(emb, dim=-1) * weights).sum()
+        (grad,) = torch.autograd.grad(logit, maps)
+    return (grad * maps).sum((-1, -2)).detach(), maps.detach()
+
+
+def filter_factor_scores(relevance: torch.Tensor, words_per_filter: np.ndarray, concepts: Sequence,
+                         labels: np.ndarray, world: ConceptWorld) -> np.ndarray:
+    """LaViSE's claim -> factor scores: each image's most relevant filters (``words_per_filter`` (N, k, w):
+    the concept indices that explain its top-k filters), the filter's (positive) relevance shared evenly
+    over its words and credited to the factors each word denotes for the image's class (:func:`word_factors`)."""
+    out = np.zeros((len(labels), len(FACTORS)))
+    top = relevance.clamp(min=0).topk(words_per_filter.shape[1], dim=1).values.numpy()  # (N, k)
+    for i, c in enumerate(labels):
+        for weight, words in zip(top[i], words_per_filter[i]):
+            for k in words:
+                factors = word_factors(concepts[k].name, world, int(c))
+                for f in factors:
+                    out[i, FACTORS.index(f)] += weight / len(words) / len(factors)
+    return out
+
+
+def lavise_explainer(n_train: int = 1024, epochs: int = 5, n_filters: int = 5, n_words: int = 3,
+                     act_q: float = 0.99) -> Explainer:
+    """LaViSE on the vision tower (:func:`tower_maps`): an explainer head trained with CSMR on the model's
+    own feature maps of ``n_train`` world images with concept masks, words embedded by the model's text
+    tower; then each image's ``n_filters`` most relevant filters (:func:`filter_relevance`) explained by
+    their ``n_words`` nearest words ("projection" masking) and converted by :func:`filter_factor_scores`.
+    The head is retrained for every model (and every randomised copy), as LaViSE would be."""
+    from .lavise import (
+        ExplainerConfig,
+        WorldImages,
+        activation_thresholds,
+        concept_examples,
+        embed_concepts,
+        filter_embedding,
+        train_explainer,
+        world_concepts,
+    )
+
+    def explainer(subject: Subject, batch: WorldBatch) -> Explanation:
+        concepts = world_concepts(subject.world)
+        words, _ = embed_concepts([c.name for c in concepts], "clip", subject.clip, subject.tokenizer)
+        data = WorldImages(subject.world.sample(n_train, "train"), concepts, subject.world.class_names)
+        seen = np.ones(len(concepts), bool)
+        to_input = lambda im: images_to_tensor(im, subject.clip)  # noqa: E731
+        pairs = concept_examples(_TowerFeatures(subject.clip), to_input, data, seen, progress=False)["area"]
+        head, _ = train_explainer(*pairs, words, seen, ExplainerConfig(epochs=epochs, seed=subject.seed),
+                                  progress=False)
+        relevance, maps = filter_relevance(subject.clip, subject.tokenizer, subject.world, batch)
+        thresholds = activation_thresholds(maps, act_q)
+        top = relevance.topk(n_filters, dim=1).indices  # (N, k)
+        with torch.no_grad():
+            emb = torch.cat([filter_embedding(maps[i:i + 1], int(u), float(thresholds[u]))
+                             for i in range(len(maps)) for u in top[i]])
+            cos = F.normalize(head(emb), dim=-1) @ words.T
+        nearest = cos.topk(n_words, dim=1).indices.view(len(maps), n_filters, n_words).numpy()
+        scores = filter_factor_scores(relevance, nearest, concepts, batch.labels, subject.world)
+        return Explanation(np.where(_has(batch), scores, np.nan))
+    return explainer
+
+
+def deal_explainer(store, steps: int, seed: int = 0, maps: str = "class") -> Explainer:
+    """The class map (``maps="class"``) or the descriptor maps (``"descriptors"``) of a DEAL-tuned copy of
+    the model (a short fine-tune on the world's oracle descriptors, cached in ``store``): does DEAL's
+    training change what the maps claim?"""
+    if maps not in ("class", "descriptors"):
+        raise ValueError(f"maps={maps!r}: use 'class' or 'descriptors'.")
+    explain_tuned = class_map_explainer if maps == "class" else descriptor_map_explainer
     from .artifacts import safe_torch_load
     from .deal import DealConfig, array_batches, train_deal
     from .descriptors import oracle_descriptors
@@ -398,7 +537,7 @@ def deal_explainer(store, steps: int, seed: int = 0) -> Explainer:
                                    lambda d: safe_torch_load(d / "model.pt"))
         tuned.load_state_dict(state)
         tuned = randomised(tuned, stages, seed) if stages else tuned.eval()
-        return class_map_explainer(replace(subject, clip=tuned), batch)
+        return explain_tuned(replace(subject, clip=tuned), batch)
     return explainer
 
 
@@ -452,6 +591,28 @@ def agreement(scores: dict[str, np.ndarray], truths: dict[str, Interventions], c
         boot[b] = np.mean(rhos)
     return {"rho": float(np.mean(list(point.values()))), "low": float(np.quantile(boot, 0.025)),
             "high": float(np.quantile(boot, 0.975)), "per_model": point}
+
+
+def per_class_agreement(scores: np.ndarray, res: Interventions) -> np.ndarray:
+    """(a) per class: Spearman's rho between the method's mean factor scores and the measured reliance on
+    the class's images alone (NaN for a class without images)."""
+    labels = res.base.labels
+    out = np.full(labels.max() + 1, np.nan)
+    for c in np.unique(labels):
+        with warnings.catch_warnings():  # a factor the class lacks is NaN on all its images
+            warnings.simplefilter("ignore", RuntimeWarning)
+            s, t = np.nanmean(scores[labels == c], 0), np.nanmean(res.drops[labels == c], 0)
+        ok = ~np.isnan(s) & ~np.isnan(t)
+        out[c] = _spearman_rows(s[None, ok], t[None, ok])[0]
+    return out
+
+
+def per_class_table(results: dict[str, MethodResult], truths: dict[str, Interventions],
+                    class_names: Sequence[str]) -> pd.DataFrame:
+    """Methods x classes: :func:`per_class_agreement` averaged over the models."""
+    rows = {m: np.nanmean([per_class_agreement(r.explanations[s].scores, truths[s]) for s in r.explanations], 0)
+            for m, r in results.items()}
+    return pd.DataFrame(rows, index=list(class_names)).T
 
 
 def _percentile(values: np.ndarray, j: int) -> float:
@@ -582,9 +743,8 @@ def score_method(explainer: Explainer, subjects: Sequence[Subject], truths: dict
     b = shortcut_detection(scores, conditions, p["blind_factor"])
     random_subject = random_subject or subjects[0]
     batch = truths[random_subject.name].base
-    small = WorldBatch(*(getattr(batch, f)[:p["n_random_images"]] for f in (
-        "images", "labels", "masks", "present", "attributes", "habitats", "captions", "caption_styles")))
-    check = randomisation_check(explainer, random_subject, small, p["seed"], p["cascade"])
+    check = randomisation_check(explainer, random_subject, batch.first(p["n_random_images"]), p["seed"],
+                                p["cascade"])
     d = [localisation(e.maps, truths[m]) for m, e in expl.items()]
     tests = {TESTS[0]: a["rho"], TESTS[1]: b["score"], TESTS[2]: randomisation_score(check),
              TESTS[3]: float(np.mean(d))}
@@ -597,8 +757,11 @@ def scoreboard(results: dict[str, MethodResult]) -> pd.DataFrame:
     return pd.DataFrame({m: r.tests for m, r in results.items()}).T[list(TESTS)]
 
 
-def conclusion(board: pd.DataFrame, reference: Sequence[str] = ("truth (planted)", "noise")) -> str:
-    """The chapter's verdict in words, written from the scoreboard (never by hand)."""
+def conclusion(board: pd.DataFrame, reference: Sequence[str] = ("truth (planted)", "noise"),
+               intervals: pd.DataFrame | None = None) -> str:
+    """The chapter's verdict in words, written from the scoreboard (never by hand). A method is clearly
+    above chance on a test when it beats chance by 0.1, and on (a), given the bootstrap ``intervals``
+    (columns ``low``, ``high``), when its 95 % interval lies above 0."""
     methods = board.drop(index=[r for r in reference if r in board.index])
     lines = []
     for test in TESTS:
@@ -606,7 +769,10 @@ def conclusion(board: pd.DataFrame, reference: Sequence[str] = ("truth (planted)
         if col.empty:
             continue
         best, chance = col.idxmax(), CHANCE[test]
-        above = [m for m in col.index if col[m] > chance + 0.1]
+        if test == TESTS[0] and intervals is not None:
+            above = [m for m in col.index if intervals.loc[m, "low"] > chance]
+        else:
+            above = [m for m in col.index if col[m] > chance + 0.1]
         lines.append(f"On {test}, {best} does best ({col[best]:.2f}; chance {chance:.2f}); "
                      + (f"{len(above)} of {len(col)} methods are clearly above chance."
                         if above else "no method is clearly above chance."))
@@ -620,7 +786,9 @@ def conclusion(board: pd.DataFrame, reference: Sequence[str] = ("truth (planted)
                  f"({mean.min():.2f}).")
     if "truth (planted)" in board.index:
         lines.append(f"For scale: the measured reliance itself scores {board.loc['truth (planted)', TESTS[0]]:.2f} "
-                     f"on (a) and {board.loc['truth (planted)', TESTS[1]]:.2f} on (b).")
+                     f"on (a) and {board.loc['truth (planted)', TESTS[1]]:.2f} on (b)"
+                     + (f", and noise {board.loc['noise', TESTS[0]]:.2f} and {board.loc['noise', TESTS[1]]:.2f}."
+                        if "noise" in board.index else "."))
     return " ".join(lines)
 
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
 import numpy as np
@@ -167,6 +167,10 @@ class WorldBatch:
 
     def __len__(self) -> int:
         return len(self.labels)
+
+    def first(self, n: int) -> WorldBatch:
+        """The first ``n`` images and their ground truth."""
+        return WorldBatch(*(getattr(self, f.name)[:n] for f in fields(self)))
 
     def part_attributes(self, i: int) -> dict[str, dict[str, str]]:
         """Readable attributes of image i: {part: {attribute: value}} for its present parts."""

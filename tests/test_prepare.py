@@ -1,0 +1,59 @@
+"""``python -m conceptlab.prepare``: EX2's GRPO data-parallel over two processes (torchrun, CPU/gloo: the
+code path `accelerate launch` takes on several GPUs), stored once, then loaded by a single process."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from conceptlab import prepare
+from conceptlab.artifacts import ArtifactStore
+from conceptlab.bookrun import smoke_parameters
+
+
+def test_two_processes_align_once_and_a_single_process_loads_it(tmp_path):
+    params = smoke_parameters("04_ex2", tmp_path)
+    params_file = tmp_path / "params.yml"
+    params_file.write_text(yaml.safe_dump(params))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "conceptlab.prepare",
+           "04_ex2", "-f", str(params_file)]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    aligned = [d for d in (tmp_path / "artifacts" / "ex2_aligned").iterdir() if (d / "DONE").exists()]
+    assert len(aligned) == 1  # built once, by the main process
+    assert json.loads((aligned[0] / "launch.json").read_text()) == {"processes": 2}
+    history = json.loads((aligned[0] / "history.json").read_text())
+    assert len(history) == params["grpo_steps"]
+    # one process with the same parameters finds the policy built: nothing is trained again
+    stamp = (aligned[0] / "DONE").stat().st_mtime_ns
+    prepare.main(["04_ex2", "-f", str(params_file)])
+    assert (aligned[0] / "DONE").stat().st_mtime_ns == stamp
+    assert ArtifactStore(tmp_path / "artifacts").finished("ex2_aligned", json.loads(
+        (aligned[0] / "params.json").read_text()))
+
+
+def test_two_processes_train_the_lavise_cnn_once(tmp_path):
+    params = {**smoke_parameters("06_lavise", tmp_path), "cnn_steps": 2}
+    params_file = tmp_path / "params.yml"
+    params_file.write_text(yaml.safe_dump(params))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "conceptlab.prepare",
+           "06_lavise", "-f", str(params_file)]
+    done = subprocess.run(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    (cnn,) = (tmp_path / "artifacts" / "world_cnn").iterdir()
+    assert (cnn / "DONE").exists() and (cnn / "model.pt").exists()
+    assert len(json.loads((cnn / "history.json").read_text())) == 2
+
+
+def test_prepare_rejects_a_parameter_file_that_is_not_a_mapping(tmp_path):
+    bad = tmp_path / "params.yml"
+    bad.write_text("- grpo_steps\n")
+    with pytest.raises(SystemExit):
+        prepare.main(["04_ex2", "-f", str(bad)])
