@@ -42,7 +42,7 @@ artifacts_dir = "../artifacts"
 results_dir = "../book/results"
 # This chapter
 n_test = 2000  # held-out test images
-exercise_steps = 150  # training steps of the lesson-sized CLIPs that the exercises train
+exercise_steps = 100  # training steps of the lesson-sized CLIPs that the exercises train
 
 # %% tags=["hide-cell"]
 import importlib.util
@@ -57,7 +57,7 @@ from conceptlab.world import PARTS
 
 ch = chapter.setup("01_world_and_model", globals(), {
     "n_test": chapter.Param(2000, int, min=10, help="held-out test images"),
-    "exercise_steps": chapter.Param(150, int, min=1, help="steps of the exercises' lesson-sized CLIPs")})
+    "exercise_steps": chapter.Param(100, int, min=1, help="steps of the exercises' lesson-sized CLIPs")})
 # %% [markdown]
 # ## The classes
 #

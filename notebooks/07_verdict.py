@@ -270,8 +270,8 @@ summary = [
     f"LaViSE explained {tower}. EX2 uses a reward-optimal stand-in for the RL-aligned language model; "
     f"the DEAL rows use a {deal_steps}-step fine-tune.",
     "Classes where a method disagrees most with the measurement: " + ", ".join(
-        f"{m}: {row.idxmin()} ({row.min():.2f})" for m, row in per_class.drop(index=["noise", "truth (planted)"]).iterrows()
-        if row.notna().any()) + ".",
+        f"{m}: {row.idxmin()} ({row.min():.2f})"
+        for m, row in per_class.drop(index=["noise", "truth (planted)"]).iterrows() if row.notna().any()) + ".",
     f"Chapter ran in {time.time() - started:.0f} s (models cached or not).",
 ]
 ch.finish({"scoreboard": board.to_dict(orient="index"), "planted_check": check.reset_index().to_dict("records"),

@@ -149,7 +149,7 @@ def test_conclusion_is_written_from_the_table():
     board = pd.DataFrame({t: [0.9, 0.1, 0.05] for t in verdict.TESTS}, index=["good", "bad", "noise"])
     board.loc["bad", verdict.TESTS[2]] = 0.0
     text = verdict.conclusion(board)
-    assert "good does best (0.90" in text and "bad barely change" in text
+    assert "good does best (0.90" in text and "bad barely changes" in text and "its explanation says" in text
     board.loc["bad"] = 0.95
     assert "bad does best (0.95" in verdict.conclusion(board)
 
@@ -245,7 +245,11 @@ def test_planted_recovered_checks_blindness_against_no_shortcut_and_learning(pro
 
 def test_conclusion_uses_the_bootstrap_interval_for_agreement():
     board = pd.DataFrame({t: [0.3, 0.05] for t in verdict.TESTS}, index=["m", "noise"])
+    lucky = board.copy()
+    lucky.loc["noise"] = 0.25  # chance as the noise explainer met it: m's interval must clear 0.25
+    assert "no method" in verdict.conclusion(lucky, intervals=pd.DataFrame({"low": [0.1, 0], "high": [0.5, 0.5]},
+                                                                              index=["m", "noise"])).split("On (b)")[0]
     wide = pd.DataFrame({"low": [-0.2, -0.5], "high": [0.8, 0.5]}, index=["m", "noise"])
     tight = pd.DataFrame({"low": [0.1, -0.5], "high": [0.5, 0.5]}, index=["m", "noise"])
-    assert "On (a) agreement, m does best (0.30; chance 0.00); no method" in verdict.conclusion(board, intervals=wide)
+    assert "On (a) agreement, m does best (0.30; chance 0.05); no method" in verdict.conclusion(board, intervals=wide)
     assert "1 of 1 methods are clearly above" in verdict.conclusion(board, intervals=tight)

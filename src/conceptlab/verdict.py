@@ -759,16 +759,18 @@ def scoreboard(results: dict[str, MethodResult]) -> pd.DataFrame:
 
 def conclusion(board: pd.DataFrame, reference: Sequence[str] = ("truth (planted)", "noise"),
                intervals: pd.DataFrame | None = None) -> str:
-    """The chapter's verdict in words, written from the scoreboard (never by hand). A method is clearly
-    above chance on a test when it beats chance by 0.1, and on (a), given the bootstrap ``intervals``
-    (columns ``low``, ``high``), when its 95 % interval lies above 0."""
+    """The chapter's verdict in words, written from the scoreboard (never by hand). Chance on a test is
+    its nominal level or, if higher, the ``"noise"`` explainer's score (the chance a finite set of images
+    and models leaves). A method is clearly above chance when it beats that by 0.1, and on (a), given the
+    bootstrap ``intervals`` (columns ``low``, ``high``), when its 95 % interval lies above it."""
     methods = board.drop(index=[r for r in reference if r in board.index])
     lines = []
     for test in TESTS:
         col = methods[test].dropna()
         if col.empty:
             continue
-        best, chance = col.idxmax(), CHANCE[test]
+        noise = board.loc["noise", test] if "noise" in board.index else np.nan
+        best, chance = col.idxmax(), max(CHANCE[test], noise) if noise == noise else CHANCE[test]
         if test == TESTS[0] and intervals is not None:
             above = [m for m in col.index if intervals.loc[m, "low"] > chance]
         else:
@@ -778,8 +780,10 @@ def conclusion(board: pd.DataFrame, reference: Sequence[str] = ("truth (planted)
                         if above else "no method is clearly above chance."))
     fails = [m for m in methods.index if methods.loc[m, TESTS[2]] < 0.2]
     if fails:
-        lines.append(f"{', '.join(fails)} barely change(s) when the model's weights are randomised, "
-                     "so their explanations say little about this model.")
+        lines.append(f"{', '.join(fails)} {'barely changes' if len(fails) == 1 else 'barely change'} when the "
+                     "model's weights are randomised, so "
+                     f"{'its explanation says' if len(fails) == 1 else 'their explanations say'} little about "
+                     "this model.")
     mean = methods[list(TESTS[:3])].sub(pd.Series(CHANCE)[list(TESTS[:3])]).mean(axis=1)
     lines.append(f"Over tests (a)-(c), the method furthest above chance is {mean.idxmax()} "
                  f"(mean margin {mean.max():.2f}); the one closest to chance is {mean.idxmin()} "
