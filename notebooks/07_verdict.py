@@ -227,7 +227,10 @@ results = {name: verdict.score_method(e, subjects, truths, ch.params)
 # habitat ranks higher for the shortcut model, averaged with how low the blinded attribute
 # ranks for blind models (chance 0.5); (c) 1 minus the similarity of the explanation of a
 # model and of its copy with the top vision stages re-initialised (0: unchanged, fails);
-# (d) correlation of the map with the reliance-weighted part masks (maps only).
+# (d) correlation of the map with the reliance-weighted part masks (maps only). The noise
+# row is the chance that a finite set of models and images leaves: a method must beat it,
+# not only the nominal level, and on (a) its bootstrap interval (the table after the
+# heatmap) must lie above it.
 
 # %% tags=["hide-input"]
 board = verdict.scoreboard(results)

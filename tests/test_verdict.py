@@ -252,4 +252,4 @@ def test_conclusion_uses_the_bootstrap_interval_for_agreement():
     wide = pd.DataFrame({"low": [-0.2, -0.5], "high": [0.8, 0.5]}, index=["m", "noise"])
     tight = pd.DataFrame({"low": [0.1, -0.5], "high": [0.5, 0.5]}, index=["m", "noise"])
     assert "On (a) agreement, m does best (0.30; chance 0.05); no method" in verdict.conclusion(board, intervals=wide)
-    assert "1 of 1 methods are clearly above" in verdict.conclusion(board, intervals=tight)
+    assert "1 of 1 methods is clearly above" in verdict.conclusion(board, intervals=tight)

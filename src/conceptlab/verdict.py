@@ -775,8 +775,9 @@ def conclusion(board: pd.DataFrame, reference: Sequence[str] = ("truth (planted)
             above = [m for m in col.index if intervals.loc[m, "low"] > chance]
         else:
             above = [m for m in col.index if col[m] > chance + 0.1]
+        verb = "is" if len(above) == 1 else "are"
         lines.append(f"On {test}, {best} does best ({col[best]:.2f}; chance {chance:.2f}); "
-                     + (f"{len(above)} of {len(col)} methods are clearly above chance."
+                     + (f"{len(above)} of {len(col)} methods {verb} clearly above chance."
                         if above else "no method is clearly above chance."))
     fails = [m for m in methods.index if methods.loc[m, TESTS[2]] < 0.2]
     if fails:
