@@ -186,8 +186,7 @@ show_source(verdict.concept_factor_scores)
 show_source(verdict.filter_factor_scores)
 
 # %%
-tower = "ResNet layer4 filters" if verdict.model_kind(subjects[0].clip) == "resnet" else \
-    "ViT patch-token channels (our adaptation of LaViSE)"
+tower = verdict.lavise_target(subjects[0].clip)
 print("LaViSE explains:", tower)
 
 # %% [markdown]
@@ -202,20 +201,9 @@ print("LaViSE explains:", tower)
 show_source(verdict.gradient_input_explainer)
 
 # %%
-explainers = {
-    "class map (CLIP)": verdict.class_map_explainer,
-    "class map (DEAL-tuned)": verdict.deal_explainer(ch.store, deal_steps, seed),
-    "descriptor maps (CLIP)": verdict.descriptor_map_explainer,
-    "descriptor maps (DEAL-tuned)": verdict.deal_explainer(ch.store, deal_steps, seed, maps="descriptors"),
-    "EX2 (reward-optimal stand-in)": verdict.ex2_explainer(ex2_beta),
-    "DN-CBM": verdict.dncbm_explainer(sae_n_corpus, sae_epochs, probe_lambda),
-    "LaViSE": verdict.lavise_explainer(lavise_n_train, lavise_epochs),
-    "gradient × input (your own)": verdict.gradient_input_explainer,
-    "truth (planted)": verdict.truth_explainer(ch.store, seed),
-    "noise": verdict.noise_explainer,
-}
-if deal_steps == 0:
-    explainers = {k: v for k, v in explainers.items() if "DEAL" not in k}
+explainers = verdict.method_explainers(ch.store, ch.params,
+                                       yours={"gradient × input (your own)": verdict.gradient_input_explainer})
+print(list(explainers))
 results = {name: verdict.score_method(e, subjects, truths, ch.params)
            for name, e in tqdm(explainers.items(), desc="methods")}
 
@@ -272,9 +260,7 @@ summary = [
     verdict_text,
     f"LaViSE explained {tower}. EX2 uses a reward-optimal stand-in for the RL-aligned language model; "
     f"the DEAL rows use a {deal_steps}-step fine-tune.",
-    "Classes where a method disagrees most with the measurement: " + ", ".join(
-        f"{m}: {row.idxmin()} ({row.min():.2f})"
-        for m, row in per_class.drop(index=["noise", "truth (planted)"]).iterrows() if row.notna().any()) + ".",
+    verdict.worst_classes(per_class),
     f"Chapter ran in {time.time() - started:.0f} s (models cached or not).",
 ]
 ch.finish({"scoreboard": board.to_dict(orient="index"), "planted_check": check.reset_index().to_dict("records"),
@@ -282,7 +268,7 @@ ch.finish({"scoreboard": board.to_dict(orient="index"), "planted_check": check.r
            "per_class_agreement": per_class.to_dict(orient="index"), "lavise_explains": tower,
            "details": {m: r.details for m, r in results.items()}},
           summary=summary, headline={f"{m}: {board.columns[0]}": v for m, v in board.iloc[:, 0].items()
-                                     if m not in ("truth (planted)", "noise") and v == v})
+                                     if m not in verdict.REFERENCES and v == v})
 
 # %% [markdown]
 # ## Exercises

@@ -253,3 +253,19 @@ def test_conclusion_uses_the_bootstrap_interval_for_agreement():
     tight = pd.DataFrame({"low": [0.1, -0.5], "high": [0.5, 0.5]}, index=["m", "noise"])
     assert "On (a) agreement, m does best (0.30; chance 0.05); no method" in verdict.conclusion(board, intervals=wide)
     assert "1 of 1 methods is clearly above" in verdict.conclusion(board, intervals=tight)
+
+
+def test_method_explainers_follow_the_parameters_and_references_come_last(tmp_path):
+    p = {"deal_steps": 0, "seed": 0, "ex2_beta": 0.02, "sae_n_corpus": 256, "sae_epochs": 1, "probe_lambda": 0.0,
+         "lavise_n_train": 64, "lavise_epochs": 1}
+    mine = {"mine": verdict.noise_explainer}
+    names = list(verdict.method_explainers(tmp_path, p, yours=mine))
+    assert not any("DEAL" in n for n in names) and names[-3:] == ["mine", *verdict.REFERENCES]
+    assert sum("DEAL" in n for n in verdict.method_explainers(tmp_path, {**p, "deal_steps": 2})) == 2
+
+
+def test_worst_classes_names_each_methods_lowest_class_without_references():
+    table = pd.DataFrame({"a": [0.5, -0.2, 1.0], "b": [0.1, 0.9, 1.0]}, index=["m1", "m2", "truth (planted)"])
+    text = verdict.worst_classes(table)
+    assert "m1: a (0.50)" not in text and "m1: b (0.10)" in text and "m2: a (-0.20)" in text
+    assert "truth" not in text

@@ -133,6 +133,14 @@ def file_input(path: str | Path | None) -> dict[str, str] | None:
     return None if path is None else {"path": str(path), "sha256": fingerprint(path)}
 
 
+def process_state():
+    """accelerate's process state, set up as a trainer sets it up (CPU processes where there is no GPU):
+    one process, or several under ``accelerate launch`` / ``torchrun``."""
+    from accelerate import PartialState
+
+    return PartialState(cpu=not torch.cuda.is_available())
+
+
 class ArtifactStore:
     """Directory of artifacts, each under ``<root>/<kind>/<params hash>/``."""
 
@@ -172,9 +180,7 @@ class ArtifactStore:
         ``accelerate launch`` every process runs it (see :meth:`_build_together`).
         """
         if collective:
-            from accelerate import PartialState
-
-            state = PartialState(cpu=not torch.cuda.is_available())
+            state = process_state()
             if state.num_processes > 1:
                 return self._build_together(state, kind, key, build, load)
         with self.building(kind, key) as d:

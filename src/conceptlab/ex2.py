@@ -30,7 +30,7 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from .artifacts import ArtifactStore, atomic_write_json
+from .artifacts import ArtifactStore, atomic_write_json, process_state
 from .chapter import Param, Switch
 from .models import TrainConfig, encode_images, encode_texts
 from .textlm import WorldLMConfig
@@ -235,13 +235,6 @@ def _reward_logger(steps: int, progress: bool):
     return RewardLog()
 
 
-def _processes():
-    """accelerate's process state, set up as the trainer will (CPU processes where there is no GPU)."""
-    from accelerate import PartialState
-
-    return PartialState(cpu=not torch.cuda.is_available())
-
-
 def training_precision(cuda: bool | None = None, bf16_supported: bool | None = None) -> dict:
     """trl/transformers precision flags for GRPO: bf16 (or fp16) mixed precision on a GPU, fp32 on the CPU."""
     cuda = torch.cuda.is_available() if cuda is None else cuda
@@ -271,7 +264,7 @@ def align(model, tokenizer, reward: CLIPReward, queries: pd.DataFrame, cfg: Alig
         from peft import LoraConfig
 
         peft_config = LoraConfig(r=cfg.lora_r, lora_alpha=2 * cfg.lora_r, lora_dropout=0.05, task_type="CAUSAL_LM")
-    state = _processes()
+    state = process_state()
     processes = state.num_processes  # under `accelerate launch` each takes its share of a step
     if cfg.prompts_per_step % processes:
         raise ValueError(f"prompts_per_step={cfg.prompts_per_step} must be divisible by the number of processes "

@@ -541,6 +541,28 @@ def deal_explainer(store, steps: int, seed: int = 0, maps: str = "class") -> Exp
     return explainer
 
 
+REFERENCES = ("truth (planted)", "noise")
+
+
+def method_explainers(store, p: dict, yours: dict[str, Explainer] | None = None) -> dict[str, Explainer]:
+    """The chapter's explainers from its parameters ``p``: the four methods (the DEAL-tuned rows only when
+    ``deal_steps`` > 0), then ``yours`` (bring your own), then the references: truth and noise."""
+    deal = {"class map (DEAL-tuned)": deal_explainer(store, p["deal_steps"], p["seed"]),
+            "descriptor maps (DEAL-tuned)": deal_explainer(store, p["deal_steps"], p["seed"], maps="descriptors")}
+    return {"class map (CLIP)": class_map_explainer, "descriptor maps (CLIP)": descriptor_map_explainer,
+            **(deal if p["deal_steps"] else {}),
+            "EX2 (reward-optimal stand-in)": ex2_explainer(p["ex2_beta"]),
+            "DN-CBM": dncbm_explainer(p["sae_n_corpus"], p["sae_epochs"], p["probe_lambda"]),
+            "LaViSE": lavise_explainer(p["lavise_n_train"], p["lavise_epochs"]),
+            **(yours or {}), "truth (planted)": truth_explainer(store, p["seed"]), "noise": noise_explainer}
+
+
+def lavise_target(clip: nn.Module) -> str:
+    """What :func:`lavise_explainer` explains in this model, in words."""
+    return "ResNet layer4 filters" if model_kind(clip) == "resnet" else \
+        "ViT patch-token channels (our adaptation of LaViSE)"
+
+
 # ---------------------------------------------------------------------------- the tests
 def reliance_maps(res: Interventions) -> np.ndarray:
     """(images, H, W) the measured reliance placed where each factor is: every part's mask weighted by
@@ -757,7 +779,7 @@ def scoreboard(results: dict[str, MethodResult]) -> pd.DataFrame:
     return pd.DataFrame({m: r.tests for m, r in results.items()}).T[list(TESTS)]
 
 
-def conclusion(board: pd.DataFrame, reference: Sequence[str] = ("truth (planted)", "noise"),
+def conclusion(board: pd.DataFrame, reference: Sequence[str] = REFERENCES,
                intervals: pd.DataFrame | None = None) -> str:
     """The chapter's verdict in words, written from the scoreboard (never by hand). Chance on a test is
     its nominal level or, if higher, the ``"noise"`` explainer's score (the chance a finite set of images
@@ -809,6 +831,13 @@ def heatmap(frame: pd.DataFrame, label: str, vmin: float | None = None, vmax: fl
     ax.set_ylabel("")
     fig.tight_layout()
     return fig
+
+
+def worst_classes(per_class: pd.DataFrame, reference: Sequence[str] = REFERENCES) -> str:
+    """A sentence naming, for each method, the class where it agrees least with the measurement."""
+    rows = per_class.drop(index=[r for r in reference if r in per_class.index])
+    return "Classes where a method disagrees most with the measurement: " + ", ".join(
+        f"{m}: {row.idxmin()} ({row.min():.2f})" for m, row in rows.iterrows() if row.notna().any()) + "."
 
 
 # ---------------------------------------------------------------------------- exercises
