@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 JOBS ?= all
 
-.PHONY: install book notebooks html smoke test bench lint sync clean
+.PHONY: install book notebooks html smoke test check bench lint format sync clean
 .PHONY: lesson lab browser
 
 $(PY):
@@ -20,7 +20,10 @@ $(STAMP): pyproject.toml constraints.txt | $(PY)
 install: $(STAMP)
 
 ## Execute every chapter on its default parameters, then build the HTML book.
-book: notebooks html
+## `make book PARAMS=my.yml`: the book of your model and data (examples/my_model.yml), in _build/<my>/_build/html.
+PARAMS ?=
+book: $(if $(PARAMS),install,notebooks html)
+	$(if $(PARAMS),$(PY) -m conceptlab.bookrun --params $(PARAMS) --out _build/$(basename $(notdir $(PARAMS))),@:)
 
 notebooks: install
 	$(PY) -m conceptlab.bookrun --chapters $(JOBS)
@@ -33,13 +36,25 @@ smoke: install
 	$(PY) -m conceptlab.bookrun --smoke --out _build/smoke
 
 test: install browser
-	$(PY) -m pytest
+	$(PY) -m pytest -n 2 --dist worksteal
 
 bench: install
 	$(PY) -m conceptlab.bench
 
+## The guardrails: ruff (lint and format) and mypy (basic mode) over the package.
 lint: install
-	$(VENV)/bin/ruff check src tests notebooks
+	$(VENV)/bin/ruff check src tests notebooks benchmarks
+	$(VENV)/bin/ruff format --check src tests notebooks benchmarks
+	$(VENV)/bin/mypy src/conceptlab
+
+## Apply ruff's formatting (then `make sync` re-pairs the notebooks).
+format: install
+	$(VENV)/bin/ruff format src tests notebooks benchmarks
+	$(VENV)/bin/jupytext --sync notebooks/*.py
+
+## The quick check before a commit (<= 2 min): the guardrails and every test that executes no notebook.
+check: lint
+	$(PY) -m pytest -q -m "not notebook"
 
 ## Re-pair notebooks after editing either twin.
 sync: install

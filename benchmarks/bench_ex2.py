@@ -40,5 +40,12 @@ def run() -> list[dict]:
     assert np.allclose(reward.scores(texts, classes), loop(), atol=1e-5)
     batched_s = timed(lambda: reward.scores(texts, classes), repeat=3)
     loop_s = timed(loop, repeat=1)
-    return [figure("ex2_reward_batched", N_DESCRIPTIONS / batched_s, "descriptions/s",
-                   baseline=N_DESCRIPTIONS / loop_s, baseline_kind="per-description loop")]
+    return [
+        figure(
+            "ex2_reward_batched",
+            N_DESCRIPTIONS / batched_s,
+            "descriptions/s",
+            baseline=N_DESCRIPTIONS / loop_s,
+            baseline_kind="per-description loop",
+        )
+    ]

@@ -28,12 +28,22 @@ def run() -> list[dict]:
         size = model.visual.image_size
         size = size if isinstance(size, int) else size[0]
         images = torch.randn(n_images, 3, size, size)
-        texts = torch.randn(n_images, n_concepts, model.text_projection.shape[1] if name != "RN50"
-                            else model.visual.output_dim)
+        texts = torch.randn(
+            n_images, n_concepts, model.text_projection.shape[1] if name != "RN50" else model.visual.output_dim
+        )
         explain(model, images[:1], texts[:1])  # warm up
         batched = timed(lambda m=model, x=images, t=texts: explain(m, x, t, normalize=False), repeat=2)
         loop = timed(lambda m=model, x=images, t=texts: per_image_reference(m, x, t), repeat=2)
         pairs = n_images * n_concepts
-        rows.append(figure(f"explain_maps_{name}", pairs / batched, "maps/s", baseline=pairs / loop,
-                           baseline_kind="per-image loop (original)", images=n_images, concepts=n_concepts))
+        rows.append(
+            figure(
+                f"explain_maps_{name}",
+                pairs / batched,
+                "maps/s",
+                baseline=pairs / loop,
+                baseline_kind="per-image loop (original)",
+                images=n_images,
+                concepts=n_concepts,
+            )
+        )
     return rows

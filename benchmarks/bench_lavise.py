@@ -45,7 +45,16 @@ def run() -> list[dict]:
     if not np.allclose(fast, slow, atol=1e-5):
         raise AssertionError("region-composed and materialised dissection disagree")
     t_fast = timed(lambda: lavise.dissect(features, data, thresholds, iou_size=32, progress=False), repeat=2)
-    t_slow = timed(lambda: _dissect_materialised(features, batch, concepts, world.class_names, thresholds, 32),
-                   repeat=2)
-    return [figure("lavise_dissect_256_filters_32px", len(batch) / t_fast, "images/s", baseline=len(batch) / t_slow,
-                   baseline_kind="materialised concept masks", n_concepts=len(concepts))]
+    t_slow = timed(
+        lambda: _dissect_materialised(features, batch, concepts, world.class_names, thresholds, 32), repeat=2
+    )
+    return [
+        figure(
+            "lavise_dissect_256_filters_32px",
+            len(batch) / t_fast,
+            "images/s",
+            baseline=len(batch) / t_slow,
+            baseline_kind="materialised concept masks",
+            n_concepts=len(concepts),
+        )
+    ]

@@ -27,6 +27,14 @@ def run() -> list[dict]:
             start = time.perf_counter()
             run_chapter(chapter, out, params)
             seconds = time.perf_counter() - start
-            rows.append(figure(f"lesson_rerun_{chapter}", seconds, "s", baseline=BUDGET_S,
-                               higher_is_better=False, baseline_kind="budget"))
+            rows.append(
+                figure(
+                    f"lesson_rerun_{chapter}",
+                    seconds,
+                    "s",
+                    baseline=BUDGET_S,
+                    higher_is_better=False,
+                    baseline_kind="budget",
+                )
+            )
     return rows

@@ -41,6 +41,15 @@ def run() -> list[dict]:
     ours = timed(lambda: train_sae(x, cfg, progress=False), repeat=2)
     reference = timed(lambda: _reference_train(x), repeat=2)
     samples = N * EPOCHS
-    return [figure("sae_train_throughput", samples / ours, "samples/s", baseline=samples / reference,
-                   baseline_kind="plain reference SAE (nn.Linear, normalise in forward)",
-                   concepts=DIM * EXPANSION, dim=DIM, batch=BATCH)]
+    return [
+        figure(
+            "sae_train_throughput",
+            samples / ours,
+            "samples/s",
+            baseline=samples / reference,
+            baseline_kind="plain reference SAE (nn.Linear, normalise in forward)",
+            concepts=DIM * EXPANSION,
+            dim=DIM,
+            batch=BATCH,
+        )
+    ]

@@ -46,6 +46,15 @@ def run() -> list[dict]:
     cfg = replace(default, n_train=2 * default.batch_size, steps=STEPS, warmup=1)
     ours = _seconds_per_step(cfg, world)
     baseline = ours + _pil_preprocess_seconds(cfg, world)
-    return [figure("world_clip_step", ours, "s/step", baseline=baseline, higher_is_better=False,
-                   threads=torch.get_num_threads(), batch_size=cfg.batch_size),
-            figure("world_clip_full_run_projected", ours * default.steps, "s", steps=default.steps)]
+    return [
+        figure(
+            "world_clip_step",
+            ours,
+            "s/step",
+            baseline=baseline,
+            higher_is_better=False,
+            threads=torch.get_num_threads(),
+            batch_size=cfg.batch_size,
+        ),
+        figure("world_clip_full_run_projected", ours * default.steps, "s", steps=default.steps),
+    ]

@@ -17,6 +17,13 @@ def run() -> list[dict]:
         world.sample(8)  # warm up
         seconds = timed(lambda w=world, n=n: w.sample(n), repeat=3)
         goal = 2000.0 if resolution == 64 else None
-        rows.append(figure(f"world_render_{resolution}px", n / seconds, "images/s", baseline=goal,
-                           baseline_kind="goal" if goal else None))
+        rows.append(
+            figure(
+                f"world_render_{resolution}px",
+                n / seconds,
+                "images/s",
+                baseline=goal,
+                baseline_kind="goal" if goal else None,
+            )
+        )
     return rows

@@ -40,24 +40,27 @@ device = None  # None: CUDA when available, else CPU
 checkpoint_seconds = 30.0  # training checkpoints at most this many seconds apart
 artifacts_dir = "../artifacts"
 results_dir = "../book/results"
-# This chapter
+# This chapter (declared, with types and ranges, in conceptlab.chapters.world_and_model.PARAMETERS)
 n_test = 2000  # held-out test images
-exercise_steps = 100  # training steps of the lesson-sized CLIPs that the exercises train
+n_reliance = 512  # prototypical test creatures changed one factor at a time
+exercise_steps = 100  # training steps of the lesson-sized CLIPs that exercise 1 trains
 
 # %% tags=["hide-cell"]
 import importlib.util
 
 if importlib.util.find_spec("conceptlab") is None:  # outside a checkout (Colab, a hub): install it
     get_ipython().run_line_magic(  # noqa: F821
-        "pip", "install -q 'conceptlab @ git+https://github.com/conceptlab/conceptlab'")
+        "pip", "install -q 'conceptlab @ git+https://github.com/conceptlab/conceptlab'"
+    )
 import pandas as pd
+import torch
 
-from conceptlab import chapter, explore, models, plots
-from conceptlab.world import PARTS
+from conceptlab import chapter, chapters, explore, models, plots, reliance
+from conceptlab.chapters import world_and_model
 
-ch = chapter.setup("01_world_and_model", globals(), {
-    "n_test": chapter.Param(2000, int, min=10, help="held-out test images"),
-    "exercise_steps": chapter.Param(100, int, min=1, help="steps of the exercises' lesson-sized CLIPs")})
+ch = chapter.setup("01_world_and_model", globals(), world_and_model.PARAMETERS)
+r = world_and_model.Result()
+
 # %% [markdown]
 # ## The classes
 #
@@ -66,10 +69,11 @@ ch = chapter.setup("01_world_and_model", globals(), {
 # no pixel shows. Any two classes differ in at least three part attributes.
 
 # %%
-ontology = pd.DataFrame([{"class": c.name, "habitat": c.habitat, "behaviour": c.behaviour,
-                          **{p: " ".join(c.parts[p].values()) if p in c.parts else "—" for p in PARTS}}
-                         for c in ch.world.classes])
-ontology
+print(
+    f"{len(ch.world.class_names)} classes: a classifier that guesses is right "
+    f"{1 / len(ch.world.class_names):.2%} of the time (chance)."
+)
+world_and_model.ontology_table(ch.world)
 
 # %% [markdown]
 # ## A sample, with the ground truth drawn on
@@ -78,15 +82,17 @@ ontology
 # head drawn over the body removes those pixels from the body's mask.
 
 # %%
-sample = ch.world.sample(n_test, split="test")
-fig = plots.sample_grid(sample, ch.world.class_names, n=12)
+world_and_model.look(ch, r)
+fig = plots.sample_grid(r.sample, ch.world.class_names, n=12)
 
 # %% [markdown]
 # Captions come in planted styles. The style of each caption is recorded, so later
-# chapters can ask which kinds of text the trained model prefers.
+# chapters can ask which kinds of text the trained model prefers. A *class* caption is
+# one of "a photo of a {class}.", "a {class}." and "a picture of a {class}."; no caption
+# is the bare class name.
 
 # %%
-pd.DataFrame({"caption": sample.captions[:10], "style": sample.caption_styles[:10]})
+pd.DataFrame({"caption": r.sample.captions[:10], "style": r.sample.caption_styles[:10]})
 
 # %% [markdown]
 # ## What the data set contains
@@ -96,9 +102,12 @@ pd.DataFrame({"caption": sample.captions[:10], "style": sample.caption_styles[:1
 # caption style, and how often a part's attribute departs from its class's typical value.
 
 # %%
-stats = ch.world.statistics(sample)
-fig = plots.dataset_overview(sample, ch.world.class_names)
-pd.Series(stats).round(3).to_frame("measured")
+print(
+    f"habitat_correlation = {ch.world_cfg.habitat_correlation}: the share of creatures drawn "
+    "in their home habitat (the rest get a habitat at random, home included)"
+)
+fig = plots.dataset_overview(r.sample, ch.world.class_names)
+pd.Series(r.statistics).round(3).to_frame("measured")
 
 # %% [markdown]
 # ## Training the CLIP
@@ -110,23 +119,45 @@ pd.Series(stats).round(3).to_frame("measured")
 # and an interrupted run resumes from its last checkpoint.
 
 # %%
-clip, preprocess, tokenizer, history = ch.clip()
-if history:
-    ax = plots.curve(history, "loss")
-    ax.set_title("contrastive loss")
+world_and_model.train(ch, r)
+if r.history:
+    ax = world_and_model.training_curve(r.history)
 else:
     print(f"Using {model} / {pretrained}: no training curve.")
 
 # %% [markdown]
 # ## Zero-shot classification
 #
-# Classify held-out test images by the nearest class prompt ("a photo of a {class}.").
+# A class's zero-shot classifier is the normalised mean of its prompts' text embeddings,
+# over the prompts below; an image goes to the class whose classifier is nearest.
+
+# %% tags=["remove-input"]
+chapter.show_source(models.class_text_weights)
+
+# %% tags=["remove-input"]
+chapter.show_source(models.average_prompts)
+
+# %% [markdown]
+# A toy check by hand: two classes, two prompts each, in two dimensions. Class 0's prompts
+# point along $(1, 0)$ and $(0, 1)$: their mean $(0.5, 0.5)$ normalised is
+# $(0.707, 0.707)$. Class 1's prompts are both $(0, 1)$. The image $x = (1, 0)$ scores
+# $0.707$ for class 0 and $0$ for class 1.
 
 # %%
-logits, accuracy = models.zero_shot(clip, tokenizer, sample.images, sample.labels, ch.world.class_names)
-print(f"zero-shot accuracy on {len(sample)} test images:",
-      ", ".join(f"{plots.human_label(k)} {v:.1%}" for k, v in accuracy.items()))
-ax = plots.confusion(sample.labels, logits.argmax(1).numpy(), ch.world.class_names)
+prompts = torch.tensor([[[1.0, 0.0], [0.0, 1.0]], [[0.0, 1.0], [0.0, 1.0]]])
+weights = models.average_prompts(prompts)
+print(models.CLASS_PROMPTS, weights, torch.tensor([[1.0, 0.0]]) @ weights.T, sep="\n")
+
+# %% [markdown]
+# On the held-out test images:
+
+# %%
+world_and_model.classify(ch, r)
+print(
+    f"zero-shot accuracy on {len(r.sample)} test images:",
+    ", ".join(f"{plots.human_label(k)} {v:.1%}" for k, v in r.accuracy.items()),
+)
+ax = plots.confusion(r.sample.labels, r.logits.argmax(1).numpy(), ch.world.class_names)
 
 # %% [markdown]
 # ## Why ground truth matters
@@ -140,18 +171,43 @@ ax = plots.confusion(sample.labels, logits.argmax(1).numpy(), ch.world.class_nam
 # home habitat versus images where it does not.
 
 # %%
-shortcut = models.habitat_shortcut(logits.argmax(1).numpy(), sample, ch.world)
-plots.table(pd.Series(shortcut, name="top-1 accuracy").to_frame())
+plots.table(pd.Series(r.shortcut, name="top-1 accuracy").to_frame())
+
+# %% [markdown]
+# ## What the model uses, measured
+#
+# The probe above mixes creatures and backgrounds. A cleaner measure draws every test
+# creature *prototypically* (its class's typical attributes, in its home habitat), then
+# draws the very same creatures again with one factor changed — one part's colour,
+# pattern or size, or the habitat — and records how much the true class's logit margin
+# (its logit minus the best other class's) drops. A factor the model ignores drops by 0.
+
+# %% tags=["remove-input"]
+chapter.show_source(reliance.intervene)
+
+# %% [markdown]
+# The bars are the mean drop over the creatures that have the factor, with 95 % bootstrap
+# intervals; the habitat is orange. This *measured reliance* is the yardstick: the later
+# chapters' explanation methods each claim what the model uses, and chapter 7 scores them
+# against exactly this measurement.
+
+# %%
+world_and_model.measure_reliance(ch, r)
+reliance_per_factor = world_and_model.reliance_table(ch, r)
+ax = world_and_model.reliance_figure(reliance_per_factor)
 
 # %% [markdown]
 # ## Explore by hand
 #
 # Pick a creature, change one part's colour, pattern or size, or move it to another
-# habitat, and watch the model's top classes. In the built book this is a static figure of
-# the first test creature; in JupyterLab the controls are live.
+# habitat, and watch the model's top classes. In the built book this is a static figure:
+# the first class's creature with the part factor the model relies on most (the figure
+# above) set to another value; in JupyterLab the controls are live.
 
 # %%
-explore.world_explorer(ch.world, clip, tokenizer)
+clip, _, tokenizer, _ = ch.clip()
+change = world_and_model.explorer_change(ch.world, reliance_per_factor)
+explore.world_explorer(ch.world, clip, tokenizer, **change)
 
 # %% [markdown]
 # The explanation methods in the following chapters each make a claim about what the
@@ -159,27 +215,22 @@ explore.world_explorer(ch.world, clip, tokenizer)
 # planted captions, and against counterfactual images that change one factor at a time.
 
 # %% tags=["remove-input"]
-results = {"zero_shot": accuracy, "n_test": len(sample), "habitat_shortcut": shortcut,
-           "final_train_loss": history[-1]["loss"] if history else None, "statistics": stats}
-ch.finish(results, headline={"zero-shot top-1 (world CLIP)": accuracy["top1"]}, summary=[
-    f"The CLIP classifies {len(sample)} held-out creatures with top-1 {accuracy['top1']:.1%}.",
-    f"It is right {shortcut['home habitat']:.1%} of the time when the creature is in its home habitat and "
-    f"{shortcut['other habitat']:.1%} when it is not: a habitat shortcut the later chapters must detect.",
-])
+chapters.finish(ch, r, world_and_model)
 
 # %% [markdown]
 # ## Exercises
 #
 # Predict first, then run. Each solution below is computed by running the exercise (click
-# to show it); the numbers come from lesson-sized CLIPs trained for `exercise_steps` steps,
-# so compare the two rows of a solution with each other, not with the chapter's model.
+# to show it); the first row of each is the chapter's own setting.
 #
 # **1. A stronger shortcut.** Train on a world where the creature sits in its home habitat
-# 95 % of the time instead of the chapter's rate. Will the gap between home-habitat and
-# other-habitat accuracy grow or shrink? And overall accuracy on the chapter's test set?
+# 95 % of the time instead of the chapter's rate, and test on the chapter's test images.
+# Will the gap between home-habitat and other-habitat accuracy grow or shrink? And overall
+# accuracy? Both rows are lesson-sized CLIPs (the chapter's recipe for `exercise_steps`
+# steps), so compare the two rows with each other, not with the chapter's model.
 
 # %% tags=["hide-cell"]
-ch.exercise("stronger shortcut", models.exercise_train_habitat, habitat_correlation=0.95)
+ch.exercise("stronger shortcut", world_and_model.exercise_train_habitat, habitat_correlation=0.95)
 
 # %% [markdown]
 # **2. Break the habitat cue at test time.** Without retraining, test the chapter's CLIP on
@@ -188,12 +239,13 @@ ch.exercise("stronger shortcut", models.exercise_train_habitat, habitat_correlat
 # new accuracy approach?
 
 # %% tags=["hide-cell"]
-ch.exercise("no home habitats at test time", models.exercise_test_habitat, habitat_correlation=0.0)
+ch.exercise("no home habitats at test time", world_and_model.exercise_test_habitat, habitat_correlation=0.0)
 
 # %% [markdown]
 # **3. One prompt instead of an ensemble.** Zero-shot classification averages the prompts
-# "a photo of a {}." and "a {}.". What happens with the bare class name "{}" only? The model
-# was trained on captions, some of which are the bare class name.
+# "a photo of a {}." and "a {}.". What happens with the bare class name "{}" only? No
+# training caption is the bare class name: class captions are "a photo of a {}.", "a {}."
+# and "a picture of a {}.", and every other caption style puts the name in a sentence.
 
 # %% tags=["hide-cell"]
-ch.exercise("bare class-name prompt", models.exercise_prompts, template="{}")
+ch.exercise("bare class-name prompt", world_and_model.exercise_prompts, template="{}")

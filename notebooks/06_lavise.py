@@ -29,7 +29,8 @@
 # filter is itself an approximation from object annotations. In Concept World every part,
 # attribute, habitat and class has an exact mask on every image, so we can check the words
 # against what each filter's region really covers, for concepts the head saw in training and
-# for concepts it never saw.
+# for concepts it never saw. The question of the chapter: **does LaViSE name what a filter
+# detects, and does it do better than chance on the words it never saw?**
 #
 # **Real data.** `dataset="coco"` explains a torchvision CNN on photographs annotated in the
 # COCO format {cite}`lin2014coco` (`data_root`: the images, `annotations`: an instances JSON
@@ -47,7 +48,7 @@ device = None  # None: CUDA when available, else CPU
 checkpoint_seconds = 30.0  # training checkpoints at most this many seconds apart
 artifacts_dir = "../artifacts"
 results_dir = "../book/results"
-# This chapter (declared, with types and ranges, in conceptlab.lavise.PARAMETERS)
+# This chapter (declared, with types and ranges, in conceptlab.chapters.lavise.PARAMETERS)
 dataset = "world"  # "world" or "coco" (then data_root + annotations)
 data_root = None  # COCO-format images folder
 annotations = None  # COCO instances JSON (polygon or RLE masks)
@@ -67,6 +68,7 @@ n_explain = 1500
 min_pixels = 8
 explainer_epochs = 10
 explainer_lr = 1e-3
+n_head_seeds = 3  # explainer heads trained with seeds seed, seed + 1, ...: the interval
 bn_eval = True  # the head's BatchNorm in eval mode while training, as the original code
 mask_resize = "area"  # "area" (soft) or "nearest" (the original's hard masks)
 masking = "activation"  # "activation" (the paper) or "projection" (the original code's default)
@@ -81,53 +83,58 @@ import importlib.util
 
 if importlib.util.find_spec("conceptlab") is None:  # outside a checkout (Colab, a hub): install it
     get_ipython().run_line_magic(  # noqa: F821
-        "pip", "install -q 'conceptlab @ git+https://github.com/conceptlab/conceptlab'")
+        "pip", "install -q 'conceptlab @ git+https://github.com/conceptlab/conceptlab'"
+    )
 import numpy as np
 import pandas as pd
-import seaborn as sns
 import torch
 from IPython.display import Markdown
 
-from conceptlab import chapter, lavise, plots
+from conceptlab import chapter, chapters, lavise, plots
 from conceptlab.chapter import show_source
-from conceptlab.cnn import cnn_accuracy
+from conceptlab.chapters.report import reported_table
 
-ch = chapter.setup("06_lavise", globals(), lavise.PARAMETERS)
+chapter6 = chapters.load("06_lavise")
+ch = chapter.setup("06_lavise", globals(), chapter6.PARAMETERS)
+r = chapter6.Result()
 
 # %% tags=["hide-cell"]
-run = lavise.setup_run(ch)  # target CNN (trained once, then stored), images, concepts, embeddings
-head, history = lavise.train_head(run)
-head_original, _ = lavise.train_head(run, **lavise.ORIGINAL_CODE)
-features = lavise.eval_features(run)
-expl = {m: lavise.explain(run, features, head, masking=m) for m in lavise.MASKINGS}
-expl_original = lavise.rescore(expl[masking], features, head_original, run.words,
-                               lavise.ORIGINAL_CODE["masking"])
+chapter6.build(ch, r)  # target CNN (trained once, then stored), images, concepts, words, feature maps
+chapter6.train(ch, r)  # the explainer head, once per head seed (stored)
+chapter6.explain_all(ch, r)  # every filter, both maskings, every head seed
+chapter6.references(ch, r)  # original code's switches, random words, dissection, random-weight CNN
+table = chapter6.recall(ch, r)
 
 # %% [markdown]
 # ## Results at a glance
 #
-# Recall@k of the ground-truth concepts among the k words nearest to the head's prediction,
-# on concepts seen in training and on unseen ones (defined below). The columns: what the paper
-# reports on Visual Genome, what the original code's choices compute here (every switch below
-# at the original code's value), and this chapter's run.
+# Recall@k is the share of a filter's ground-truth concepts (defined below) among the k words
+# nearest to the head's prediction, on concepts seen in training and on unseen ones. Its
+# **chance** is exactly $k/K$ for a vocabulary of $K$ concepts: a random ranking puts each
+# ground-truth concept among the top k with probability $k/K$. Every recall below stands
+# beside that chance and a 95 % interval (bootstrap over the explained filters and over
+# `n_head_seeds` explainer heads); "above chance" means the whole interval is above it.
 
 # %% tags=["remove-input"]
-recall = {name: lavise.recall_row(e.scores, e.ground_truth, run.seen)
-          for name, e in (("this book", expl[masking]), ("original code", expl_original))}
-fidelity = chapter.fidelity_table(lavise.fidelity_rows(recall["this book"], recall["original code"],
-                                                       list(recall["this book"])))
-fidelity.astype(float).round(3)
+reported_table(chapter6.headline(ch, r))
 
 # %% [markdown]
-# The paper's own recall figures are not on file in this project, so that column is empty
-# rather than typed in by hand. Where this run departs from the paper and from the original
-# code, switch by switch, and what else differs:
+# The same recall for the paper, the original code's choices (every switch below at the
+# original code's value) and this chapter's run. The paper's recall figures are not on file
+# in this project, so that column is empty rather than typed in by hand.
 
 # %% tags=["remove-input"]
-ch.differences(lavise.SWITCHES)
+chapter.fidelity_table(chapter6.fidelity_rows(r, masking)).astype(float).round(3)
+
+# %% [markdown]
+# Where this run departs from the paper and from the original code, switch by switch (with
+# the file and line of the original code {cite}`yang2022lavise`), and what else differs:
 
 # %% tags=["remove-input"]
-Markdown("\n".join(f"- {line}" for line in lavise.setting_differences(ch.params)))
+ch.differences(chapter6.SWITCHES)
+
+# %% tags=["remove-input"]
+Markdown("\n".join(f"- {line}" for line in chapter6.setting_differences(ch.params)))
 
 # %% [markdown]
 # ## The target CNN
@@ -140,14 +147,10 @@ Markdown("\n".join(f"- {line}" for line in lavise.setting_differences(ch.params)
 # GPU when there is one (several with `accelerate launch`), and is stored under its parameters.
 
 # %%
-cnn_top1 = None
-if dataset == "world":
-    cnn_top1 = cnn_accuracy(run.cnn, run.to_input, run.eval_data.batch.images,
-                            run.eval_data.batch.labels)
-if run.cnn_history:
-    ax = plots.curve(run.cnn_history, "accuracy")
-    ax.set_title(f"CNN training (test top-1 {cnn_top1:.1%})")
-print(f"target CNN {target_model} ({target_init}), test top-1: {cnn_top1}")
+if r.run.cnn_history:
+    ax = plots.curve(r.run.cnn_history, "accuracy")
+    ax.set_title(f"CNN training (test top-1 {r.cnn_top1:.1%})")
+print(f"target CNN {target_model} ({target_init}), test top-1: {r.cnn_top1}")
 
 # %% [markdown]
 # ## Concepts, their masks, seen and unseen
@@ -159,9 +162,7 @@ print(f"target CNN {target_model} ({target_init}), test top-1: {cnn_top1}")
 # embedding space lets the explainer name what it never saw.
 
 # %%
-vocab = pd.DataFrame({"concept": run.names, "group": [c.group for c in run.concepts],
-                      "seen": run.seen})
-vocab.groupby("group", sort=False)["seen"].agg(concepts="size", seen="sum")
+chapter6.vocabulary(r)
 
 # %% [markdown]
 # ## The method on the page
@@ -181,8 +182,7 @@ show_source(lavise.csmr_loss)
 # $2\,(1 + 1/\sqrt{2}) \approx 3.414$; the mean is $\approx 1.707$.
 
 # %%
-toy = lavise.csmr_loss(torch.tensor([[2.0, 0, 0], [1.0, 1.0, 0]]), torch.tensor([0, 2]),
-                       torch.eye(3))
+toy = lavise.csmr_loss(torch.tensor([[2.0, 0, 0], [1.0, 1.0, 0]]), torch.tensor([0, 2]), torch.eye(3))
 print(f"CSMR of the toy batch: {toy.item():.4f}")
 
 # %% [markdown]
@@ -203,8 +203,23 @@ show_source(lavise.filter_embedding)
 # %%
 maps = torch.zeros(1, 2, 4, 4)
 maps[0, 0, 0, 0], maps[0, 0, 1, 1], maps[0, 1, 1, 1] = 4.0, 1.0, 1.0
-pd.DataFrame({m: lavise.filter_embedding(maps, 0, 2.0, m)[0].numpy() for m in lavise.MASKINGS},
-             index=["channel 0", "channel 1"]).round(3)
+pd.DataFrame(
+    {m: lavise.filter_embedding(maps, 0, 2.0, m)[0].numpy() for m in lavise.MASKINGS}, index=["channel 0", "channel 1"]
+).round(3)
+
+# %% [markdown]
+# Recall, the measure of everything below, on a toy a student can check: two words out of
+# $K = 4$ are the ground truth of a pair; the top 1 holds one of them (recall 0.5), the top 3
+# both (recall 1.0). Chance at $k = 1$ is $1/4$.
+
+# %%
+toy_scores = np.array([[0.9, 0.8, 0.1, 0.0]])
+toy_truth = np.array([[True, False, True, False]])
+every_concept = np.ones(4, dtype=bool)
+{
+    **{f"R@{k}": lavise.recall_at_k(toy_scores, toy_truth, every_concept, k) for k in (1, 3)},
+    "chance R@1": lavise.chance_recall(1, 4),
+}
 
 # %% [markdown]
 # ## Training the explainer
@@ -215,13 +230,18 @@ pd.DataFrame({m: lavise.filter_embedding(maps, 0, 2.0, m)[0].numpy() for m in la
 # masked and pooled `layer3` features of training images, with its BatchNorm layers in eval
 # mode as in the original code (`bn_eval`). The original uses Adam at lr $10^{-4}$ for epochs
 # on Visual Genome; our data set is small, so the book uses `explainer_lr` (see the table
-# above) with ReduceLROnPlateau.
+# above) with ReduceLROnPlateau, and the breakdown below shows what the original's rate does.
+# The head is trained `n_head_seeds` times (initialisation and batch order); the curves are the
+# first seed's.
 
 # %%
+history = r.heads[0][1]
 ax = plots.curve(history, "val_loss", x="epoch", smooth=1, label="held-out CSMR loss")
 plots.curve(history, "loss", x="epoch", smooth=1, ax=ax, label="training CSMR loss")
-print(f"{len(run.concepts)} concepts ({run.seen.sum()} seen), embedding dimension "
-      f"{run.words.shape[1]}; held-out top-1 among seen words: {history[-1]['val_top1']:.1%}")
+print(
+    f"{r.n_concepts} concepts ({r.run.seen.sum()} seen), embedding dimension {r.run.words.shape[1]}; "
+    f"held-out top-1 among seen words per head seed: {[round(h[-1]['val_top1'], 3) for _, h in r.heads]}"
+)
 
 # %% [markdown]
 # ## Filters, their top images, regions and words
@@ -234,13 +254,8 @@ print(f"{len(run.concepts)} concepts ({run.seen.sum()} seen), embedding dimensio
 # dissection finds most clearly, one per dissection concept.
 
 # %%
-dissection = lavise.dissect(features, run.eval_data, expl[masking].thresholds, iou_size=iou_size)
-labels = lavise.filter_labels(expl[masking], dissection, run.concepts, run.seen)
-shown = (labels.sort_values("dissection IoU", ascending=False)
-         .drop_duplicates("dissection concept").head(8))
-titles = [f"filter {r['filter']}\n{r['dissection concept']} ({r['dissection IoU']:.2f})"
-          for _, r in shown.iterrows()]
-fig = lavise.filter_figure(expl[masking], features, run.eval_data, list(shown.index), titles)
+rows, titles = chapter6.shown_filters(r.labels)
+fig = chapter6.filter_figure(r.expl[masking], r.features, r.run.eval_data, rows, titles)
 
 # %% [markdown]
 # ## Recall of the ground-truth concepts
@@ -248,69 +263,39 @@ fig = lavise.filter_figure(expl[masking], features, run.eval_data, list(shown.in
 # For every explained filter and each of its top images, the ground truth is the set of
 # concepts whose mask has IoU above `iou_threshold` with the filter's region on that image.
 # Recall@k is the share of those concepts among the k predicted words, averaged over
-# (filter, image) pairs, separately for seen and unseen concepts. Besides both maskings and
-# the original code's choices, the references:
+# (filter, image) pairs, separately for seen and unseen concepts. Besides both maskings, the
+# references:
 #
+# * **The original code's choices**, one switch at a time from this book's settings, then all
+#   together: what each departure of the code costs or gains.
 # * **Network Dissection** ranks concepts by their data-set IoU with the filter. It uses the
 #   masks of *all* concepts, unseen ones included, on the evaluation images themselves: an
-#   annotation-hungry reference, not a competitor on equal terms (the table shows where it
-#   leads and where it does not).
+#   annotation-hungry reference, not a competitor on equal terms.
 # * **Random embeddings**: the same explainer with random word vectors: seen words can still
 #   be learned, unseen ones cannot, because the space carries no meaning.
-# * **Chance**: a random ranking of the vocabulary.
-#
-# A randomly initialised CNN is the subject of an exercise at the end.
+# * **A random-weight CNN (control)**: the same explainer, trained and evaluated on a copy of the
+#   CNN with fresh random weights. A CNN that learned nothing should be explained worse; if it
+#   is not, the recall measures something other than what the trained filters detect.
+# * **Chance** $k/K$, and a random ranking that estimates it the same way as the methods.
 
 # %%
-random_words, _ = lavise.embed_concepts(run.names, "random", seed=seed)
-noise = lavise.rescore(expl[masking], features, lavise.train_head(run, random_words)[0],
-                       random_words, masking)
-gt = expl[masking].ground_truth
-per_filter = np.broadcast_to(dissection[expl[masking].filters][:, None], gt.shape)
-table = lavise.recall_table({
-    **{f"LaViSE, {m} masking": (expl[m].scores, gt) for m in lavise.MASKINGS},
-    "LaViSE, original code's choices": (expl_original.scores, gt),
-    "Network Dissection (all annotations)": (per_filter, gt),
-    "LaViSE with random embeddings": (noise.scores, gt),
-    "chance": (lavise.chance_scores(gt.shape, seed), gt)}, run.seen)
 table.round(3)
 
+# %% [markdown]
+# The figure: recall minus chance for each method and k, with 95 % intervals; a bar whose
+# interval crosses zero is at chance. Look at the unseen panel, and at the hatched control
+# bars beside the explainer's.
+
 # %%
-long = table.reset_index().melt(id_vars="method", var_name="metric", value_name="recall")
-long[["k", "concepts"]] = long["metric"].str.split(" ", expand=True)
-g = sns.catplot(data=long, x="k", y="recall", hue="method", col="concepts", kind="bar",
-                height=3.2, aspect=1.3)
-print(f"{len(expl[masking].filters)} filters explained; (filter, image) pairs with a seen "
-      f"ground-truth concept: {int((gt & run.seen).any(-1).sum())}, "
-      f"with an unseen one: {int((gt & ~run.seen).any(-1).sum())}")
+fig = chapter6.recall_figure(ch, r)
 
 # %% [markdown]
-# Four comparisons carry the chapter's findings, computed from the table:
-#
-# * **Projection against activation masking**: what the original code's default changes.
-# * **What the embedding space buys on unseen concepts**: the explainer's unseen recall minus
-#   that of the same head trained on random word vectors, whose unseen recall has nothing
-#   to go on (compare it with the chance row); a positive gap is the open-vocabulary
-#   generalisation LaViSE is built on.
-# * **What it costs on seen concepts**: random vectors are nearly orthogonal, so seen concepts
-#   are easy to tell apart; in a semantic space "red", "red body" and "red head" are
-#   neighbours, and a positive value here means the meaningful space makes the seen words
-#   harder to separate.
-# * **Dissection against the explainer**: how far an explainer that sees few annotations stays
-#   from a method that uses every mask.
+# The comparisons that carry the chapter's findings, each a difference in recall@10 with its
+# 95 % interval (paired on the same filters where both methods explain the same ones); a
+# difference whose interval holds zero is not a finding.
 
 # %%
-row = {m: table.loc[f"LaViSE, {m} masking"] for m in lavise.MASKINGS}
-book, noise_row = row[masking], table.loc["LaViSE with random embeddings"]
-dissection_row = table.loc["Network Dissection (all annotations)"]
-findings = pd.Series({
-    "R@10 seen: projection - activation": (row["projection"] - row["activation"])["R@10 seen"],
-    "R@10 unseen: projection - activation": (row["projection"] - row["activation"])["R@10 unseen"],
-    "R@20 unseen: explainer - random embeddings": (book - noise_row)["R@20 unseen"],
-    "R@5 seen: random embeddings - explainer": (noise_row - book)["R@5 seen"],
-    "R@10 seen: dissection - explainer": (dissection_row - book)["R@10 seen"],
-}, name="difference in recall")
-findings.round(3).to_frame()
+chapter6.findings(ch, r).round(3)
 
 # %% [markdown]
 # Which concepts make up the ground truth matters for reading these numbers. A filter's
@@ -319,9 +304,7 @@ findings.round(3).to_frame()
 # pairs of the creature do.
 
 # %%
-gt_share = pd.DataFrame({"group": [c.group for c in run.concepts], "seen": run.seen,
-                         "ground-truth pairs": gt.reshape(-1, len(run.concepts)).sum(0)})
-gt_share.groupby(["group", "seen"])["ground-truth pairs"].sum().unstack().fillna(0).astype(int)
+chapter6.ground_truth_share(ch, r)
 
 # %% [markdown]
 # ## Where the explainer and dissection agree and disagree
@@ -331,11 +314,7 @@ gt_share.groupby(["group", "seen"])["ground-truth pairs"].sum().unstack().fillna
 # concept:
 
 # %%
-agreement = labels.groupby("dissection group")[["agree", "dissection in explainer top-3"]].mean()
-agreement["filters"] = labels.groupby("dissection group").size()
-print(f"overall agreement: top-1 {labels['agree'].mean():.1%}, dissection concept in the "
-      f"explainer's top 3: {labels['dissection in explainer top-3'].mean():.1%}")
-agreement.round(3)
+chapter6.agreement(r).round(3)
 
 # %% [markdown]
 # Dissection answers "which annotated mask does this filter's region overlap most, over the
@@ -344,40 +323,24 @@ agreement.round(3)
 # *encode* inside the region (a colour, a class that has it) rather than its outline. Exact
 # agreement is therefore a harsh measure; "dissection concept in the explainer's top 3" is
 # the fairer one.
-
-# %% tags=["remove-cell"]
-results = {"cnn_test_top1": cnn_top1, "n_concepts": len(run.concepts),
-           "n_seen": int(run.seen.sum()), "n_filters_explained": len(expl[masking].filters),
-           "explainer_val_top1": history[-1]["val_top1"],
-           **{f"{m} {c}": float(v) for m, r in table.iterrows() for c, v in r.items()},
-           **{f"{who}: {c}": float(v) for who, r in recall.items() for c, v in r.items()},
-           "agreement_top1": float(labels["agree"].mean()),
-           "agreement_top3": float(labels["dissection in explainer top-3"].mean()),
-           **{k: float(v) for k, v in findings.items()}}
+#
+# ## Summary
 
 # %% tags=["remove-input"]
-ch.finish(results, headline={f"{m} masking, R@10 unseen": float(row[m]["R@10 unseen"])
-                             for m in lavise.MASKINGS}, summary=[
-    f"{len(expl[masking].filters)} filters of {target_layer} explained with {len(run.concepts)} "
-    f"concepts, {int(run.seen.sum())} seen in training.",
-    f"R@10 seen / unseen: activation masking {row['activation']['R@10 seen']:.3f} / "
-    f"{row['activation']['R@10 unseen']:.3f}, projection {row['projection']['R@10 seen']:.3f} / "
-    f"{row['projection']['R@10 unseen']:.3f}; original code's choices "
-    f"{recall['original code']['R@10 seen']:.3f} / {recall['original code']['R@10 unseen']:.3f}.",
-    f"The embedding space adds {findings.iloc[2]:+.3f} to unseen R@20 over random word vectors; "
-    f"dissection, with every annotation, is {findings.iloc[4]:+.3f} ahead on seen R@10."])
+chapters.finish(ch, r, chapter6)
 
 # %% [markdown]
 # ## Exercises
 #
-# Predict first, then open the solution: it reruns the chapter's explainer with one
-# parameter changed (cached, a few seconds each).
+# Predict first, then open the solution: it reruns the chapter's explainer (its first head
+# seed) with one parameter changed (cached, a few seconds each; the four exercises share one
+# name, so their unchanged row is computed once).
 #
 # 1. **Fewer annotations.** Lower `annotation_rate` from 0.6 to 0.2. What happens to recall on
-#    seen and on unseen concepts? Compare unseen recall with the chance row.
+#    seen and on unseen concepts? Compare unseen recall with chance, $k/K$.
 
 # %% tags=["hide-cell"]
-ch.exercise("fewer annotations", lavise.exercise, annotation_rate=0.2).round(3)
+ch.exercise("explainer recall", chapter6.exercise, annotation_rate=0.2).round(3)
 
 # %% [markdown]
 # 2. **BatchNorm in training mode.** Train the head with `bn_eval=False`, the usual PyTorch
@@ -385,19 +348,18 @@ ch.exercise("fewer annotations", lavise.exercise, annotation_rate=0.2).round(3)
 #    head whose inputs are pooled features of very different scales?
 
 # %% tags=["hide-cell"]
-ch.exercise("BatchNorm in training mode", lavise.exercise, bn_eval=False).round(3)
+ch.exercise("explainer recall", chapter6.exercise, bn_eval=False).round(3)
 
 # %% [markdown]
-# 3. **A random-weight CNN.** Explain the filters of the same ResNet-18 with fresh random
-#    weights (`target_init="random"`). Random convolutions still respond to colour and edges:
-#    how much of the recall survives?
+# 3. **A coarser layer.** Explain `layer4` (a 4×4 map) instead of `layer3`. A filter's region
+#    can then only be a few large cells: which concepts can still reach the IoU threshold?
 
 # %% tags=["hide-cell"]
-ch.exercise("random CNN", lavise.exercise, target_init="random").round(3)
+ch.exercise("explainer recall", chapter6.exercise, target_layer="layer4").round(3)
 
 # %% [markdown]
 # 4. **Bigger regions.** Lower `act_q` from 0.99 to 0.9. Which concept groups can now reach
 #    the IoU threshold, and what happens to recall?
 
 # %% tags=["hide-cell"]
-ch.exercise("bigger regions", lavise.exercise, act_q=0.9).round(3)
+ch.exercise("explainer recall", chapter6.exercise, act_q=0.9).round(3)

@@ -1,10 +1,20 @@
 """Shared fixtures: a small world, a briefly trained world CLIP (seconds on a CPU), and the
-smoke-executed chapters with the book built from them (once per test session)."""
+smoke-executed chapters with the book built from them (once per test session).
+
+`make test` runs the suite on two pytest-xdist workers. The smoke-executed chapters live in one
+folder shared by both workers: a chapter is executed once, by whichever worker needs it first,
+under a file lock, and the other worker waits for it and reads the same results.
+"""
 
 from __future__ import annotations
 
+import fcntl
+import json
+import os
 import subprocess
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -17,6 +27,11 @@ from conceptlab.world import ConceptWorld, WorldConfig
 
 TINY_WORLD = WorldConfig(n_classes=6, seed=0)
 TINY_TRAIN = TrainConfig(n_train=512, steps=20, batch_size=32, warmup=5)
+
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # two workers on two cores: one thread each, for this process and the notebook kernels it starts
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    torch.set_num_threads(1)
 
 
 @pytest.fixture(autouse=True)
@@ -40,15 +55,37 @@ def tiny_clip(tiny_store):
     return world_clip(tiny_store, TINY_WORLD, TINY_TRAIN, progress=False)
 
 
+def _shared_dir(tmp_path_factory, name: str) -> Path:
+    """A folder every xdist worker of this session sees (a private one without xdist)."""
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent  # pytest-xdist gives each worker a subfolder of the session's folder
+    folder = root / name
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
+
+
+@contextmanager
+def _locked(path: Path) -> Iterator[None]:
+    with open(path, "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
 @pytest.fixture(scope="session")
 def run_smoke(tmp_path_factory):
     """Run a chapter on its smoke parameters once per test session; returns its work folder."""
-    workdir, done = tmp_path_factory.mktemp("smoke"), set()
+    workdir = _shared_dir(tmp_path_factory, "smoke")
 
     def run(chapter: str) -> Path:
-        if chapter not in done:
-            run_chapter(chapter, workdir / "executed", smoke_parameters(chapter, workdir))
-            done.add(chapter)
+        done = workdir / f".{chapter}.done"
+        with _locked(workdir / f".{chapter}.lock"):
+            if not done.exists():
+                run_chapter(chapter, workdir / "executed", smoke_parameters(chapter, workdir))
+                done.touch()
         return workdir
 
     return run
@@ -56,10 +93,19 @@ def run_smoke(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def smoke_book(run_smoke, tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
-    """The HTML book built by jupyter-book from every smoke-executed chapter: (book root, build process)."""
+    """The HTML book built by jupyter-book from every smoke-executed chapter: (book root, build process).
+
+    Built once per session (under a lock, shared by the xdist workers); the build's output is kept
+    beside it so every worker sees the same process record."""
     for chapter in chapters():
         workdir = run_smoke(chapter)
-    root = assemble_book(tmp_path_factory.mktemp("book"), workdir / "executed", workdir / "results")
-    jb = Path(sys.executable).with_name("jupyter-book")
-    proc = subprocess.run([str(jb), "build", "--all", str(root)], capture_output=True, text=True, timeout=600)
-    return root, proc
+    root = _shared_dir(tmp_path_factory, "book")
+    record = root / ".build.json"
+    with _locked(root.parent / ".book.lock"):
+        if not record.exists():
+            assemble_book(root, workdir / "executed", workdir / "results")
+            jb = Path(sys.executable).with_name("jupyter-book")
+            proc = subprocess.run([str(jb), "build", "--all", str(root)], capture_output=True, text=True, timeout=600)
+            record.write_text(json.dumps({"returncode": proc.returncode, "stdout": proc.stdout, "stderr": proc.stderr}))
+    built = json.loads(record.read_text())
+    return root, subprocess.CompletedProcess(["jupyter-book"], built["returncode"], built["stdout"], built["stderr"])

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
+import time
 from pathlib import Path
 
 import pytest
 import torch
 
+from conceptlab import artifacts
 from conceptlab.artifacts import (
     DONE,
     ArtifactStore,
@@ -59,7 +63,7 @@ def test_get_or_build_builds_once_per_key_and_marks_completion_last(tmp_path):
         assert torch.equal(out["w"], torch.ones(2))
     assert len(built) == 2
     assert json.loads((built[0] / "params.json").read_text()) == {"n": 1}
-    assert json.loads((built[0] / DONE).read_text())["files"]["x.pt"] > 0
+    assert json.loads((built[0] / DONE).read_text())["files"]["x.pt"]["size"] > 0
 
 
 def test_a_folder_without_the_marker_is_unfinished_and_rebuilt_with_a_note(tmp_path, capsys):
@@ -72,12 +76,55 @@ def test_a_folder_without_the_marker_is_unfinished_and_rebuilt_with_a_note(tmp_p
 
 
 def test_a_finished_artifact_that_cannot_be_loaded_is_rebuilt_once(tmp_path, capsys):
+    store, built, loads = ArtifactStore(tmp_path), [], []
+
+    def load_failing_once(d):
+        loads.append(d)
+        if len(loads) == 2:
+            raise RuntimeError("a reader that changed its mind")
+        return _load_x(d)
+
+    store.get_or_build("thing", {"n": 1}, _tensor_builder(built), load_failing_once)
+    out = store.get_or_build("thing", {"n": 1}, _tensor_builder(built), load_failing_once)
+    assert torch.equal(out["w"], torch.ones(2)) and len(built) == 2
+    notes = capsys.readouterr().err.strip().splitlines()
+    assert len(notes) == 1 and "cannot be loaded" in notes[0], notes
+
+
+def test_done_records_each_files_hash_and_a_file_changed_in_place_is_rebuilt_with_one_note(tmp_path, capsys):
     store, built = ArtifactStore(tmp_path), []
     store.get_or_build("thing", {"n": 1}, _tensor_builder(built), _load_x)
-    (built[0] / "x.pt").write_bytes(b"corrupted on disk")
+    d = built[0]
+    recorded = json.loads((d / DONE).read_text())["files"]["x.pt"]
+    assert recorded["sha256"] == hashlib.sha256((d / "x.pt").read_bytes()).hexdigest()
+    raw = bytearray((d / "x.pt").read_bytes())
+    raw[-30] ^= 0xFF  # damaged in place: same size, still a zip torch may read
+    (d / "x.pt").write_bytes(bytes(raw))
+    capsys.readouterr()
     out = store.get_or_build("thing", {"n": 1}, _tensor_builder(built), _load_x)
     assert torch.equal(out["w"], torch.ones(2)) and len(built) == 2
-    assert "cannot be loaded" in capsys.readouterr().err
+    notes = capsys.readouterr().err.strip().splitlines()
+    assert len(notes) == 1 and "changed since it was built (x.pt)" in notes[0], notes
+    store.get_or_build("thing", {"n": 1}, _tensor_builder(built), _load_x)
+    assert len(built) == 2, "a verified artifact is not rebuilt"
+
+
+def test_a_truncated_training_checkpoint_of_an_unfinished_artifact_is_rebuilt_from_the_start(tmp_path, capsys):
+    store, seen = ArtifactStore(tmp_path), []
+    d = store.path("run", {"n": 1})
+    atomic_torch_save({"model": torch.zeros(1000)}, d / "state.pt")
+    (d / "state.pt").write_bytes((d / "state.pt").read_bytes()[:500])  # a full disk, a kill mid-copy
+
+    def build(d):
+        seen.append((d / "state.pt").exists())
+        if (d / "state.pt").exists():
+            safe_torch_load(d / "state.pt", owner="store")  # what a resuming TrainingRun does
+        atomic_torch_save({"w": torch.ones(2)}, d / "x.pt")
+
+    out = store.get_or_build("run", {"n": 1}, build, _load_x)
+    assert torch.equal(out["w"], torch.ones(2)) and seen == [False]
+    notes = capsys.readouterr().err.strip().splitlines()
+    assert len(notes) == 1 and "cannot be read" in notes[0] and "from the start" in notes[0], notes
 
 
 def test_fingerprint_follows_content_not_path(tmp_path):
@@ -89,6 +136,47 @@ def test_fingerprint_follows_content_not_path(tmp_path):
     b = tmp_path / "copy.pt"
     b.write_bytes(b"weights two, longer")
     assert fingerprint(b) == fingerprint(a)
+
+
+def test_folder_fingerprint_sees_an_image_overwritten_by_another_of_the_same_size(tmp_path):
+    (tmp_path / "cat").mkdir()
+    image = tmp_path / "cat" / "1.jpg"
+    image.write_bytes(b"first image")
+    first = fingerprint(tmp_path)
+    image.write_bytes(b"other image")  # same size, same name
+    assert fingerprint(tmp_path) != first
+
+
+def _age(path, seconds: float = 60.0) -> None:
+    """Date a file back, as an unchanged file on disk is (a file just written is never cached)."""
+    t = time.time() - seconds
+    os.utime(path, (t, t))
+
+
+def test_the_stat_cache_reads_an_unchanged_file_once_across_stores(tmp_path, monkeypatch):
+    data = tmp_path / "data"
+    (data / "cat").mkdir(parents=True)
+    for i in range(3):
+        (data / "cat" / f"{i}.jpg").write_bytes(bytes([i]) * 100)
+        _age(data / "cat" / f"{i}.jpg")
+    reads = []
+    real = artifacts._hash_file
+    monkeypatch.setattr(artifacts, "_hash_file", lambda p: reads.append(p.name) or real(p))
+    first = ArtifactStore(tmp_path / "store").fingerprint(data)
+    assert len(reads) == 3 and (tmp_path / "store" / artifacts.STAT_CACHE).is_file()
+    again = ArtifactStore(tmp_path / "store").fingerprint(data)  # another process: the cache file
+    assert again == first and len(reads) == 3, "unchanged files must not be read again"
+    (data / "cat" / "1.jpg").write_bytes(b"x" * 100)  # same size, new modification time
+    assert ArtifactStore(tmp_path / "store").fingerprint(data) != first and reads[3:] == ["1.jpg"]
+
+
+def test_a_file_just_written_is_hashed_but_not_cached(tmp_path):
+    cache = artifacts.StatCache(tmp_path / "cache.json")
+    f = tmp_path / "w.pt"
+    f.write_bytes(b"one")
+    assert cache.sha256(f) == hashlib.sha256(b"one").hexdigest()
+    f.write_bytes(b"two")  # within the same timestamp tick, possibly: must still be seen
+    assert cache.sha256(f) == hashlib.sha256(b"two").hexdigest()
 
 
 def test_folder_fingerprint_sees_added_files_and_ignores_hidden_ones(tmp_path):

@@ -25,10 +25,12 @@ from conceptlab.bookrun import NOTEBOOKS, ROOT, chapters
 CHAPTERS = chapters()
 CHROMIUM, CHROMEDRIVER = Path("/usr/bin/chromium"), Path("/usr/bin/chromedriver")
 MATHJAX = Path("/usr/share/javascript/mathjax")
-MATHJAX_CONFIG = ('<script type="text/x-mathjax-config">MathJax.Hub.Config({tex2jax: {inlineMath: '
-                  '[["\\\\(","\\\\)"]], displayMath: [["\\\\[","\\\\]"]], processClass: "math", '
-                  'ignoreClass: "tex2jax_ignore|mathjax_ignore"}});</script>\n')
-MATHJAX_LOCAL = '/__mathjax__/MathJax.js?config=TeX-AMS_SVG'  # SVG: no web fonts to wait for
+MATHJAX_CONFIG = (
+    '<script type="text/x-mathjax-config">MathJax.Hub.Config({tex2jax: {inlineMath: '
+    '[["\\\\(","\\\\)"]], displayMath: [["\\\\[","\\\\]"]], processClass: "math", '
+    'ignoreClass: "tex2jax_ignore|mathjax_ignore"}});</script>\n'
+)
+MATHJAX_LOCAL = "/__mathjax__/MathJax.js?config=TeX-AMS_SVG"  # SVG: no web fonts to wait for
 
 # One script per page: waits for MathJax, inspects the page, then opens every toggle and measures code.
 PAGE_REPORT_JS = """
@@ -78,8 +80,11 @@ class _BookHandler(SimpleHTTPRequestHandler):
         path = Path(self.translate_path(self.path))
         if path.suffix != ".html" or not path.is_file():
             return super().send_head()
-        html = re.sub(r'<script[^>]*src="https://[^"]*mathjax[^"]*"[^>]*></script>',
-                      lambda _: MATHJAX_CONFIG + f'<script src="{MATHJAX_LOCAL}"></script>', path.read_text())
+        html = re.sub(
+            r'<script[^>]*src="https://[^"]*mathjax[^"]*"[^>]*></script>',
+            lambda _: MATHJAX_CONFIG + f'<script src="{MATHJAX_LOCAL}"></script>',
+            path.read_text(),
+        )
         body = html.encode()
         self.send_response(200)
         self.send_header("Content-Type", "text/html; charset=utf-8")
@@ -100,8 +105,13 @@ def browser():
         pytest.skip(f"{missing} absent: run `make browser` (apt-get install chromium chromium-driver libjs-mathjax)")
     options = webdriver.ChromeOptions()
     options.binary_location = str(CHROMIUM)
-    for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
-                "--window-size=1280,1000"):
+    for arg in (
+        "--headless=new",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-dev-shm-usage",
+        "--window-size=1280,1000",
+    ):
         options.add_argument(arg)
     driver = webdriver.Chrome(options=options, service=webdriver.ChromeService(str(CHROMEDRIVER)))
     driver.set_script_timeout(60)
@@ -129,8 +139,7 @@ def reports(browser, site) -> dict[str, dict]:
         browser.get(f"{site}/book/chapters/{chapter}.html")
         out[chapter] = browser.execute_async_script(PAGE_REPORT_JS)
     browser.get(f"{site}/book/references.html")
-    out["references"] = browser.execute_script(
-        "return [...document.querySelectorAll('.citation[id]')].map(e => e.id);")
+    out["references"] = browser.execute_script("return [...document.querySelectorAll('.citation[id]')].map(e => e.id);")
     return out
 
 
@@ -206,8 +215,7 @@ def _install_lines(chapter: str) -> str:
     start = next((i for i, line in enumerate(lines) if line.startswith("if ") and '"conceptlab"' in line), None)
     if start is None:
         return ""
-    end = next((i for i in range(start + 1, len(lines)) if lines[i].strip() and not lines[i][0].isspace()),
-               len(lines))
+    end = next((i for i in range(start + 1, len(lines)) if lines[i].strip() and not lines[i][0].isspace()), len(lines))
     return "\n".join(lines[:end])
 
 
@@ -218,9 +226,11 @@ def _run_install_lines(source: str, installed: bool, monkeypatch) -> list[str]:
 
     calls: list[str] = []
     real = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec",
-                        lambda name, *a: (real("json") if installed else None) if name == "conceptlab"
-                        else real(name, *a))
+    monkeypatch.setattr(
+        importlib.util,
+        "find_spec",
+        lambda name, *a: (real("json") if installed else None) if name == "conceptlab" else real(name, *a),
+    )
     monkeypatch.setattr(subprocess, "run", lambda cmd, *a, **k: calls.append(" ".join(map(str, cmd))))
     monkeypatch.setattr(subprocess, "check_call", lambda cmd, *a, **k: calls.append(" ".join(map(str, cmd))))
 
@@ -246,11 +256,16 @@ def test_launch_extension_rewrites_the_theme_urls():
 
     from conceptlab.sphinx_launch import LAUNCH_GROUP, relink_launch_buttons
 
-    config = SimpleNamespace(conceptlab_launch_pages={"book/chapters/": "notebooks/"},
-                             html_theme_options={"path_to_docs": "docs/"})
+    config = SimpleNamespace(
+        conceptlab_launch_pages={"book/chapters/": "notebooks/"}, html_theme_options={"path_to_docs": "docs/"}
+    )
     theme = "https://colab.research.google.com/github/o/r/blob/main/docs/book/chapters/03_deal.ipynb"
-    context = {"header_buttons": [{"label": LAUNCH_GROUP, "buttons": [{"url": theme}, {"javascript": "x"}]},
-                                  {"label": "other", "buttons": [{"url": theme}]}]}
+    context = {
+        "header_buttons": [
+            {"label": LAUNCH_GROUP, "buttons": [{"url": theme}, {"javascript": "x"}]},
+            {"label": "other", "buttons": [{"url": theme}]},
+        ]
+    }
     relink_launch_buttons(SimpleNamespace(config=config), "book/chapters/03_deal", "page.html", context, None)
     assert context["header_buttons"][0]["buttons"][0]["url"].endswith("/blob/main/docs/notebooks/03_deal.ipynb")
     assert context["header_buttons"][1]["buttons"][0]["url"] == theme, "only the launch group changes"
@@ -263,8 +278,9 @@ def test_launch_extension_maps_pages_to_paired_notebooks():
     assert paired_notebook("book/chapters/03_deal", pages) == "notebooks/03_deal.ipynb"
     assert paired_notebook("book/intro", pages) is None
     config = yaml.safe_load((ROOT / "_config.yml").read_text())
-    assert "conceptlab.sphinx_launch" in config["sphinx"].get("extra_extensions", []), \
+    assert "conceptlab.sphinx_launch" in config["sphinx"].get("extra_extensions", []), (
         "enable the launch-button extension in _config.yml"
-    assert all((NOTEBOOKS / paired_notebook(f"book/chapters/{c}", pages).removeprefix("notebooks/")).exists()
-               for c in CHAPTERS)
-
+    )
+    assert all(
+        (NOTEBOOKS / paired_notebook(f"book/chapters/{c}", pages).removeprefix("notebooks/")).exists() for c in CHAPTERS
+    )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 
 import pytest
@@ -47,16 +48,17 @@ def test_a_misspelt_parameter_is_refused_with_a_suggestion(tmp_path):
 
 
 def test_every_problem_is_reported_at_once(tmp_path):
-    ns = _namespace(tmp_path, steps=-1, dataset="imagenet", weights=str(tmp_path / "none.pt"),
-                    world={"habitat_corelation": 0.9})
+    ns = _namespace(
+        tmp_path, steps=-1, dataset="imagenet", weights=str(tmp_path / "none.pt"), world={"habitat_corelation": 0.9}
+    )
     with pytest.raises(ParameterError) as err:
         validate(ns, {**chapter.SHARED, **SPEC})
     message = str(err.value)
     assert "steps=-1 must be >= 0" in message
     assert "'imagenet' is not one of" in message
-    assert "no such file" in message
+    assert "no such file" in message and "did you mean 'habitat_correlation'" in message
     lines = [line for line in message.splitlines() if line.strip().startswith("-")]
-    assert len(lines) == 3  # the world typo is a check, run once the types are right
+    assert len(lines) == 4  # the world typo is found with the types, not after them
 
 
 def test_world_and_training_overrides_are_checked_against_their_configs(tmp_path):
@@ -78,8 +80,14 @@ def test_model_and_pretrained_are_checked_before_any_work(tmp_path):
 
 
 def test_a_chapter_check_runs_with_the_other_parameters(tmp_path):
-    spec = {**SPEC, "layer": Param("layer4", str, check=lambda v, p: None if v.startswith("layer") else
-                                   f"no layer {v!r} in the model (steps={p['steps']})")}
+    spec = {
+        **SPEC,
+        "layer": Param(
+            "layer4",
+            str,
+            check=lambda v, p: None if v.startswith("layer") else f"no layer {v!r} in the model (steps={p['steps']})",
+        ),
+    }
     ns = _namespace(tmp_path, layer="fc9")
     with pytest.raises(ParameterError, match=r"layer: no layer 'fc9' in the model \(steps=10\)"):
         setup("99_test", ns, spec)
@@ -120,8 +128,11 @@ def test_results_record_inputs_by_content_and_only_parameters_that_applied(tmp_p
 def test_a_real_model_run_records_no_world_settings(tmp_path):
     ckpt = tmp_path / "model.pt"
     ckpt.write_bytes(b"x")
-    ch = setup("99_test", _namespace(tmp_path, model="ViT-B-32", pretrained=str(ckpt), dataset="imagefolder",
-                                     data_root=str(tmp_path)), SPEC)
+    ch = setup(
+        "99_test",
+        _namespace(tmp_path, model="ViT-B-32", pretrained=str(ckpt), dataset="imagefolder", data_root=str(tmp_path)),
+        SPEC,
+    )
     applied = ch.applied()
     assert "world" not in applied and "world_clip" not in applied and applied["data_root"] == str(tmp_path)
     assert ch.model_key["pretrained"]["sha256"] == ch.inputs["pretrained"]["sha256"]
@@ -147,10 +158,90 @@ def test_an_exercise_runs_both_settings_once_and_reports_the_change(tmp_path):
 
 
 def test_differences_say_which_side_the_run_follows():
-    switches = {"detach": Switch(paper=False, original=True, what="map losses reach the model or not"),
-                "steps": Switch(paper=10, original=10, what="same")}
+    switches = {
+        "detach": Switch(paper=False, original=True, what="map losses reach the model or not"),
+        "steps": Switch(paper=10, original=10, what="same"),
+    }
     table = differences_table(switches, {"detach": True, "steps": 10})
     assert table.loc["detach", "this run follows"] == "original code"
     assert table.loc["steps", "this run follows"] == "paper and original code"
     fidelity = fidelity_table({"accuracy": {"paper": 0.7, "this book": 0.6}})
     assert list(fidelity.columns) == ["paper reports", "this book"]
+
+
+def test_world_fields_are_type_checked_by_name_before_any_work(tmp_path):
+    spec = {**chapter.SHARED, **SPEC}
+    with pytest.raises(ParameterError, match=r"world_clip\.steps=300\.5 \(float\) should be an integer"):
+        validate(_namespace(tmp_path, world_clip={"steps": 300.5}), spec)
+    with pytest.raises(ParameterError, match=r"world_clip\.steps=300\.0 \(float\) should be an integer"):
+        validate(_namespace(tmp_path, world_clip={"steps": 300.0}), spec)
+    with pytest.raises(ParameterError) as err:
+        validate(_namespace(tmp_path, world={"habitat_correlation": "high"}), spec)
+    assert "world.habitat_correlation='high' (str) should be a number" in str(err.value)
+    assert "not supported" not in str(err.value)
+    with pytest.raises(ParameterError, match=r"world\.caption_mix\.visual='lots' \(str\) should be a number"):
+        validate(_namespace(tmp_path, world={"caption_mix": {"visual": "lots"}}), spec)
+    with pytest.raises(ParameterError, match=r"world\.n_classes=True \(bool\) should be an integer"):
+        validate(_namespace(tmp_path, world={"n_classes": True}), spec)
+    params = validate(_namespace(tmp_path, world_clip={"lr": 1}), spec)
+    assert params["world_clip"] == {"lr": 1.0} and isinstance(params["world_clip"]["lr"], float)
+
+
+def test_cross_field_problems_of_a_config_are_named_with_the_parameter(tmp_path):
+    spec = {**chapter.SHARED, **SPEC}
+    with pytest.raises(ParameterError, match=r"world_clip: .*batch_size=64 exceeds n_train=32"):
+        validate(_namespace(tmp_path, world_clip={"n_train": 32, "batch_size": 64}), spec)
+    with pytest.raises(ParameterError, match=r"world_clip: .*warmup=50 exceeds steps=20"):
+        validate(_namespace(tmp_path, world_clip={"steps": 20}), spec)  # the default warm-up is 50 steps
+
+
+def test_an_output_folder_that_is_a_file_is_refused_at_setup(tmp_path):
+    (tmp_path / "results.json").write_text("{}")
+    with pytest.raises(ParameterError, match="results_dir: .*results.json' is a file, not a folder"):
+        setup("99_test", _namespace(tmp_path, results_dir=str(tmp_path / "results.json" / "sub")), SPEC)
+    with pytest.raises(ParameterError, match="artifacts_dir: .* is a file"):
+        setup("99_test", _namespace(tmp_path, artifacts_dir=str(tmp_path / "results.json")), SPEC)
+
+
+def test_every_file_a_string_parameter_names_is_hashed_into_inputs_and_keys(tmp_path):
+    spec = {**SPEC, "descriptors": Param("oracle", str), "embedding": Param("clip", str)}
+    descriptors, glove = tmp_path / "descriptors.json", tmp_path / "glove.txt"
+    descriptors.write_text('{"cat": ["whiskers"]}')
+    glove.write_text("cat 0.1 0.2\n")
+    ch = setup("99_test", _namespace(tmp_path, descriptors=str(descriptors), embedding=f"glove:{glove}"), spec)
+    assert ch.inputs["descriptors"] == {
+        "path": str(descriptors),
+        "sha256": hashlib.sha256(descriptors.read_bytes()).hexdigest(),
+    }
+    assert ch.inputs["embedding"]["path"] == str(glove)
+    assert not {"artifacts_dir", "results_dir", "model", "dataset"} & set(ch.inputs)
+    key = ch.key()
+    glove.write_text("cat 0.3 0.4\n")  # same size, other vectors
+    again = setup("99_test", _namespace(tmp_path, descriptors=str(descriptors), embedding=f"glove:{glove}"), spec)
+    assert again.key() != key
+    plain = setup("99_test", _namespace(tmp_path), spec)
+    assert "descriptors" not in plain.inputs and "embedding" not in plain.inputs
+
+
+def test_a_data_folder_is_keyed_by_the_content_of_its_images(tmp_path):
+    data = tmp_path / "images"
+    (data / "cat").mkdir(parents=True)
+    (data / "cat" / "1.jpg").write_bytes(b"a cat")
+    ns = _namespace(tmp_path, dataset="imagefolder", data_root=str(data))
+    key = setup("99_test", dict(ns), SPEC).key()
+    (data / "cat" / "1.jpg").write_bytes(b"a dog")  # same name, same size
+    assert setup("99_test", dict(ns), SPEC).key() != key
+
+
+def test_the_loaded_architecture_is_recorded_with_its_activation(tmp_path):
+    import open_clip
+
+    ckpt = tmp_path / "model.pt"
+    ckpt.write_bytes(b"x")
+    ch = setup("99_test", _namespace(tmp_path, model="ViT-B-32", pretrained=str(ckpt)), SPEC)
+    assert "loaded_architecture" not in ch.applied()
+    quick = open_clip.create_model("ConceptWorld-ViT", force_quick_gelu=True)
+    ch._clip = (quick, None, None, None)  # as Chapter.clip() leaves a loaded CLIP
+    assert ch.applied()["loaded_architecture"] == "ViT-B-32-quickgelu"
+    assert chapter.loaded_architecture("ConceptWorld-ViT", quick) == "ConceptWorld-ViT (QuickGELU)"
+    assert chapter.loaded_architecture("ViT-B-32", open_clip.create_model("ConceptWorld-ViT")) == "ViT-B-32"

@@ -96,9 +96,17 @@ def test_cub_descriptor_names_match_after_normalising(tmp_path, capsys):
     data = load_cub(_cub(tmp_path / "CUB_200_2011", CUB_FOLDERS), "test")
     assert len(data) == 4 and data.class_names[0] == "black footed albatross"
     path = tmp_path / "cub.json"
-    path.write_text(json.dumps({"Black-footed Albatross": ["long wings"], "Brewer's Blackbird": ["glossy"],
-                                "Chuck-will\u2019s-widow": ["mottled"], "common yellowthroat": ["mask"],
-                                "Dodo": ["extinct"]}))
+    path.write_text(
+        json.dumps(
+            {
+                "Black-footed Albatross": ["long wings"],
+                "Brewer's Blackbird": ["glossy"],
+                "Chuck-will\u2019s-widow": ["mottled"],
+                "common yellowthroat": ["mask"],
+                "Dodo": ["extinct"],
+            }
+        )
+    )
     table = load_descriptors(path, data.class_names)
     assert list(table) == data.class_names
     assert table["chuck will widow"] == ["mottled"] and table["brewer blackbird"] == ["glossy"]

@@ -12,6 +12,7 @@ from PIL import Image
 from test_explain import saved_checkpoint
 
 from conceptlab import deal
+from conceptlab.chapters import deal as deal_chapter
 from conceptlab.data import load_eval_set
 from conceptlab.deal import DealConfig, DealObjective, array_batches, evaluate, train_deal
 from conceptlab.descriptors import concept_text, descriptor_text_features, get_descriptors, oracle_descriptors
@@ -21,8 +22,8 @@ from conceptlab.metrics import (
     consistency_loss,
     disentanglability,
     energy_in_mask,
+    insertion_fidelity,
     insertion_images,
-    localizability,
     overlap_agreement,
     pairing_rows,
     pointing_game,
@@ -35,8 +36,9 @@ from conceptlab.models import images_to_tensor, load_clip
 # ---------------------------------------------------------------------------- losses and metrics
 def test_losses_against_loops():
     maps = torch.rand(3, 4, 5, 5, generator=torch.Generator().manual_seed(0))
-    sep = np.mean([sum((maps[n, i] * maps[n, j]).sum().item() for i in range(4) for j in range(i + 1, 4))
-                   for n in range(3)])
+    sep = np.mean(
+        [sum((maps[n, i] * maps[n, j]).sum().item() for i in range(4) for j in range(i + 1, 4)) for n in range(3)]
+    )
     assert separation_loss(maps).item() == pytest.approx(sep, rel=1e-5)
     con = np.mean([((maps[n, :3].sum(0) - maps[n, 3]) ** 2).sum().item() for n in range(3)])
     assert consistency_loss(maps[:, :3], maps[:, 3]).item() == pytest.approx(con, rel=1e-5)
@@ -44,8 +46,12 @@ def test_losses_against_loops():
 
 def test_sparsity_loss_as_coded_on_a_hand_computed_example():
     """An image's K raw maps share one min and max; the sum runs over the batch (no mean)."""
-    raw = torch.tensor([[[[0.0, 2.0]], [[4.0, 0.0]]],  # image 0: joint max 4 -> 0.5 + 1 = 1.5
-                        [[[1.0, 1.0]], [[1.0, 3.0]]]])  # image 1: joint min 1, max 3 -> 1
+    raw = torch.tensor(
+        [
+            [[[0.0, 2.0]], [[4.0, 0.0]]],  # image 0: joint max 4 -> 0.5 + 1 = 1.5
+            [[[1.0, 1.0]], [[1.0, 3.0]]],
+        ]
+    )  # image 1: joint min 1, max 3 -> 1
     assert sparsity_loss(raw).item() == pytest.approx(2.5, abs=1e-6)
     assert minmax(raw).sum().item() == pytest.approx(3.0, abs=1e-6)  # map by map: another number
 
@@ -71,9 +77,11 @@ def test_insertion_whole_pixels_and_original_indexing():
 
 def test_localizability_prefers_the_right_region():
     """A toy encoder that sees only the top-left quadrant: a map on that quadrant scores higher."""
+
     def encode(x):
-        return torch.nn.functional.normalize(torch.stack([x[:, 0, :4, :4].mean((1, 2)), x[:, 1].mean((1, 2)),
-                                                          torch.ones(len(x))], 1), dim=-1)
+        return torch.nn.functional.normalize(
+            torch.stack([x[:, 0, :4, :4].mean((1, 2)), x[:, 1].mean((1, 2)), torch.ones(len(x))], 1), dim=-1
+        )
 
     gen = torch.Generator().manual_seed(0)
     images = torch.rand(4, 3, 8, 8, generator=gen) * 4 - 2
@@ -81,7 +89,7 @@ def test_localizability_prefers_the_right_region():
     right, wrong = torch.zeros(4, 1, 8, 8), torch.zeros(4, 1, 8, 8)
     right[:, :, :4, :4] = 1
     wrong[:, :, 4:, 4:] = 1
-    good, bad = localizability(encode, images, right, text), localizability(encode, images, wrong, text)
+    good, bad = insertion_fidelity(encode, images, right, text), insertion_fidelity(encode, images, wrong, text)
     assert good.shape == (4, 1) and (good >= 0).all() and (good <= 1).all()
     assert good.mean() > bad.mean() + 0.2
 
@@ -115,8 +123,7 @@ def test_config_validation():
 def test_objective_gradients_reach_the_vision_tower_through_the_maps(tiny_clip, tiny_world):
     model, _, tokenizer, _ = tiny_clip
     cfg = DealConfig(n_concepts=3)
-    objective = DealObjective(model, tokenizer, tiny_world.class_names, oracle_descriptors(tiny_world).descriptors,
-                              cfg)
+    objective = DealObjective(model, tokenizer, tiny_world.class_names, oracle_descriptors(tiny_world).descriptors, cfg)
     images, labels = _world_batches(tiny_world, model)(0)
     losses = objective(images, torch.as_tensor(labels))
     assert all(torch.isfinite(v) for v in losses.values()) and losses["separation"] > 0
@@ -130,8 +137,9 @@ def test_objective_gradients_reach_the_vision_tower_through_the_maps(tiny_clip, 
 def test_objective_on_a_resnet_clip(tiny_world):
     """Grad-CAM maps are differentiable too: the separation loss trains the ResNet trunk."""
     model, _, tokenizer = load_clip("ConceptWorld-RN", None, "cpu")
-    objective = DealObjective(model, tokenizer, tiny_world.class_names, oracle_descriptors(tiny_world).descriptors,
-                              DealConfig(n_concepts=2))
+    objective = DealObjective(
+        model, tokenizer, tiny_world.class_names, oracle_descriptors(tiny_world).descriptors, DealConfig(n_concepts=2)
+    )
     images, labels = _world_batches(tiny_world, model, n=16, batch_size=4)(0)
     losses = objective(images, torch.as_tensor(labels))
     losses["separation"].backward()
@@ -146,8 +154,9 @@ def test_train_frozen_text_and_resume(tiny_clip, tiny_world, tmp_path):
     cfg = DealConfig(steps=4, batch_size=8, lr=1e-4, n_concepts=3, freeze_text=True)
     straight = copy.deepcopy(base)
     batches = _world_batches(tiny_world, straight)
-    history = train_deal(straight, tokenizer, tiny_world.class_names, descriptors, batches, cfg, tmp_path / "a",
-                         progress=False)
+    history = train_deal(
+        straight, tokenizer, tiny_world.class_names, descriptors, batches, cfg, tmp_path / "a", progress=False
+    )
     assert [h["step"] for h in history] == [0, 1, 2, 3]
     text_before = dict(base.named_parameters())["text_projection"]
     assert torch.equal(dict(straight.named_parameters())["text_projection"], text_before)  # frozen
@@ -160,12 +169,14 @@ def test_train_frozen_text_and_resume(tiny_clip, tiny_world, tmp_path):
 
     resumed = copy.deepcopy(base)
     with pytest.raises(KeyboardInterrupt):
-        train_deal(resumed, tokenizer, tiny_world.class_names, descriptors, interrupted, cfg, tmp_path / "b",
-                   progress=False)
+        train_deal(
+            resumed, tokenizer, tiny_world.class_names, descriptors, interrupted, cfg, tmp_path / "b", progress=False
+        )
     assert (tmp_path / "b" / "state.pt").exists() and not (tmp_path / "b" / "model.pt").exists()
     again = copy.deepcopy(base)
-    history_b = train_deal(again, tokenizer, tiny_world.class_names, descriptors, batches, cfg, tmp_path / "b",
-                           progress=False)
+    history_b = train_deal(
+        again, tokenizer, tiny_world.class_names, descriptors, batches, cfg, tmp_path / "b", progress=False
+    )
     assert [h["loss"] for h in history_b] == pytest.approx([h["loss"] for h in history], rel=1e-5)
     for (name, p), q in zip(straight.named_parameters(), again.parameters()):
         torch.testing.assert_close(p, q, atol=1e-6, rtol=1e-5, msg=name)
@@ -177,13 +188,22 @@ def test_evaluate_on_the_world(tiny_clip, tiny_world):
     batch = tiny_world.sample(12, "test")
     ds = oracle_descriptors(tiny_world)
     masks = ds.first(3).part_masks(tiny_world.class_names, batch.labels, batch.masks)
-    metrics, maps = evaluate(model, tokenizer, images_to_tensor(batch.images, model), batch.labels,
-                             tiny_world.class_names, ds, n_concepts=3, part_masks=masks)
+    metrics, maps, _ = evaluate(
+        model,
+        tokenizer,
+        images_to_tensor(batch.images, model),
+        batch.labels,
+        tiny_world.class_names,
+        ds,
+        n_concepts=3,
+        part_masks=masks,
+    )
     assert maps.shape == (12, 3, 8, 8)
     for key in ("disentanglability", "localizability", "top1", "pointing_game", "energy_in_mask"):
         assert 0 <= metrics[key] <= 1, key
-    assert metrics["disentanglability"] == pytest.approx(disentanglability(
-        [separation_loss(maps[i:i + 1]).item() for i in range(12)]))
+    assert metrics["disentanglability"] == pytest.approx(
+        disentanglability([separation_loss(maps[i : i + 1]).item() for i in range(12)])
+    )
 
 
 # ---------------------------------------------------------------------------- real path
@@ -195,20 +215,34 @@ def test_real_path_local_checkpoint_imagefolder_and_descriptor_file(tmp_path_fac
         for i in range(2):
             pixels = rng.integers(0, 255, (40, 48, 3), dtype=np.uint8)
             Image.fromarray(pixels).save(tmp_path / "data" / cls / f"{i}.jpg")
-    (tmp_path / "desc.json").write_text(json.dumps({
-        "black footed albatross": ["long narrow wings", "dark brown body", "pale beak", "webbed feet"],
-        "cardinal": ["bright red feathers", "pointed crest", "black face mask", "thick orange beak"]}))
+    (tmp_path / "desc.json").write_text(
+        json.dumps(
+            {
+                "black footed albatross": ["long narrow wings", "dark brown body", "pale beak", "webbed feet"],
+                "cardinal": ["bright red feathers", "pointed crest", "black face mask", "thick orange beak"],
+            }
+        )
+    )
     model, preprocess, tokenizer = load_clip("ViT-B-32", str(saved_checkpoint(tmp_path_factory, "ViT-B-32")), "cpu")
     test = load_eval_set(model, preprocess, 4, "imagefolder", str(tmp_path / "data"))
     assert test.class_names == ["black footed albatross", "cardinal"] and test.display.shape == (4, 224, 224, 3)
     ds = get_descriptors(str(tmp_path / "desc.json"), test.class_names, None)
     one_each = [0, 2]
-    metrics, maps = evaluate(model, tokenizer, test.images[one_each], test.labels[one_each], test.class_names, ds,
-                             n_concepts=2)
+    metrics, maps, _ = evaluate(
+        model, tokenizer, test.images[one_each], test.labels[one_each], test.class_names, ds, n_concepts=2
+    )
     assert maps.shape == (2, 2, 7, 7) and 0 <= metrics["localizability"] <= 1 and "pointing_game" not in metrics
     cfg = DealConfig(steps=1, batch_size=2, lr=1e-6, n_concepts=2, freeze_text=True)
-    history = train_deal(model, tokenizer, test.class_names, ds.descriptors,
-                         array_batches(test.images, test.labels, 2, 0), cfg, tmp_path / "deal", progress=False)
+    history = train_deal(
+        model,
+        tokenizer,
+        test.class_names,
+        ds.descriptors,
+        array_batches(test.images, test.labels, 2, 0),
+        cfg,
+        tmp_path / "deal",
+        progress=False,
+    )
     assert np.isfinite(history[0]["loss"]) and (tmp_path / "deal" / "model.pt").exists()
 
 
@@ -219,12 +253,14 @@ def test_deal_clip_is_stored_and_reused(tiny_clip, tiny_world, tiny_store, monke
     descriptors = oracle_descriptors(tiny_world).descriptors
     cfg = DealConfig(steps=2, batch_size=4, lr=1e-4, n_concepts=2)
     batches = _world_batches(tiny_world, model, n=16, batch_size=4)
-    tuned, history = deal.deal_clip(tiny_store, {"test": 1}, model, tokenizer, tiny_world.class_names, descriptors,
-                                    batches, cfg, progress=False)
+    tuned, history = deal.deal_clip(
+        tiny_store, {"test": 1}, model, tokenizer, tiny_world.class_names, descriptors, batches, cfg, progress=False
+    )
     assert not torch.equal(tuned.visual.proj, model.visual.proj)  # a trained copy; the base is untouched
     monkeypatch.setattr(deal, "train_deal", lambda *a, **k: pytest.fail("retrained a stored run"))
-    again, history_again = deal.deal_clip(tiny_store, {"test": 1}, model, tokenizer, tiny_world.class_names,
-                                          descriptors, batches, cfg, progress=False)
+    again, history_again = deal.deal_clip(
+        tiny_store, {"test": 1}, model, tokenizer, tiny_world.class_names, descriptors, batches, cfg, progress=False
+    )
     assert history_again == history and torch.equal(again.visual.proj, tuned.visual.proj)
 
 
@@ -246,11 +282,14 @@ def test_detach_maps_silences_the_map_losses_only(tiny_clip, tiny_world, arch):
     descriptors = oracle_descriptors(tiny_world).descriptors
     norms = {}
     for detach in (False, True):
-        objective = DealObjective(model, tokenizer, tiny_world.class_names, descriptors,
-                                  DealConfig(n_concepts=2, detach_maps=detach))
+        objective = DealObjective(
+            model, tokenizer, tiny_world.class_names, descriptors, DealConfig(n_concepts=2, detach_maps=detach)
+        )
         losses = objective(images, torch.as_tensor(labels))
-        norms[detach] = {k: sum(g.abs().sum().item() for g in _visual_grads(model, losses[k]))
-                         for k in ("separation", "consistency", "sparsity", "contrastive")}
+        norms[detach] = {
+            k: sum(g.abs().sum().item() for g in _visual_grads(model, losses[k]))
+            for k in ("separation", "consistency", "sparsity", "contrastive")
+        }
     assert norms[True]["separation"] == norms[True]["consistency"] == norms[True]["sparsity"] == 0.0
     assert norms[False]["separation"] > 0 and norms[True]["contrastive"] > 0
 
@@ -260,22 +299,35 @@ def test_concept_text_bare_is_the_default_and_differs_from_the_sentence(tiny_cli
     ds = oracle_descriptors(tiny_world)
     cls, first = tiny_world.class_names[0], ds.descriptors[tiny_world.class_names[0]][0]
     assert concept_text(cls, first) == first and concept_text(cls, first, "sentence").startswith(f"{cls}, which")
-    assert DealConfig().concept_text == "bare" and deal.PARAMETERS["concept_text"].default == "bare"
-    feats = {t: descriptor_text_features(model, tokenizer, ds.descriptors, tiny_world.class_names, 3, t)
-             for t in ("bare", "sentence")}
+    assert DealConfig().concept_text == "bare" and deal_chapter.PARAMETERS["concept_text"].default == "bare"
+    feats = {
+        t: descriptor_text_features(model, tokenizer, ds.descriptors, tiny_world.class_names, 3, t)
+        for t in ("bare", "sentence")
+    }
     assert (feats["bare"] - feats["sentence"]).abs().max() > 1e-3
-    tokens = {t: DealObjective(model, tokenizer, tiny_world.class_names, ds.descriptors,
-                               DealConfig(n_concepts=3, concept_text=t)).map_tokens for t in ("bare", "sentence")}
+    tokens = {
+        t: DealObjective(
+            model, tokenizer, tiny_world.class_names, ds.descriptors, DealConfig(n_concepts=3, concept_text=t)
+        ).map_tokens
+        for t in ("bare", "sentence")
+    }
     assert not torch.equal(tokens["bare"][:, :3], tokens["sentence"][:, :3])
     assert torch.equal(tokens["bare"][:, 3], tokens["sentence"][:, 3])  # the class map: the bare class name
 
 
 def test_config_defaults_are_the_original_imagenet_run():
     cfg = DealConfig()
-    assert (cfg.lambda_sep, cfg.lambda_con, cfg.lambda_spa, cfg.lr, cfg.batch_size, cfg.steps, cfg.eval_mode) == \
-        (0.1, 0.01, 0.0005, 5e-7, 256, 5000, True)
+    assert (cfg.lambda_sep, cfg.lambda_con, cfg.lambda_spa, cfg.lr, cfg.batch_size, cfg.steps, cfg.eval_mode) == (
+        0.1,
+        0.01,
+        0.0005,
+        5e-7,
+        256,
+        5000,
+        True,
+    )
     assert DealConfig(steps=0).steps == 0  # evaluate only
-    assert deal.SWITCHES["detach_maps"].paper is False and deal.SWITCHES["detach_maps"].original is True
+    assert deal_chapter.SWITCHES["detach_maps"].paper is False and deal_chapter.SWITCHES["detach_maps"].original is True
 
 
 def test_localizability_pairings_differ_on_a_constructed_case():
@@ -285,8 +337,9 @@ def test_localizability_pairings_differ_on_a_constructed_case():
     assert pairing_rows(3, 2, original_pairing=True, batch=2).tolist() == [0, 1, 0, 1, 2, 2]
 
     def encode(x):  # sees the mean of channel 1 and the top-left quadrant of channel 0
-        return torch.nn.functional.normalize(torch.stack([x[:, 0, :4, :4].mean((1, 2)), x[:, 1].mean((1, 2)),
-                                                          torch.ones(len(x))], 1), dim=-1)
+        return torch.nn.functional.normalize(
+            torch.stack([x[:, 0, :4, :4].mean((1, 2)), x[:, 1].mean((1, 2)), torch.ones(len(x))], 1), dim=-1
+        )
 
     gen = torch.Generator().manual_seed(0)
     images = torch.rand(4, 3, 8, 8, generator=gen) * 4 - 2
@@ -295,38 +348,66 @@ def test_localizability_pairings_differ_on_a_constructed_case():
     maps[0::2, :, :4, :4] = 1  # even images: the region the encoder sees
     maps[1::2, :, 4:, 4:] = 1
     texts = torch.nn.functional.normalize(torch.randn(4, 2, 3, generator=gen), dim=-1)
-    values = [localizability(encode, images, maps, texts, original_indexing=i, original_pairing=p).mean().item()
-              for i, p in deal.LOCALIZABILITY.values()]
+    values = [
+        insertion_fidelity(encode, images, maps, texts, original_indexing=i, original_pairing=p).mean().item()
+        for i, p in deal.LOCALIZABILITY.values()
+    ]
     assert len({round(v, 4) for v in values}) == 3, values
 
 
-def test_zero_shot_uses_the_bare_class_name_and_top5_needs_more_than_five_classes(tiny_clip, tiny_world,
-                                                                                   monkeypatch):
+def test_zero_shot_uses_the_bare_class_name_and_top5_needs_more_than_five_classes(tiny_clip, tiny_world, monkeypatch):
     import conceptlab.models as models
 
     model, _, tokenizer, _ = tiny_clip
     batch = tiny_world.sample(8, "test")
     seen = []
     real = models.class_text_weights
-    monkeypatch.setattr(models, "class_text_weights", lambda m, t, names, templates: seen.append(templates)
-                        or real(m, t, names, templates))
-    metrics, _ = evaluate(model, tokenizer, images_to_tensor(batch.images, model), batch.labels,
-                          tiny_world.class_names, oracle_descriptors(tiny_world), n_concepts=2, localizability=())
+    monkeypatch.setattr(
+        models,
+        "class_text_weights",
+        lambda m, t, names, templates: seen.append(templates) or real(m, t, names, templates),
+    )
+    metrics, _, _ = evaluate(
+        model,
+        tokenizer,
+        images_to_tensor(batch.images, model),
+        batch.labels,
+        tiny_world.class_names,
+        oracle_descriptors(tiny_world),
+        n_concepts=2,
+        localizability=(),
+    )
     assert seen == [("{}",)] and "top5" in metrics  # 6 classes
     names = tiny_world.class_names[:5]
     keep = batch.labels < 5
-    metrics, _ = evaluate(model, tokenizer, images_to_tensor(batch.images[keep], model), batch.labels[keep],
-                          names, oracle_descriptors(tiny_world), n_concepts=2, localizability=())
+    metrics, _, _ = evaluate(
+        model,
+        tokenizer,
+        images_to_tensor(batch.images[keep], model),
+        batch.labels[keep],
+        names,
+        oracle_descriptors(tiny_world),
+        n_concepts=2,
+        localizability=(),
+    )
     assert "top5" not in metrics
 
 
 def test_fidelity_rows_pair_each_column_with_its_own_variant():
-    before = {"disentanglability": 0.1, "localizability": 0.5, "localizability_original_indexing_pairing": 0.4,
-              "top1": 0.6}
-    book = {"disentanglability": 0.2, "localizability": 0.7, "localizability_original_indexing_pairing": 0.45,
-            "top1": 0.65}
+    before = {
+        "disentanglability": 0.1,
+        "localizability": 0.5,
+        "localizability_original_indexing_pairing": 0.4,
+        "top1": 0.6,
+    }
+    book = {
+        "disentanglability": 0.2,
+        "localizability": 0.7,
+        "localizability_original_indexing_pairing": 0.45,
+        "top1": 0.65,
+    }
     original = {**book, "disentanglability": 0.15, "localizability_original_indexing_pairing": 0.42}
-    rows = deal.fidelity_rows(before, book, original)
+    rows = deal_chapter.fidelity_rows(before, book, original)
     assert rows["localizability"]["this book"] == "0.500 → 0.700"
     assert rows["localizability"]["original code"] == "0.400 → 0.420"
     assert rows["disentanglability"]["original code"] == "0.100 → 0.150"
@@ -339,32 +420,46 @@ def test_released_checkpoint_format_is_evaluated(tiny_clip, tmp_path):
 
     model = tiny_clip[0]
     path = tmp_path / "step_500.pt"
-    torch.save({"epoch": 500, "model_state_dict": model.state_dict(), "optimizer_state_dict": {},
-                "loss": torch.tensor(1.0)}, path)
-    ch = SimpleNamespace(params={"model": "world", "deal_checkpoint": str(path)},
-                         train_cfg=SimpleNamespace(arch="ConceptWorld-ViT"), device=torch.device("cpu"))
-    loaded = deal.checkpoint_model(ch)
+    torch.save(
+        {"epoch": 500, "model_state_dict": model.state_dict(), "optimizer_state_dict": {}, "loss": torch.tensor(1.0)},
+        path,
+    )
+    ch = SimpleNamespace(
+        params={"model": "world", "deal_checkpoint": str(path)},
+        train_cfg=SimpleNamespace(arch="ConceptWorld-ViT"),
+        device=torch.device("cpu"),
+    )
+    loaded = deal_chapter.checkpoint_model(ch)
     assert torch.equal(loaded.visual.proj, model.visual.proj)
-
-
-def test_example_rows_span_classes():
-    assert deal.example_rows(np.array([2, 2, 0, 1, 0, 3]), 3) == [2, 3, 0]
 
 
 def _tiny_chapter(name, parameters, store, tmp_path, **values):
     """A chapter on the session's tiny world and CLIP (the same artifact keys as the fixtures)."""
     from conceptlab import chapter
 
-    namespace = {"world": {"n_classes": 6}, "world_clip": {"n_train": 512, "steps": 20, "batch_size": 32,
-                                                           "warmup": 5},
-                 "artifacts_dir": str(store.root), "results_dir": str(tmp_path), **values}
+    namespace = {
+        "world": {"n_classes": 6},
+        "world_clip": {"n_train": 512, "steps": 20, "batch_size": 32, "warmup": 5},
+        "artifacts_dir": str(store.root),
+        "results_dir": str(tmp_path),
+        **values,
+    }
     return chapter.setup(name, namespace, parameters)
 
 
 def test_exercise_solution_is_computed_by_a_run(tiny_clip, tiny_store, tmp_path):
-    ch = _tiny_chapter("03_deal", deal.PARAMETERS, tiny_store, tmp_path, n_train=32, n_test=16, n_localize=4,
-                       deal_batch_size=4, exercise_steps=2)
-    table = ch.exercise("detached maps", deal.exercise, detach_maps=True)
+    ch = _tiny_chapter(
+        "03_deal",
+        deal_chapter.PARAMETERS,
+        tiny_store,
+        tmp_path,
+        n_train=32,
+        n_test=16,
+        n_localize=4,
+        deal_batch_size=4,
+        exercise_steps=2,
+    )
+    table = ch.exercise("detached maps", deal_chapter.exercise, detach_maps=True)
     from conceptlab.plots import human_label
 
     assert len(table) == 3 and "detach" in str(table.index[1])  # as in the chapter, changed, change
@@ -373,6 +468,69 @@ def test_exercise_solution_is_computed_by_a_run(tiny_clip, tiny_store, tmp_path)
 
 
 def test_evaluate_only_runs_list_no_training_switch():
-    assert "detach_maps" in deal.switches({"deal_steps": 80})
-    assert set(deal.switches({"deal_steps": 0})) == set(deal.SWITCHES) - set(deal.TRAINING_SWITCHES)
-    assert "concept_text" in deal.switches({"deal_steps": 0})
+    assert "detach_maps" in deal_chapter.switches({"deal_steps": 80})
+    evaluation_only = set(deal_chapter.SWITCHES) - set(deal_chapter.TRAINING_SWITCHES)
+    assert set(deal_chapter.switches({"deal_steps": 0})) == evaluation_only
+    assert "concept_text" in deal_chapter.switches({"deal_steps": 0})
+
+
+def test_evaluation_only_records_no_training_parameter(tiny_store, tmp_path):
+    """deal_steps 0 evaluates only: no training setting is recorded as applied."""
+    ch = _tiny_chapter("03_deal", deal_chapter.PARAMETERS, tiny_store, tmp_path, deal_steps=0)
+    applied = ch.applied()
+    assert "deal_steps" in applied and "concept_text" in applied
+    assert not {"lambda_sep", "deal_lr", "deal_batch_size", "detach_maps", "deal_seeds", "n_train"} & set(applied)
+    assert "lambda_sep" in ch.with_params(deal_steps=5).applied()
+
+
+def _folders(root, classes):
+    for c in classes:
+        (root / c).mkdir(parents=True)
+        for j in range(2):
+            Image.new("RGB", (32, 32), (40 * j, 90, 160)).save(root / c / f"{j}.png")
+    return root
+
+
+def test_train_root_with_another_class_stops_before_training(tmp_path):
+    """The chapter path checks the training folder's classes before any model is loaded or trained."""
+    from conceptlab import chapters
+
+    test = _folders(tmp_path / "test", ["cat", "dog"])
+    train = _folders(tmp_path / "train", ["cat", "dog", "extra"])
+    (tmp_path / "d.json").write_text(json.dumps({c: [f"{c} part {k}" for k in range(6)] for c in ("cat", "dog")}))
+    ch = chapters.start(
+        "03_deal",
+        {
+            "model": "ConceptWorld-ViT",
+            "dataset": "imagefolder",
+            "data_root": str(test),
+            "train_root": str(train),
+            "descriptors": str(tmp_path / "d.json"),
+            "artifacts_dir": str(tmp_path / "a"),
+            "results_dir": str(tmp_path / "r"),
+        },
+    )
+    with pytest.raises(ValueError, match="only in train_root.*extra"):
+        deal_chapter.load_data(ch)
+    assert ch._clip is None  # stopped before loading the model
+
+
+def test_breakdown_splits_the_change_into_loss_terms():
+    """whole = L_ctr + (L_con + L_spa) + L_sep, each over seeds, from constructed per-seed scores."""
+    from types import SimpleNamespace
+
+    clip = {"bare": {"disentanglability": 0.5, "top1": 0.9}}
+    seeds = {
+        deal_chapter.DETACHED_RUN: [{"disentanglability": 0.52, "top1": 0.88}] * 3,
+        deal_chapter.NO_SEP_RUN: [{"disentanglability": v, "top1": 0.87} for v in (0.61, 0.62, 0.63)],
+        deal_chapter.PAPER_RUN: [{"disentanglability": v, "top1": 0.86} for v in (0.63, 0.65, 0.67)],
+    }
+    r = deal_chapter.Result(evals={"CLIP": clip}, seeds=seeds)
+    parts = deal_chapter.breakdown(SimpleNamespace(params={"concept_text": "bare"}), r)
+    d = parts["disentanglability"]
+    assert d["whole change"]["mean"] == pytest.approx(0.15)
+    assert d["L_ctr (rich labels)"]["mean"] == pytest.approx(0.02)
+    assert d["L_con + L_spa"]["mean"] == pytest.approx(0.10)
+    assert d["L_sep"]["mean"] == pytest.approx(0.03)
+    assert d["L_sep"]["low"] < 0.03 < d["L_sep"]["high"]
+    assert parts["top1"]["whole change"]["high"] < 0  # a drop outside its interval

@@ -6,6 +6,7 @@ import json
 import socket
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -32,14 +33,21 @@ from conceptlab.models import class_text_weights, encode_images, topk_accuracy
 from conceptlab.world import ATTRIBUTES, PARTS
 
 
-@pytest.mark.parametrize("answer, expected", [
-    (" red striped head\n- large blue wings\n- small tail.\n\nQ: What are", ["red striped head", "large blue wings",
-                                                                           "small tail"]),
-    ("Here they are:\n1. **Red head**\n2) blue wings\n* Red head\n\u2022 long tail", ["Red head", "blue wings",
-                                                                                    "long tail"]),
-    ("red head\nblue wings", ["red head", "blue wings"]),
-    ("", []),
-])
+@pytest.mark.parametrize(
+    "answer, expected",
+    [
+        (
+            " red striped head\n- large blue wings\n- small tail.\n\nQ: What are",
+            ["red striped head", "large blue wings", "small tail"],
+        ),
+        (
+            "Here they are:\n1. **Red head**\n2) blue wings\n* Red head\n\u2022 long tail",
+            ["Red head", "blue wings", "long tail"],
+        ),
+        ("red head\nblue wings", ["red head", "blue wings"]),
+        ("", []),
+    ],
+)
 def test_parse_bullets(answer, expected):
     assert parse_bullets(answer) == expected
 
@@ -96,7 +104,9 @@ def test_files_in_the_original_format(tmp_path):
     path = save_descriptors(tmp_path / "d.json", {"Black_Footed Albatross": ["long wings"], "zebra": ["stripes"]})
     assert json.loads(path.read_text()) == {"Black_Footed Albatross": ["long wings"], "zebra": ["stripes"]}
     assert load_descriptors(path, ["zebra", "black footed albatross"]) == {
-        "zebra": ["stripes"], "black footed albatross": ["long wings"]}
+        "zebra": ["stripes"],
+        "black footed albatross": ["long wings"],
+    }
     with pytest.raises(ValueError, match="no descriptors for 1 of 2 classes"):
         load_descriptors(path, ["zebra", "okapi"])
     (tmp_path / "bad.json").write_text("{not json")
@@ -113,8 +123,9 @@ def test_classification_by_description_beats_chance(tiny_clip, tiny_world):
     model, _, tokenizer, _ = tiny_clip
     batch = tiny_world.sample(96, "test")
     feats = encode_images(model, batch.images)
-    logits = description_logits(feats, model, tokenizer, oracle_descriptors(tiny_world).descriptors,
-                                tiny_world.class_names)
+    logits = description_logits(
+        feats, model, tokenizer, oracle_descriptors(tiny_world).descriptors, tiny_world.class_names
+    )
     assert logits.shape == (96, 6)
     zero_shot = feats @ class_text_weights(model, tokenizer, tiny_world.class_names).T
     assert topk_accuracy(logits, batch.labels) > 1.5 / 6 and topk_accuracy(zero_shot, batch.labels) > 1.5 / 6
@@ -198,8 +209,10 @@ def test_openai_backend_with_cache(chat_server, monkeypatch, tmp_path):
     chat = OpenAIChat("tiny-chat", base_url=url, api_key_env="TEST_LLM_KEY")
     store = ArtifactStore(tmp_path)
     table = cached_llm_descriptors(chat, ["zorbil", "quillfin"], store, n=3, progress=False)
-    assert table == {"zorbil": ["zorbil red head", "blue wings", "striped tail"],
-                     "quillfin": ["quillfin red head", "blue wings", "striped tail"]}
+    assert table == {
+        "zorbil": ["zorbil red head", "blue wings", "striped tail"],
+        "quillfin": ["quillfin red head", "blue wings", "striped tail"],
+    }
     assert seen[0]["path"] == "/v1/chat/completions" and seen[0]["auth"] == "Bearer sk-test"
     assert seen[0]["body"]["temperature"] == 0 and seen[0]["body"]["model"] == "tiny-chat"
     assert cached_llm_descriptors(chat, ["zorbil", "quillfin"], store, n=3, progress=False) == table
@@ -221,19 +234,49 @@ def test_openai_backend_errors(monkeypatch):
         OpenAIChat("m", base_url=f"http://127.0.0.1:{port}/v1", api_key_env="TEST_LLM_KEY", timeout=5)("hi")
 
 
+def _chapter(tiny_store, tmp_path, **values):
+    from conceptlab import chapter
+    from conceptlab.chapters import descriptors as story
+
+    namespace = {
+        "world": {"n_classes": 6},
+        "world_clip": {"n_train": 512, "steps": 20, "batch_size": 32, "warmup": 5},
+        "artifacts_dir": str(tiny_store.root),
+        "results_dir": str(tmp_path),
+        "n_test": 24,
+        **values,
+    }
+    return chapter.setup("02_descriptors", namespace, story.PARAMETERS)
+
+
 def test_chapter_exercise_changes_with_the_concept_text(tiny_clip, tiny_store, tmp_path):
     """The descriptors chapter's exercise is computed: the sentence form changes the maps' scores."""
-    from conceptlab import chapter
-    from conceptlab import descriptors as desc
-
-    namespace = {"world": {"n_classes": 6}, "world_clip": {"n_train": 512, "steps": 20, "batch_size": 32,
-                                                           "warmup": 5},
-                 "artifacts_dir": str(tiny_store.root), "results_dir": str(tmp_path), "n_test": 24}
-    ch = chapter.setup("02_descriptors", namespace, desc.PARAMETERS)
-    table = ch.exercise("sentence", desc.exercise, concept_text="sentence")
+    from conceptlab.chapters import descriptors as story
     from conceptlab.plots import human_label
 
+    ch = _chapter(tiny_store, tmp_path, n_explain=12)
+    table = ch.exercise("sentence", story.exercise, concept_text="sentence")
     change = table.iloc[2]
     assert change[human_label("disentanglability")] != 0 and change[human_label("description_top1")] == 0
-    assert desc.check_descriptor_source("oracle", {"dataset": "cub"}) is not None
-    assert desc.check_descriptor_source("no/such/file.json", {}) is not None
+    assert story.check_descriptor_source("oracle", {"dataset": "cub"}) is not None
+    assert story.check_descriptor_source("no/such/file.json", {}) is not None
+
+
+def test_explained_images_span_the_classes_and_respect_n_explain(tiny_world, tiny_store, tmp_path):
+    from conceptlab.chapters import descriptors as story
+
+    ch = _chapter(tiny_store, tmp_path, n_explain=6)
+    labels = np.repeat(np.arange(6), 4)  # sorted: the first 6 images are all of class 0
+    rows = story.explained_rows(ch, SimpleNamespace(labels=labels))
+    assert len(rows) == 6 and len(set(labels[rows].tolist())) == 6
+
+
+def test_more_faults_exercise_says_it_does_not_apply_to_a_file(tiny_store, tmp_path, capsys):
+    from conceptlab.chapters import descriptors as story
+
+    path = tmp_path / "d.json"
+    path.write_text(json.dumps({"a": ["x"]}))
+    ch = _chapter(tiny_store, tmp_path, descriptors=str(path))
+    assert story.faults_exercise(ch) is None
+    assert "does not apply" in capsys.readouterr().out
+    assert "fault_rate" not in ch.applied()

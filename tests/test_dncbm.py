@@ -12,6 +12,7 @@ from torch import nn
 
 from conceptlab import dncbm
 from conceptlab.chapter import differences_table
+from conceptlab.chapters import dncbm as chapter
 from conceptlab.dncbm import ProbeConfig, probe_l1_term
 from conceptlab.models import images_to_tensor
 from conceptlab.sae import (
@@ -53,8 +54,12 @@ def test_sae_loss_is_the_mean_reduced_formula_of_the_original_code():
 
 def test_sae_recovers_a_planted_dictionary():
     x, dictionary = planted_dictionary()
-    sae, history = train_sae(x, SAEConfig(expansion=4, l1=0.3 / 16, lr=5e-3, batch_size=128, epochs=20,
-                                          resample_every=4), progress=False, device="cpu")
+    sae, history = train_sae(
+        x,
+        SAEConfig(expansion=4, l1=0.3 / 16, lr=5e-3, batch_size=128, epochs=20, resample_every=4),
+        progress=False,
+        device="cpu",
+    )
     torch.testing.assert_close(sae.directions.norm(dim=1), torch.ones(sae.n_concepts))
     best = (dictionary @ sae.directions.T).max(1).values
     assert (best > 0.9).float().mean() >= 0.9, best
@@ -74,6 +79,18 @@ def test_sae_switches_change_the_result():
     torch.testing.assert_close(dncbm.sae_inputs(scaled, "normalised"), F.normalize(x, dim=-1))
     with pytest.raises(ValueError, match="reconstruction"):
         SAEConfig(reconstruction="median")
+
+
+def test_decoder_bias_at_the_mean_saves_a_short_run_the_offset():
+    x, _ = planted_dictionary(n=1024)
+    x = x + 5.0  # a large common offset, as raw CLIP embeddings have
+    cfg = SAEConfig(expansion=2, l1=1e-3, lr=5e-4, batch_size=128, epochs=2, resample_every=0)
+    zero, h_zero = train_sae(x, cfg, progress=False)
+    mean, h_mean = train_sae(x, SAEConfig(**{**cfg.__dict__, "decoder_bias_init": "mean"}), progress=False)
+    assert h_mean[-1]["fvu"] < 0.5 * h_zero[-1]["fvu"]
+    assert (zero.b_dec - x.mean(0)).norm() > (mean.b_dec - x.mean(0)).norm()
+    with pytest.raises(ValueError, match="decoder_bias_init"):
+        SAEConfig(decoder_bias_init="median")
 
 
 def test_resampling_revives_dead_concepts():
@@ -144,8 +161,10 @@ def test_word_truth_follows_the_ground_truth(tiny_world):
     np.testing.assert_array_equal(dncbm.word_truth("red", gt, tiny_world.class_names), red)
     striped = [any(a["pattern"] == "striped" for a in batch.part_attributes(i).values()) for i in range(len(batch))]
     np.testing.assert_array_equal(dncbm.word_truth("striped", gt, tiny_world.class_names), striped)
-    np.testing.assert_array_equal(dncbm.word_truth("wings", gt, tiny_world.class_names),
-                                  ["wings" in batch.part_attributes(i) for i in range(len(batch))])
+    np.testing.assert_array_equal(
+        dncbm.word_truth("wings", gt, tiny_world.class_names),
+        ["wings" in batch.part_attributes(i) for i in range(len(batch))],
+    )
     name = tiny_world.class_names[2]
     np.testing.assert_array_equal(dncbm.word_truth(name, gt, tiny_world.class_names), batch.labels == 2)
     assert dncbm.word_truth("piano", gt, tiny_world.class_names) is None
@@ -159,11 +178,16 @@ def test_score_names_finds_right_wrong_dead_and_duplicate(tiny_world):
     gt = {k: getattr(batch, k) for k in dncbm.GROUND_TRUTH_KEYS}
     red = dncbm.word_truth("red", gt, tiny_world.class_names)
     rng = np.random.default_rng(0)
-    acts = np.stack([red * (1 + rng.random(400)),  # a red detector
-                     red * (1 + rng.random(400)),  # the same, named wrongly
-                     np.zeros(400),  # dead
-                     rng.random(400) * red,  # a duplicate direction of concept 0
-                     rng.random(400)], 1)  # noise named "car"
+    acts = np.stack(
+        [
+            red * (1 + rng.random(400)),  # a red detector
+            red * (1 + rng.random(400)),  # the same, named wrongly
+            np.zeros(400),  # dead
+            rng.random(400) * red,  # a duplicate direction of concept 0
+            rng.random(400),
+        ],
+        1,
+    )  # noise named "car"
     dirs = F.normalize(torch.randn(5, 8, generator=torch.Generator().manual_seed(0)), dim=-1)
     dirs[3] = dirs[0]
     names = pd.DataFrame({"concept": range(5), "name": ["red", "desert", "red", "red", "car"]})
@@ -258,8 +282,9 @@ def test_global_ranking_by_mean_strength_is_centred_on_all_images():
     # concept 0 is strongest everywhere but says nothing about a class: centring ranks it last
     assert glob["name"].tolist() == ["one", "two"]
     assert glob["score"].tolist() == pytest.approx([0.5, 1.0])
-    by_weight = dncbm.global_explanation(dncbm.LinearProbe(np.array([[0.0, 1, 0], [1.0, 0, 0]])),
-                                         ["always", "one", "two"], ["A", "B"], k=1)
+    by_weight = dncbm.global_explanation(
+        dncbm.LinearProbe(np.array([[0.0, 1, 0], [1.0, 0, 0]])), ["always", "one", "two"], ["A", "B"], k=1
+    )
     both = dncbm.rankings_side_by_side(by_weight, glob)
     assert both["shared concepts"].tolist() == [1, 0]
     assert both.loc["B", "by probe weight"] == "always" and both.loc["B", "by mean strength (original)"] == "two"
@@ -290,29 +315,134 @@ def test_world_features_are_raw_and_cached_with_ground_truth(tiny_world, tiny_cl
 
 
 def test_switches_record_the_original_and_the_scales():
-    params = {name: p.default for name, p in dncbm.PARAMETERS.items()} | {"seed": 0}
-    assert dncbm.original_changes(params) == {}  # the defaults compute what the original code computes
-    changed = {**params, "sae_l1": 1e-3, "sae_reconstruction": "sum"}
-    assert dncbm.original_changes(changed) == {"sae_l1": 3e-5, "sae_reconstruction": "mean"}
-    scales = dncbm.original_scale(changed, dim=128, n_weights=16 * 1024)
+    params = {name: p.default for name, p in chapter.PARAMETERS.items()} | {"seed": 0}
+    changes = chapter.original_changes(params)
+    assert changes["sae_scale"] == "raw" and changes["sae_l1"] == 3e-5  # the defaults depart from the original
+    assert "sae_epochs" not in changes  # the chapter's training length is kept
+    assert chapter.original_changes({**params, **changes}) == {}  # the original's settings need no change
+    changed = {**params, "sae_l1": 1e-3, "sae_reconstruction": "sum", "sae_scale": "raw"}
+    assert chapter.original_changes(changed)["sae_reconstruction"] == "mean"
+    scales = chapter.original_scale(changed, dim=128, scale=1.0)
     assert scales["sae_l1_original_scale"] == pytest.approx(1e-3 / 128)
-    assert dncbm.original_scale({**params, "probe_l1": "sum"}, 128, 100)["probe_lambda_original_scale"] == 10.0
-    table = differences_table(dncbm.SWITCHES, changed)
+    # features scaled by 4: the same coefficient is 4 times weaker on the raw features
+    scaled = chapter.original_scale({**changed, "sae_reconstruction": "mean"}, dim=128, scale=4.0)
+    assert scaled["sae_l1_original_scale"] == pytest.approx(1e-3 / 4)
+    assert scaled["probe_lambda_original_scale"] == pytest.approx(params["probe_lambda"] / 4)
+    table = differences_table(chapter.SWITCHES, changed)
     assert table.loc["sae_reconstruction", "this run follows"] == "paper"
     assert table.loc["sae_l1", "this run follows"] == "neither"
     assert table.loc["probe_l1", "this run follows"] == "original code"
+    assert table.loc["sae_scale", "this run follows"] == "paper and original code"
 
 
-def test_l1_verdict_reads_the_measurement():
-    table = pd.DataFrame({"sae_l0": [200.0, 100.0], "sae_fvu": [0.04, 0.05], "share_right": [0.3, 0.2]},
-                         index=["1 x original", "100 x original"])
-    said = dncbm.l1_verdict(table)
-    assert "200.0 to 100.0" in said and "30.0% to 20.0%" in said and "original λ₁ is the better default" in said
-    table.loc["100 x original", "share_right"] = 0.4
-    assert "as good or better" in dncbm.l1_verdict(table)
+def test_default_probe_config_is_the_chapters():
+    cfg = chapter.default_probe_config()
+    assert cfg == chapter.probe_config({k: p.default for k, p in chapter.PARAMETERS.items()} | {"seed": 0})
+    assert cfg.lam == chapter.PARAMETERS["probe_lambda"].default and cfg.solver == "adam"
+
+
+def test_rescaling_changes_the_effective_l1_as_stated():
+    """Features times c with λ are features with λ / c: c^2 times the same loss, for the SAE and the probe."""
+    g = torch.Generator().manual_seed(0)
+    x, x_hat, z = torch.randn(5, 8, generator=g), torch.randn(5, 8, generator=g), torch.rand(5, 16, generator=g)
+    c, lam = 3.0, 0.2
+    scaled = sae_loss(c * x, c * x_hat, c * z, lam)[0]
+    torch.testing.assert_close(scaled, c**2 * sae_loss(x, x_hat, z, dncbm.raw_scale_coefficient(lam, c))[0])
+    assert not torch.allclose(scaled, c**2 * sae_loss(x, x_hat, z, lam)[0])  # the same λ is not the same loss
+    w = torch.randn(3, 16, generator=g)  # probe: logits W (c z) = (c W) z, so λ|W| = (λ / c)|c W|
+    torch.testing.assert_close(
+        dncbm.probe_loss((c * z) @ w.T, torch.tensor([0, 1, 2, 0, 1]), w, lam),
+        dncbm.probe_loss(z @ (c * w).T, torch.tensor([0, 1, 2, 0, 1]), c * w, lam / c),
+    )
+    features = 7.0 * torch.randn(500, 32, generator=g)
+    unit = dncbm.feature_scale(features, "unit_rms")
+    assert (unit * features).pow(2).sum(-1).mean().item() == pytest.approx(32, rel=1e-4)
+    assert unit == pytest.approx(1 / 7, rel=0.05) and dncbm.feature_scale(features, "raw") == 1.0
+    torch.testing.assert_close(dncbm.sae_inputs(features, "raw", unit), features * unit)
+    with pytest.raises(ValueError, match="feature scale"):
+        dncbm.feature_scale(features, "l2")
+
+
+def test_sweep_l0_decreases_with_l1_on_a_known_sparse_code():
+    x, _ = planted_dictionary(n=2048)  # every input: two active atoms of 24
+    l0 = [
+        train_sae(
+            x,
+            SAEConfig(expansion=2, l1=l1, lr=5e-3, batch_size=128, epochs=6, resample_every=0, seed=0),
+            progress=False,
+        )[1][-1]["l0"]
+        for l1 in (1e-4, 3e-3, 3e-2)
+    ]
+    assert l0[0] > l0[1] > l0[2], l0
+    assert l0[2] < 12  # a quarter of the 48 units: the strongest λ₁ gives a sparse code
 
 
 def test_a_number_for_the_probe_is_the_summed_l1_by_fista():
     x, y = concept_data()
     probe = dncbm.fit_probe(x, y, 0.01)
     assert dncbm.nonzero_per_class(probe) <= 5 and probe.score(x, y) > 0.95
+
+
+def test_nulls_put_the_shares_beside_chance(tiny_world):
+    batch = tiny_world.sample(400, split="test")
+    gt = {k: getattr(batch, k) for k in dncbm.GROUND_TRUTH_KEYS}
+    words = [
+        w
+        for w in dncbm.world_words(tiny_world.class_names)
+        if 0.1 < dncbm.word_truth(w, gt, tiny_world.class_names).mean() < 0.9
+    ][:12]
+    rng = np.random.default_rng(0)
+    truth = np.stack([dncbm.word_truth(w, gt, tiny_world.class_names) for w in words], 1)
+    detectors = torch.tensor(truth * (1 + rng.random(truth.shape)), dtype=torch.float32)  # each detects its word
+    names = pd.DataFrame({"concept": range(len(words)), "name": words})
+    dirs = F.normalize(torch.randn(len(words), 8, generator=torch.Generator().manual_seed(0)), dim=-1)
+    observed = dncbm.summarise_scores(dncbm.score_names(detectors, names, gt, tiny_world.class_names, dirs))
+    nulls = dncbm.name_score_nulls(detectors, names, gt, tiny_world.class_names, n_draws=30)
+    assert observed["share_right"] == 1.0 and nulls["share_right"].max() < 0.6  # shuffled names are mostly wrong
+    assert nulls["share_oracle_detects_something"].mean() < 0.3  # shuffled images: nothing detected
+    noise = torch.rand(400, len(words), generator=torch.Generator().manual_seed(1))
+    noise_observed = dncbm.summarise_scores(dncbm.score_names(noise, names, gt, tiny_world.class_names, dirs))
+    noise_nulls = dncbm.name_score_nulls(noise, names, gt, tiny_world.class_names, n_draws=30)
+    band = noise_nulls["share_oracle_detects_something"]
+    assert band.min() - 0.2 <= noise_observed["share_oracle_detects_something"] <= band.max() + 0.2
+
+
+def test_local_truth_checks_each_explanation_against_its_image(tiny_world):
+    batch = tiny_world.sample(300, split="test")
+    gt = {k: getattr(batch, k) for k in dncbm.GROUND_TRUTH_KEYS}
+    cls = tiny_world.class_names
+    red, habitat = dncbm.word_truth("red", gt, cls), dncbm.word_truth(dncbm.HABITATS[0], gt, cls)
+    z = np.stack([red * 2.0, habitat * 1.0, np.ones(300) * 0.5], 1)  # "red", a habitat, a distractor
+    probe = dncbm.LinearProbe(np.ones((2, 3)))
+    true = dncbm.local_truth(z, probe, ["red", dncbm.HABITATS[0], "piano"], gt, cls, k=2)
+    expected = np.where(red | habitat, 1.0, np.nan)  # only names whose concept fires are in the explanation
+    np.testing.assert_array_equal(np.isnan(true), np.isnan(expected))
+    assert np.nanmin(true) == 1.0  # a concept fires exactly where its word is true
+    shuffled = dncbm.local_truth(
+        z,
+        probe,
+        ["red", dncbm.HABITATS[0], "piano"],
+        gt,
+        cls,
+        k=2,
+        permutation=np.random.default_rng(0).permutation(300),
+    )
+    assert np.nanmean(shuffled) < 0.8
+
+
+def test_ranking_overlap_counts_concepts_and_names():
+    by_weight = pd.DataFrame({"class": ["A", "A", "B", "B"], "concept": [0, 1, 2, 3], "name": ["x", "y", "x", "z"]})
+    by_strength = pd.DataFrame({"class": ["A", "A", "B", "B"], "concept": [0, 5, 4, 3], "name": ["x", "y", "x", "z"]})
+    np.testing.assert_array_equal(dncbm.ranking_overlap(by_weight, by_strength, "concept"), [[1, 0], [0, 1]])
+    # concepts 1 and 5 are both named "y", 2 and 4 both "x": the names agree where the concepts do not
+    np.testing.assert_array_equal(dncbm.ranking_overlap(by_weight, by_strength, "name"), [[2, 1], [1, 2]])
+    side = dncbm.rankings_side_by_side(by_weight, by_strength)
+    assert side["shared concepts"].tolist() == [1, 1] and side["shared names"].tolist() == [2, 2]
+
+
+def test_decision_sizes_average_to_concepts_per_decision():
+    x, y = concept_data()
+    probe = dncbm.fit_probe(x, y, ProbeConfig(lam=0.01, l1="sum", solver="fista", epochs=200))
+    sizes = dncbm.decision_sizes(x, probe)
+    assert sizes.shape == (len(x),) and sizes.mean() == dncbm.concepts_per_decision(x, probe)
+    assert set(np.unique(sizes)) <= set(range(1, 31))

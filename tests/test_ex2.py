@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from conceptlab import ex2
+from conceptlab.chapters import ex2 as chapter4
 from conceptlab.judges import (
     ATTRIBUTE,
     INFORMATIVE,
@@ -29,14 +30,19 @@ from conceptlab.models import encode_images, encode_texts
 from conceptlab.textlm import (
     WorldLMConfig,
     answer_sentence,
+    encode_documents,
     lm_load_kwargs,
     load_lm,
-    train_tokenizer,
+    sequence_logprobs,
+    tiny_llama,
+    word_tokenizer,
     world_corpus,
     world_lm,
 )
 
-TINY_LM = WorldLMConfig(n_classes=6, corpus_size=400, steps=40, batch_size=16, n_embd=32, n_layer=2, n_head=2)
+TINY_LM = WorldLMConfig(
+    n_classes=6, corpus_size=400, fact_sheets=4, steps=40, batch_size=16, hidden=32, n_layer=2, n_head=2
+)
 
 
 @pytest.fixture(scope="module")
@@ -59,8 +65,11 @@ def test_reward_is_the_mean_cosine_to_the_class_images(tiny_clip, tiny_world):
     batch = tiny_world.sample(120, split="val")
     means = ex2.class_image_embeddings(clip, batch.images, batch.labels, 6, per_class=10)
     reward = ex2.CLIPReward(clip, tokenizer, means)
-    texts = ["a zorbil with a large red head.", "click to enlarge photo of a quillfin",
-             "the mossback lives in the ocean."]
+    texts = [
+        "a zorbil with a large red head.",
+        "click to enlarge photo of a quillfin",
+        "the mossback lives in the ocean.",
+    ]
     classes = [0, 1, 4]
     fast = reward(prompts=[""] * 3, completions=texts, class_index=classes)
     for text, c, value in zip(texts, classes, fast):  # the per-description definition
@@ -79,8 +88,10 @@ def test_class_embeddings_need_every_class(tiny_clip, tiny_world):
 def test_corpus_follows_the_answer_mix(tiny_world):
     cfg = WorldLMConfig(n_classes=6, corpus_size=60, answer_mix={"habitat": 1.0})
     judge = WorldJudge(tiny_world)
-    for doc in world_corpus(cfg, ex2.TEMPLATES):
-        query, answer = doc.split("\n\n")
+    docs = world_corpus(cfg, ex2.TEMPLATES)
+    assert len(docs) == 60 + cfg.fact_sheets * 6
+    for query, answer in docs[cfg.fact_sheets * 6 :]:
+        assert query.endswith("\n\n")
         c = next(k for k, n in enumerate(tiny_world.class_names) if n in query)
         label = judge.label(c, answer)
         assert label["type"] == "habitat" and label["habitat_true"] and not label["visual"]
@@ -88,10 +99,18 @@ def test_corpus_follows_the_answer_mix(tiny_world):
         WorldLMConfig(answer_mix={"colour": 1.0})
 
 
-def test_tokenizer_round_trips_the_corpus():
-    docs = world_corpus(WorldLMConfig(n_classes=6, corpus_size=80), ex2.TEMPLATES)
-    tok = train_tokenizer(docs, 400)
-    assert all(tok.decode(tok.encode(d)) == d for d in docs)
+def test_word_tokenizer_round_trips_answers_and_the_loss_covers_the_answer_only():
+    docs = world_corpus(WorldLMConfig(n_classes=6, corpus_size=80, fact_sheets=1), ex2.TEMPLATES)
+    tok = word_tokenizer(ex2.TEMPLATES)
+    assert all(tok.decode(tok.encode(a, add_special_tokens=False)) == a for _, a in docs)
+    assert tok.unk_token_id not in {i for q, a in docs for i in tok.encode(q + a, add_special_tokens=False)}
+    ids, labels = encode_documents(docs[:3], tok)
+    for row, (query, answer) in enumerate(docs[:3]):
+        n_query = len(tok.encode(query, add_special_tokens=False))
+        n_answer = len(tok.encode(answer, add_special_tokens=False)) + 1  # and EOS
+        assert (labels[row, :n_query] == -100).all()
+        assert labels[row, n_query : n_query + n_answer].tolist() == ids[row, n_query : n_query + n_answer].tolist()
+        assert (labels[row, n_query + n_answer :] == -100).all()
 
 
 def test_world_judge_checks_descriptions_against_the_ground_truth(tiny_world):
@@ -109,8 +128,11 @@ def test_world_judge_checks_descriptions_against_the_ground_truth(tiny_world):
     spurious = judge.label(0, f"click to enlarge photo of a {spec.name}")
     assert spurious["type"] == "spurious" and not spurious["informative"] and spurious["claims"] == 0
     part, attrs = next(iter(spec.parts.items()))
-    texts = [f"a {spec.name} with a {attrs['size']} {attrs['colour']} {part}.", f"{spec.name} stock photo",
-             f"the {spec.name} lives in the {spec.habitat}."]
+    texts = [
+        f"a {spec.name} with a {attrs['size']} {attrs['colour']} {part}.",
+        f"{spec.name} stock photo",
+        f"the {spec.name} lives in the {spec.habitat}.",
+    ]
     assert judge.ask(INFORMATIVE, [spec.name] * 3, texts) == ["yes", "no", "yes"]
     assert judge.ask(ATTRIBUTE, [spec.name] * 3, texts) == ["colour", "other", "habitat"]
     with pytest.raises(ValueError, match="unknown"):
@@ -122,28 +144,38 @@ def _world_texts(world):
     spec = world.classes[0]
     rng = np.random.default_rng(1)
     part, attrs = next(iter(spec.parts.items()))
-    return spec, [answer_sentence("visual_true", spec, rng), answer_sentence("visual_false", spec, rng),
-                  f"the {spec.name} lives in the {spec.habitat}.", f"click to enlarge photo of a {spec.name}.",
-                  f"the {spec.name} has a {attrs['colour']} {part} and lives in the {spec.habitat}."]
+    return spec, [
+        answer_sentence("visual_true", spec, rng),
+        answer_sentence("visual_false", spec, rng),
+        f"the {spec.name} lives in the {spec.habitat}.",
+        f"click to enlarge photo of a {spec.name}.",
+        f"the {spec.name} has a {attrs['colour']} {part} and lives in the {spec.habitat}.",
+    ]
 
 
 def test_inspection_keeps_false_descriptions_out_of_spurious(tiny_world):
     spec, texts = _world_texts(tiny_world)
     df = pd.DataFrame({"class_index": 0, "class_name": spec.name, "description": texts})
-    out = ex2.inspect(df, WorldJudge(tiny_world), tiny_world)
+    out = ex2.inspect_descriptions(df, WorldJudge(tiny_world), tiny_world)
     assert out.kind.tolist() == ["visual", "false", "non-visual", "spurious", "visual"]
     shares = ex2.kind_shares(out)
     assert shares["false"] == pytest.approx(0.2) and shares["spurious"] == pytest.approx(0.2)
     assert list(shares.index) == list(ex2.KINDS)
+
     # a judge that calls everything uninformative still cannot make the false one spurious
     class No:
         def ask(self, question, names, texts):
             return ["no"] * len(texts)
 
-    assert ex2.inspect(df, No(), tiny_world).kind.tolist() == ["spurious", "false", "spurious", "spurious",
-                                                               "spurious"]
+    assert ex2.inspect_descriptions(df, No(), tiny_world).kind.tolist() == [
+        "spurious",
+        "false",
+        "spurious",
+        "spurious",
+        "spurious",
+    ]
     # a stricter world judge (two true facts) moves the one-fact descriptions to spurious, not the two-fact one
-    strict = ex2.inspect(df, WorldJudge(tiny_world, min_true=2), tiny_world)
+    strict = ex2.inspect_descriptions(df, WorldJudge(tiny_world, min_true=2), tiny_world)
     assert strict.kind.tolist()[2:] == ["spurious", "spurious", "visual"]
 
 
@@ -156,7 +188,7 @@ def test_inspection_sorts_attribute_types_on_real_data():
             return self.answers[question.name]
 
     df = pd.DataFrame({"class_name": ["red finch"] * 4, "description": ["a", "b", "c", "d"]})
-    out = ex2.inspect(df, Scripted())
+    out = ex2.inspect_descriptions(df, Scripted())
     assert out.kind.tolist() == ["visual", "spurious", "non-visual", "unparsed"]
     table = ex2.attribute_table({"after": out})
     assert table.loc[("visual", "colour"), "after"] == 0.5 and table.loc[("non-visual", "habitat"), "after"] == 0.5
@@ -181,7 +213,7 @@ def _biased_gpt2(tokenizer, favourite: str):
 
 @pytest.mark.parametrize("favourite", ["yes", "no"])
 def test_transformers_judge_reads_the_model(favourite):
-    tok = train_tokenizer([INFORMATIVE.template, '{"answer": "yes"} {"answer": "no"} Yes No maybe'] * 5, 300)
+    tok = word_tokenizer([INFORMATIVE.template, '{"answer": "yes"} {"answer": "no"} Yes No maybe assistant:'])
     model = _biased_gpt2(tok, favourite + '"')
     judge = TransformersJudge(model, tok)
     assert judge.ask(INFORMATIVE, ["zorbil", "quillfin"], ["a red head.", "nice photo"]) == [favourite] * 2
@@ -265,7 +297,7 @@ def test_openai_judge_talks_to_a_compatible_endpoint(chat_url, monkeypatch):
     assert [m["role"] for m in body["messages"]] == ["system", "user", "assistant", "user"]
     assert body["temperature"] == 0 and len(judge.replies) == 5 and judge.replies[3] == REPLIES["garbled"]
     df = pd.DataFrame({"class_name": ["zorbil"] * 4, "description": texts})
-    assert ex2.inspect(df, judge).kind.tolist() == ["unparsed", "spurious", "unparsed", "unparsed"]
+    assert ex2.inspect_descriptions(df, judge).kind.tolist() == ["unparsed", "spurious", "unparsed", "unparsed"]
 
 
 def test_judge_problems_are_found_before_any_work(chat_url, monkeypatch):
@@ -293,10 +325,14 @@ def test_chapter_validates_the_judge_before_training(monkeypatch):
     from conceptlab.chapter import ParameterError, setup
 
     monkeypatch.delenv("EX2_NO_KEY", raising=False)
-    namespace = {"judge": "openai:m@http://127.0.0.1:9/v1", "judge_api_key_env": "EX2_NO_KEY",
-                 "templates": None, "artifacts_dir": "/nonexistent/never-used"}
+    namespace = {
+        "judge": "openai:m@http://127.0.0.1:9/v1",
+        "judge_api_key_env": "EX2_NO_KEY",
+        "templates": None,
+        "artifacts_dir": "/nonexistent/never-used",
+    }
     with pytest.raises(ParameterError, match="EX2_NO_KEY"):
-        setup("04_ex2", namespace, ex2.PARAMETERS)
+        setup("04_ex2", namespace, chapter4.PARAMETERS)
 
 
 def test_generation_is_seeded_and_saved(tiny_lm, tiny_world, tmp_path):
@@ -382,36 +418,21 @@ def test_templates_file_round_trips(tmp_path, tiny_world):
     assert ex2.load_templates(path) == original_style
     assert ex2.load_templates(None) == list(ex2.TEMPLATES) == ex2.load_templates("default")
     q = ex2.format_queries(tiny_world.class_names, ex2.load_templates(path))
-    assert len(q) == 2 * 6 and q.prompt[1] == f"Compare and contrast the visual characteristics of different " \
-                                               f"{tiny_world.class_names[0]}.\n\n"
+    assert (
+        len(q) == 2 * 6
+        and q.prompt[1]
+        == f"Compare and contrast the visual characteristics of different {tiny_world.class_names[0]}.\n\n"
+    )
     for bad in ({"a": "{}"}, [], ["no placeholder"], ["two {} {}"], ["stray {0} {}"], [3]):
         (tmp_path / "bad.json").write_text(json.dumps(bad))
         assert ex2.templates_problem(str(tmp_path / "bad.json")) is not None
-    (tmp_path / "broken.json").write_text("[\"Describe a {}.\"")
+    (tmp_path / "broken.json").write_text('["Describe a {}."')
     assert "not a readable JSON file" in ex2.templates_problem(str(tmp_path / "broken.json"))
 
 
 def test_load_lm_gives_a_clear_error(tmp_path):
     with pytest.raises(RuntimeError, match="save_pretrained"):
         load_lm(str(tmp_path / "missing"))
-
-
-def test_stricter_judge_exercise_is_computed_from_the_run(tiny_world, monkeypatch):
-    """The exercise's solution comes from judging the run's descriptions: changing its parameter changes it."""
-    spec, texts = _world_texts(tiny_world)
-    df = pd.DataFrame({"class_index": 0, "class_name": spec.name, "description": texts, "reward": 0.1})
-    monkeypatch.setattr(ex2, "pipeline", lambda ch, progress=True, **changes: {
-        "describe": lambda stage, max_new_tokens=None: df, "curve": [{"reward": 0.0}, {"reward": 0.5}]})
-
-    class FakeChapter:
-        world, params = tiny_world, {"judge_min_true": 1}
-
-    base = ex2.exercise_stricter_judge(FakeChapter())
-    strict = ex2.exercise_stricter_judge(FakeChapter(), judge_min_true=2)
-    assert base["share spurious"] == pytest.approx(0.2)
-    assert strict["share spurious"] >= base["share spurious"] + 0.2 - 1e-9  # at least the one-fact habitat text
-    assert base["share false"] == strict["share false"] == pytest.approx(0.2)  # the truth does not move
-    assert base["reward rise (GRPO)"] == pytest.approx(0.5)
 
 
 def test_parameters_cell_states_the_declared_defaults():
@@ -423,6 +444,182 @@ def test_parameters_cell_states_the_declared_defaults():
     cell = source.split('# %% tags=["parameters", "hide-cell"]')[1].split("# %%")[0]
     namespace: dict = {}
     exec(cell, namespace)  # noqa: S102  (the notebook's own parameters cell)
-    declared = parameters_cell({**SHARED, **ex2.PARAMETERS})
+    declared = parameters_cell({**SHARED, **chapter4.PARAMETERS})
     assert {k: namespace[k] for k in declared} == declared
     assert set(namespace) - {"__builtins__"} == set(declared)
+
+
+# ---------------------------------------------------------------------------- issue 18: a mechanism that shows
+def test_knowledge_gate_stops_an_untrained_lm(tiny_world):
+    tok = word_tokenizer(ex2.TEMPLATES)
+    torch.manual_seed(0)
+    untrained = tiny_llama(TINY_LM, tok).eval()
+    queries = ex2.format_queries(tiny_world.class_names)
+    # an untrained LM writes random words: few claims, and those mostly false
+    said = ex2.sample_descriptions(untrained, tok, queries.iloc[:30], 2, max_new_tokens=12, seed=0)
+    labelled = WorldJudge(tiny_world).label_frame(said)
+    with pytest.raises(ex2.KnowledgeGateError, match="knows too little"):
+        ex2.knowledge_gate(labelled, 0.9)
+    # the world's own true sentences pass it, and the random-class baseline of the same sentences does not
+    rng = np.random.default_rng(0)
+    true = pd.DataFrame(
+        [
+            {"class_index": c, "description": answer_sentence("visual_true", spec, rng)}
+            for c, spec in enumerate(tiny_world.classes)
+            for _ in range(5)
+        ]
+    )
+    assert ex2.knowledge_gate(WorldJudge(tiny_world).label_frame(true), 0.9) == 1.0
+    assert ex2.random_class_truth(true, tiny_world) < 0.5
+
+
+def test_a_prompt_padded_two_ways_gets_the_same_logprobs():
+    """Rotary positions: trl scores completions left-padded, without position_ids; the padding must not matter."""
+    tok = word_tokenizer(ex2.TEMPLATES)
+    torch.manual_seed(0)
+    model = tiny_llama(TINY_LM, tok).eval()
+    prompt, completion = "Describe a photo of a zorbil.\n\n", "the zorbil has a large red head."
+    alone = sequence_logprobs(model, tok, [prompt], [completion])
+    long_prompt = "Write a field guide entry for a quillfin and describe the composition of it.\n\n"
+    padded = sequence_logprobs(model, tok, [prompt, long_prompt], [completion, "a quillfin."])
+    more = sequence_logprobs(model, tok, [long_prompt + long_prompt, prompt], ["a quillfin.", completion])
+    assert torch.allclose(alone[0], padded[0], atol=1e-4) and torch.allclose(alone[0], more[1], atol=1e-4)
+
+
+def test_the_paired_gain_pairs_the_same_slots():
+    rng = np.random.default_rng(0)
+    before = pd.DataFrame(
+        [
+            {"class_index": c, "template_index": t, "sample": k, "reward": rng.normal()}
+            for c in range(4)
+            for t in range(5)
+            for k in range(2)
+        ]
+    )
+    after = before.assign(reward=before.reward + 0.1 + 0.01 * rng.normal(size=len(before)))
+    gain, low, high = ex2.paired_gain(before, after)
+    assert gain == pytest.approx((after.reward - before.reward).mean()) and low < gain < high and low > 0.05
+    # rows in another order are paired by their slot, not by their position
+    assert ex2.paired_gain(before, after.sample(frac=1.0, random_state=1))[0] == pytest.approx(gain)
+    with pytest.raises(ValueError, match="same"):
+        ex2.paired_gain(before, after.iloc[1:])
+    with pytest.raises(ValueError, match="same"):
+        ex2.paired_gain(before, after.assign(sample=after["sample"] + 1))
+
+
+def test_the_chapter_pairs_before_and_after_on_the_same_samples(tiny_lm, tiny_world):
+    model, tok, _ = tiny_lm
+    q = ex2.format_queries(tiny_world.class_names).iloc[:10]
+    a = ex2.sample_descriptions(model, tok, q, 3, max_new_tokens=6, seed=0)
+    b = ex2.sample_descriptions(model, tok, q, 3, max_new_tokens=6, seed=0)
+    assert len(a) == 30 and sorted(a["sample"].unique()) == [0, 1, 2]
+    keys = list(ex2.PAIR_KEYS)
+    assert a[keys].equals(b[keys]) and a.description.tolist() == b.description.tolist()
+
+
+def test_balanced_prompts_give_every_step_different_classes(tiny_world):
+    q = ex2.format_queries(tiny_world.class_names)
+    prompts = ex2.balanced_prompts(q, steps=9, prompts_per_step=3, seed=0)
+    assert len(prompts) == 27
+    steps = prompts.class_index.to_numpy().reshape(9, 3)
+    assert all(len(set(s)) == 3 for s in steps)
+    assert set(np.bincount(prompts.class_index, minlength=6)) <= {4, 5}  # every class about equally often
+    assert prompts.equals(ex2.balanced_prompts(q, steps=9, prompts_per_step=3, seed=0))
+
+
+def test_relative_reward_subtracts_each_class_baseline(tiny_clip, tiny_world):
+    clip, _, clip_tok, _ = tiny_clip
+    reward = ex2.CLIPReward(clip, clip_tok, ex2.world_class_embeddings(clip, tiny_world, per_class=8))
+    texts, classes = ["a zorbil.", "a quillfin.", "a zorbil."], [0, 1, 0]
+    raw = reward.scores(texts, classes)
+    frame = pd.DataFrame({"class_index": [0, 1, 2, 3, 4, 5], "reward": [0.1, 0.2, 0.3, 0.4, 0.5, 0.6]})
+    relative = reward.relative_to(ex2.class_baseline(frame, 6))
+    assert relative(prompts=[""] * 3, completions=texts, class_index=classes) == pytest.approx(
+        (raw - np.array([0.1, 0.2, 0.1])).tolist(), abs=1e-6
+    )
+    with pytest.raises(ValueError, match="no descriptions"):
+        ex2.class_baseline(frame.iloc[:5], 6)
+
+
+def test_optimal_mix_follows_the_kl_regularised_optimum():
+    ref = pd.Series({"a": 0.5, "b": 0.3, "c": 0.2, "d": 0.0})
+    reward = pd.Series({"a": 0.0, "b": 0.1, "c": 0.2, "d": 1.0})
+    mix = ex2.optimal_mix(ref, reward, beta=0.1)
+    by_hand = ref * np.exp(reward / 0.1)
+    assert mix.to_dict() == pytest.approx((by_hand / by_hand.sum()).to_dict())
+    assert mix["d"] == 0  # RL cannot reach what the reference never writes
+    assert ex2.optimal_mix(ref, reward, beta=1e6).to_dict() == pytest.approx(ref.to_dict())
+    assert ex2.optimal_mix(ref, reward, beta=0.1, scale=2.0)["c"] < mix["c"]  # a larger unit: a weaker pull
+
+
+def test_kind_preference_is_paired_per_class(tiny_clip, tiny_world):
+    clip, _, clip_tok, _ = tiny_clip
+    reward = ex2.CLIPReward(clip, clip_tok, ex2.world_class_embeddings(clip, tiny_world, per_class=8))
+    pref = ex2.kind_preference(reward, tiny_world, per_kind=4)
+    assert len(pref) == 6 * 7 * 4 and pref.groupby(["kind", "class_index"]).size().eq(4).all()
+    table = ex2.kind_table(pref)
+    assert table.loc["class", "minus class"] == pytest.approx(0.0) and table.loc["class", "low"] == pytest.approx(0.0)
+    per_class = pref.pivot_table(index="class_index", columns="kind", values="reward")
+    diff = (per_class["habitat"] - per_class["class"]).mean()
+    assert table.loc["habitat", "minus class"] == pytest.approx(diff)
+    assert table.loc["habitat", "low"] <= diff <= table.loc["habitat", "high"]
+
+
+def test_sentence_kinds_tell_seen_from_unseen_web_phrases(tiny_world):
+    judge = WorldJudge(tiny_world)
+    spec = tiny_world.classes[0]
+    rng = np.random.default_rng(0)
+    for kind in ("visual_true", "visual_false", "habitat", "behaviour", "class", "web_seen", "web_unseen"):
+        for _ in range(5):
+            assert judge.sentence_kind(0, answer_sentence(kind, spec, rng)) == kind
+    other = next(h for h in ("forest", "desert", "ocean") if h != spec.habitat)
+    assert judge.sentence_kind(0, f"the {spec.name} lives in the {other}.") == "other"
+    df = pd.DataFrame(
+        {
+            "class_index": [0, 0],
+            "description": [
+                f"click to enlarge photo of a {spec.name}. the {spec.name} lives in the {spec.habitat}.",
+                f"see all 24 photos of the {spec.name}.",
+            ],
+        }
+    )
+    shares = ex2.sentence_kind_shares(df, tiny_world)
+    assert shares["web_seen"] == shares["habitat"] == shares["web_unseen"] == pytest.approx(1 / 3)
+
+
+def test_planted_vlm_differs_from_its_control_in_one_setting(tmp_path):
+    from dataclasses import asdict
+
+    from conceptlab.chapter import setup
+
+    ch = setup("04_ex2", {"world": {"n_classes": 6}, "artifacts_dir": str(tmp_path)}, chapter4.PARAMETERS)
+    cfgs = chapter4.planted_configs(ch)
+    control, planted = (asdict(c) for c in cfgs.values())
+    assert [k for k in control if control[k] != planted[k]] == ["caption_mix"]
+    changed = {k for k in control["caption_mix"] if control["caption_mix"][k] != planted["caption_mix"][k]}
+    assert "spurious" in changed and control["caption_mix"] == ch.world_cfg.caption_mix
+    assert planted["caption_mix"]["spurious"] / sum(planted["caption_mix"].values()) == pytest.approx(0.4)
+    ratio = {k: planted["caption_mix"][k] / control["caption_mix"][k] for k in changed - {"spurious"}}
+    assert len(set(np.round(list(ratio.values()), 9))) == 1  # the other styles keep their proportions
+
+
+def test_text_tower_retraining_leaves_the_image_tower(tiny_clip, tiny_world):
+    clip = tiny_clip[0]
+    cfg = ex2.TextTowerConfig(caption_mix={"spurious": 1.0}, steps=2, batch_size=16, n_images=64)
+    model = ex2.retrain_text_tower(clip, tiny_world, cfg)
+    before, after = clip.state_dict(), model.state_dict()
+    visual = [k for k in before if k.startswith("visual.")]
+    assert visual and all(torch.equal(before[k], after[k]) for k in visual)
+    assert any(not torch.equal(before[k], after[k]) for k in before if not k.startswith("visual."))
+
+
+def test_run_on_world_aligns_any_world_clip_and_pairs_its_samples(tiny_lm, tiny_clip, tiny_world, tiny_store):
+    clip, _, clip_tok, _ = tiny_clip
+    cfg = ex2.AlignConfig(steps=2, num_generations=2, prompts_per_step=2, max_new_tokens=6, lr=1e-3)
+    out = ex2.run_on_world(
+        tiny_store, clip, clip_tok, {"tiny clip": 1}, tiny_world, TINY_LM, cfg, images_per_class=8, samples_per_query=1
+    )
+    keys = list(ex2.PAIR_KEYS)
+    assert len(out["before"]) == 25 * 6 and out["before"][keys].equals(out["after"][keys])
+    assert len(out["curve"]) == 2 and np.isfinite(ex2.paired_gain(out["before"], out["after"])[0])
+    assert out["sentence_kinds"].sum().to_numpy() == pytest.approx([1.0, 1.0])

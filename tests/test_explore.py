@@ -60,15 +60,15 @@ def test_explorer_rejects_a_control_without_a_default():
 
 
 def test_initial_values_replace_the_defaults_live_and_static():
-    static = explore.explorer(lambda slope: _line(slope), interactive=False, initial={"slope": 2.0},
-                              slope=(0.0, 3.0))
+    static = explore.explorer(lambda slope: _line(slope), interactive=False, initial={"slope": 2.0}, slope=(0.0, 3.0))
     assert static.values == {"slope": 2.0}
     live = explore.explorer(_line, interactive=True, initial={"label": "b"}, label=["a", "b"])
     assert live.controls["label"].value == "b" and live.figure.axes[0].get_title() == "b"
 
 
-@pytest.mark.parametrize(("env", "session", "expected"), [
-    ("0", "nb.ipynb", False), ("1", None, True), (None, None, False)])
+@pytest.mark.parametrize(
+    ("env", "session", "expected"), [("0", "nb.ipynb", False), ("1", None, True), (None, None, False)]
+)
 def test_widget_frontend_follows_the_override_then_the_environment(monkeypatch, env, session, expected):
     for name, value in ((explore.INTERACTIVE_ENV, env), ("JPY_SESSION_NAME", session)):
         if value is None:

@@ -80,8 +80,12 @@ def test_world_cnn_trains_on_two_processes_through_accelerate(tmp_path):
 
     script = tmp_path / "train.py"
     script.write_text(_DDP_SCRIPT)
-    out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(script),
-                          str(tmp_path / "cnn")], capture_output=True, text=True, timeout=300)
+    out = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(script), str(tmp_path / "cnn")],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert out.returncode == 0, out.stderr[-2000:]
     lines = sorted(line for line in out.stdout.splitlines() if line.startswith("rank"))
     assert [line.split()[1] for line in lines] == ["0", "1"] and all("of 2" in line for line in lines)

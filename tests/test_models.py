@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import time
 import warnings
 
+import numpy as np
 import open_clip
 import pytest
 import torch
@@ -14,6 +16,7 @@ from safetensors.torch import save_file
 from conceptlab.artifacts import ArtifactStore
 from conceptlab.models import (
     TrainConfig,
+    average_prompts,
     class_text_weights,
     clip_variant,
     encode_images,
@@ -56,8 +59,7 @@ def test_local_checkpoint_round_trip_of_a_standard_architecture(vit_b32, tmp_pat
 
 def test_deal_release_of_an_openai_architecture_loads_with_quick_gelu(vit_b32, tmp_path, capsys):
     path = tmp_path / "deal_vitb32.pt"
-    torch.save({"epoch": 3, "model_state_dict": vit_b32.state_dict(), "optimizer_state_dict": {}, "loss": 0.5},
-               path)
+    torch.save({"epoch": 3, "model_state_dict": vit_b32.state_dict(), "optimizer_state_dict": {}, "loss": 0.5}, path)
     model, _, _ = load_clip("ViT-B-32", str(path))
     assert _has_quick_gelu(model) and "ViT-B-32-quickgelu" in capsys.readouterr().err
     assert all(torch.equal(a, b) for a, b in zip(vit_b32.state_dict().values(), model.state_dict().values()))
@@ -72,8 +74,9 @@ def _world_vit(quick_gelu: bool = False) -> torch.nn.Module:
 def _same_outputs(a: torch.nn.Module, b: torch.nn.Module) -> bool:
     x, t = torch.rand(2, 3, 64, 64), open_clip.tokenize(["a red bird", "a cat"], context_length=32)
     with torch.no_grad():
-        return (torch.allclose(a.encode_image(x), b.encode_image(x), atol=1e-5)
-                and torch.allclose(a.encode_text(t), b.encode_text(t), atol=1e-5))
+        return torch.allclose(a.encode_image(x), b.encode_image(x), atol=1e-5) and torch.allclose(
+            a.encode_text(t), b.encode_text(t), atol=1e-5
+        )
 
 
 @pytest.mark.parametrize("wrap", ["plain", "state_dict", "deal", "ddp", "compiled", "safetensors"])
@@ -84,10 +87,16 @@ def test_every_checkpoint_wrapping_loads_the_same_weights(wrap, tmp_path):
     if wrap == "safetensors":
         save_file({k: v.contiguous() for k, v in sd.items()}, path)
     else:
-        torch.save({"plain": sd, "state_dict": {"state_dict": sd, "epoch": 1},
-                    "deal": {"epoch": 1, "model_state_dict": sd, "optimizer_state_dict": {}, "loss": 0.1},
-                    "ddp": {f"module.{k}": v for k, v in sd.items()},
-                    "compiled": {f"_orig_mod.{k}": v for k, v in sd.items()}}[wrap], path)
+        torch.save(
+            {
+                "plain": sd,
+                "state_dict": {"state_dict": sd, "epoch": 1},
+                "deal": {"epoch": 1, "model_state_dict": sd, "optimizer_state_dict": {}, "loss": 0.1},
+                "ddp": {f"module.{k}": v for k, v in sd.items()},
+                "compiled": {f"_orig_mod.{k}": v for k, v in sd.items()},
+            }[wrap],
+            path,
+        )
     model, _, _ = load_clip("ConceptWorld-ViT", str(path), "cpu")
     assert not _has_quick_gelu(model)  # DEAL's format implies QuickGELU only for OpenAI's architectures
     assert _same_outputs(original, model)
@@ -107,8 +116,15 @@ def test_openai_torchscript_archive_loads_with_quick_gelu(tmp_path, capsys):
 
 def test_openai_keys_in_a_state_dict_mean_quick_gelu(tmp_path):
     path = tmp_path / "openai_sd.pt"
-    torch.save({**_world_vit().state_dict(), "input_resolution": torch.tensor(64),
-                "context_length": torch.tensor(32), "vocab_size": torch.tensor(49408)}, path)
+    torch.save(
+        {
+            **_world_vit().state_dict(),
+            "input_resolution": torch.tensor(64),
+            "context_length": torch.tensor(32),
+            "vocab_size": torch.tensor(49408),
+        },
+        path,
+    )
     ckpt = read_checkpoint(path)
     assert ckpt.quick_gelu is True and "input_resolution" not in ckpt.state
     assert clip_variant("ViT-B-32", ckpt.quick_gelu, ckpt.evidence, "x") == ("ViT-B-32-quickgelu", False)
@@ -129,6 +145,8 @@ def test_unknown_activation_warns_only_where_weights_exist_both_ways():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert clip_variant("ConceptWorld-ViT", None, "", "x") == ("ConceptWorld-ViT", False)
+    # a plain state dict named with a QuickGELU config may hold GELU weights: said, naming the GELU config
+    with pytest.warns(UserWarning, match="model='ViT-B-32'"):
         assert clip_variant("ViT-B-32-quickgelu", None, "", "x") == ("ViT-B-32-quickgelu", False)
 
 
@@ -183,17 +201,57 @@ def test_topk_accuracies_omit_k_at_or_above_the_number_of_classes():
     logits = torch.tensor([[0.9, 0.5, 0.1, 0.0, 0.2], [0.1, 0.2, 0.3, 0.4, 0.9], [0.3, 0.2, 0.1, 0.0, 0.5]])
     labels = [0, 3, 1]
     assert topk_accuracies(logits, labels) == {"top1": pytest.approx(1 / 3)}
-    assert topk_accuracies(logits, labels, ks=(1, 2, 3)) == pytest.approx(
-        {"top1": 1 / 3, "top2": 2 / 3, "top3": 1.0})
+    assert topk_accuracies(logits, labels, ks=(1, 2, 3)) == pytest.approx({"top1": 1 / 3, "top2": 2 / 3, "top3": 1.0})
     six = torch.cat([logits, torch.zeros(3, 1)], 1)
     assert set(topk_accuracies(six, labels)) == {"top1", "top5"}
 
 
-@pytest.mark.parametrize("bad, word", [({"steps": 0}, "steps"), ({"arch": "ViT-B-32"}, "arch"),
-                                       ({"batch_size": 1024, "n_train": 100}, "batch_size")])
+@pytest.mark.parametrize(
+    "bad, word",
+    [
+        ({"steps": 0}, "steps"),
+        ({"arch": "ViT-B-32"}, "arch"),
+        ({"batch_size": 1024, "n_train": 100}, "batch_size"),
+        ({"steps": 300.0}, "steps=300.0 must be an integer, not float"),
+        ({"batch_size": True}, "batch_size=True"),
+        ({"lr": "fast"}, "lr='fast' must be a number"),
+        ({"steps": 20, "warmup": 50}, "warmup=50 exceeds steps=20"),
+        ({"warmup": -1}, "warmup=-1 must be >= 0"),
+        ({"weight_decay": -0.1}, "weight_decay"),
+    ],
+)
 def test_bad_training_parameters_say_what_is_wrong(bad, word):
     with pytest.raises(ValueError, match=word):
         TrainConfig(**bad)
+
+
+def test_training_numbers_of_other_integer_kinds_are_accepted():
+    cfg = TrainConfig(steps=np.int64(60), warmup=60, lr=1)
+    assert cfg.steps == 60 and cfg.lr == 1
+
+
+def test_average_prompts_is_the_normalised_mean_per_class():
+    prompts = torch.tensor([[[1.0, 0.0], [0.0, 1.0]], [[0.0, 1.0], [0.0, 1.0]]])
+    weights = average_prompts(prompts)
+    assert torch.allclose(weights, torch.tensor([[0.5**0.5, 0.5**0.5], [0.0, 1.0]]))
+
+
+def test_history_records_training_seconds_without_evaluation_time(tmp_path):
+    world = ConceptWorld(TINY_WORLD)
+    cfg = TrainConfig(n_train=64, steps=4, batch_size=8, warmup=1)
+    modes = []
+
+    def evaluate(model):
+        modes.append(model.training)
+        time.sleep(1.0)
+        return {"top1": 0.25}
+
+    start = time.perf_counter()
+    history = train_world_clip(world, cfg, tmp_path, progress=False, evaluate=evaluate, evaluate_every=2)
+    wall = time.perf_counter() - start
+    assert [h["step"] for h in history if "top1" in h] == [1, 3] and modes == [False, False]
+    seconds = [h["seconds"] for h in history]
+    assert seconds == sorted(seconds) and seconds[-1] < wall - 1.5  # neither evaluation is counted
 
 
 def test_interrupted_training_resumes_to_the_same_model(tmp_path):
@@ -210,6 +268,8 @@ def test_interrupted_training_resumes_to_the_same_model(tmp_path):
     assert (tmp_path / "resumed" / "state.pt").exists() and not (tmp_path / "resumed" / "model.pt").exists()
     resumed = train_world_clip(world, cfg, tmp_path / "resumed", progress=False)
     assert [h["step"] for h in resumed] == list(range(6))
+    seconds = [h["seconds"] for h in resumed]
+    assert seconds == sorted(seconds)  # the resumed run adds to the seconds of the interrupted one
     assert [h["loss"] for h in resumed] == pytest.approx([h["loss"] for h in straight], rel=1e-4)
     a = torch.load(tmp_path / "straight" / "model.pt", weights_only=True)
     b = torch.load(tmp_path / "resumed" / "model.pt", weights_only=True)

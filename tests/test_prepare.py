@@ -21,8 +21,18 @@ def test_two_processes_align_once_and_a_single_process_loads_it(tmp_path):
     params_file = tmp_path / "params.yml"
     params_file.write_text(yaml.safe_dump(params))
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "conceptlab.prepare",
-           "04_ex2", "-f", str(params_file)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "-m",
+        "conceptlab.prepare",
+        "04_ex2",
+        "-f",
+        str(params_file),
+    ]
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     aligned = [d for d in (tmp_path / "artifacts" / "ex2_aligned").iterdir() if (d / "DONE").exists()]
@@ -34,18 +44,28 @@ def test_two_processes_align_once_and_a_single_process_loads_it(tmp_path):
     stamp = (aligned[0] / "DONE").stat().st_mtime_ns
     prepare.main(["04_ex2", "-f", str(params_file)])
     assert (aligned[0] / "DONE").stat().st_mtime_ns == stamp
-    assert ArtifactStore(tmp_path / "artifacts").finished("ex2_aligned", json.loads(
-        (aligned[0] / "params.json").read_text()))
+    assert ArtifactStore(tmp_path / "artifacts").finished(
+        "ex2_aligned", json.loads((aligned[0] / "params.json").read_text())
+    )
 
 
 def test_two_processes_train_the_lavise_cnn_once(tmp_path):
     params = {**smoke_parameters("06_lavise", tmp_path), "cnn_steps": 2}
     params_file = tmp_path / "params.yml"
     params_file.write_text(yaml.safe_dump(params))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "conceptlab.prepare",
-           "06_lavise", "-f", str(params_file)]
-    done = subprocess.run(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
-                          timeout=300)
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "-m",
+        "conceptlab.prepare",
+        "06_lavise",
+        "-f",
+        str(params_file),
+    ]
+    done = subprocess.run(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     (cnn,) = (tmp_path / "artifacts" / "world_cnn").iterdir()
     assert (cnn / "DONE").exists() and (cnn / "model.pt").exists()
@@ -57,3 +77,16 @@ def test_prepare_rejects_a_parameter_file_that_is_not_a_mapping(tmp_path):
     bad.write_text("- grpo_steps\n")
     with pytest.raises(SystemExit):
         prepare.main(["04_ex2", "-f", str(bad)])
+
+
+def test_prepare_calls_the_chapter_modules_own_prepare_with_a_validated_chapter(tmp_path, monkeypatch):
+    from conceptlab import chapters
+
+    module = chapters.load("04_ex2")
+    seen = []
+    monkeypatch.setattr(module, "prepare", lambda ch: seen.append(ch))
+    prepare.prepare("04_ex2", {**smoke_parameters("04_ex2", tmp_path), "grpo_steps": 2.0})
+    (ch,) = seen
+    assert ch.name == "04_ex2" and ch.params["grpo_steps"] == 2 and isinstance(ch.params["grpo_steps"], int)
+    with pytest.raises(ValueError, match="grpo_stepz"):
+        prepare.prepare("04_ex2", {"grpo_stepz": 2})

@@ -152,8 +152,11 @@ def test_environment_yml_matches_pyproject():
 
 def test_constraints_pin_every_direct_dependency():
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
-    pins = {re.split(r"==", line)[0].lower().replace("_", "-")
-            for line in (ROOT / "constraints.txt").read_text().splitlines() if "==" in line}
+    pins = {
+        re.split(r"==", line)[0].lower().replace("_", "-")
+        for line in (ROOT / "constraints.txt").read_text().splitlines()
+        if "==" in line
+    }
     direct = list(project["dependencies"]) + [d for extra in project["optional-dependencies"].values() for d in extra]
     names = {re.split(r"[<>=\[ ]", d)[0].lower().replace("_", "-") for d in direct} - {"conceptlab"}
     assert names <= pins, f"constraints.txt does not pin {names - pins}"

@@ -3,8 +3,6 @@ and one of them run end to end on stand-in files (a tiny CUB folder, a tiny chec
 
 from __future__ import annotations
 
-import ast
-import importlib
 import json
 import re
 import shlex
@@ -16,8 +14,9 @@ import yaml
 from papermill.cli import _resolve_type  # papermill's own reading of `-p name value`
 from PIL import Image
 
-from conceptlab.bookrun import NOTEBOOKS, ROOT, chapters, declared_parameters, run_chapter, smoke_parameters
-from conceptlab.chapter import SHARED, ParameterError, validate
+from conceptlab.bookrun import ROOT, chapters, declared_parameters, run_chapter, smoke_parameters
+from conceptlab.chapter import ParameterError, validate
+from conceptlab.chapters import spec
 from conceptlab.models import load_clip
 
 SECTION = "### Real-path command lines, chapter by chapter"
@@ -25,8 +24,8 @@ SECTION = "### Real-path command lines, chapter by chapter"
 
 def readme_section() -> str:
     text = (ROOT / "README.md").read_text()
-    section = text[text.index(SECTION):]
-    return section[:section.index("\n## ")]
+    section = text[text.index(SECTION) :]
+    return section[: section.index("\n## ")]
 
 
 def readme_commands() -> list[tuple[str, dict]]:
@@ -69,24 +68,12 @@ def test_command_names_only_declared_parameters(chapter, params):
     assert params.get("model", "world") != "world" or "target_model" in params, "not a real-path command"
 
 
-def _declared_spec(chapter: str) -> dict:
-    """SHARED + the method module's PARAMETERS for a chapter that calls ``setup(..., <module>.PARAMETERS)``;
-    SHARED alone otherwise."""
-    source = (NOTEBOOKS / f"{chapter}.py").read_text()
-    found = re.search(rf'setup\(\s*"{chapter}",\s*globals\(\),\s*(\w+)\.PARAMETERS', source)
-    if not found:
-        return dict(SHARED)
-    modules = {alias.asname or alias.name: alias.name for node in ast.walk(ast.parse(source))
-               if isinstance(node, ast.ImportFrom) and node.module == "conceptlab" for alias in node.names}
-    return {**SHARED, **importlib.import_module(f"conceptlab.{modules[found[1]]}").PARAMETERS}
-
-
 @pytest.mark.parametrize("chapter, params", COMMANDS, ids=[f"{c}-{i}" for i, (c, _) in enumerate(COMMANDS)])
 def test_command_values_have_the_declared_types(chapter, params):
-    spec = _declared_spec(chapter)
-    params = {k: v for k, v in params.items() if k in spec}  # names are checked by the test above
+    declared = spec(chapter)
+    params = {k: v for k, v in params.items() if k in declared}  # names are checked by the test above
     try:
-        validate(params, spec)  # the user's files are absent here, so no check reaches a file or a network
+        validate(params, declared)  # the user's files are absent here, so no check reaches a file or a network
     except ParameterError as err:
         absent = r"no such (file|folder)|does not exist"  # the README's /data/... files
         problems = [line for line in str(err).splitlines()[1:] if not re.search(absent, line)]
@@ -94,8 +81,12 @@ def test_command_values_have_the_declared_types(chapter, params):
 
 
 def _tiny_cub(root: Path, folders: list[str]) -> Path:
-    rows: dict[str, list[str]] = {"images.txt": [], "image_class_labels.txt": [], "train_test_split.txt": [],
-                                  "classes.txt": []}
+    rows: dict[str, list[str]] = {
+        "images.txt": [],
+        "image_class_labels.txt": [],
+        "train_test_split.txt": [],
+        "classes.txt": [],
+    }
     for c, folder in enumerate(folders, start=1):
         rows["classes.txt"].append(f"{c} {folder}")
         for j in range(4):
@@ -120,8 +111,14 @@ def test_descriptors_command_runs_on_stand_in_files(tmp_path):
     folders = ["001.Black_footed_Albatross", "009.Brewer_Blackbird", "101.Chuck_will_Widow"]
     cub = _tiny_cub(tmp_path / "CUB_200_2011", folders)
     descriptors = tmp_path / "descriptors.json"
-    descriptors.write_text(json.dumps({name: [f"{name} feature {k}" for k in range(6)] for name in
-                                       ("Black-footed Albatross", "Brewer's Blackbird", "Chuck-will's-widow")}))
+    descriptors.write_text(
+        json.dumps(
+            {
+                name: [f"{name} feature {k}" for k in range(6)]
+                for name in ("Black-footed Albatross", "Brewer's Blackbird", "Chuck-will's-widow")
+            }
+        )
+    )
     stand_in = {"pretrained": str(ckpt), "data_root": str(cub), "descriptors": str(descriptors)}
     assert set(stand_in) <= set(params) and params["dataset"] == "cub"
     run = {**smoke_parameters(chapter, tmp_path), **params, **stand_in, "model": "ConceptWorld-ViT"}

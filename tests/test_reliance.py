@@ -12,8 +12,9 @@ from conceptlab.world import PARTS
 
 def _border(images: np.ndarray) -> np.ndarray:
     """Mean colour of the top and bottom three rows: the background only."""
-    return np.concatenate([images[:, :3].reshape(len(images), -1, 3),
-                           images[:, -3:].reshape(len(images), -1, 3)], 1).mean(1)
+    return np.concatenate(
+        [images[:, :3].reshape(len(images), -1, 3), images[:, -3:].reshape(len(images), -1, 3)], 1
+    ).mean(1)
 
 
 def _background_scorer(world, n_classes: int = 6):
@@ -27,6 +28,7 @@ def _background_scorer(world, n_classes: int = 6):
         others = logits.copy()
         others[np.arange(len(labels)), labels] = -np.inf
         return logits.argmax(1) == labels, true - others.max(1)
+
     return score
 
 

@@ -1,13 +1,19 @@
-"""Chapter 7's conversions and tests (conceptlab.verdict): each must fail when it is broken."""
+"""Chapter 7's protocol (conceptlab.verdict), explainers (conceptlab.explainers) and chapter module:
+each measure must register what it tests, and fail when it is broken (issue 20, item 7)."""
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import numpy as np
-import pandas as pd
 import pytest
 import torch
 
-from conceptlab import verdict
+from conceptlab import explainers as xp
+from conceptlab import verdict as vd
+from conceptlab.chapters import verdict as chapter
+from conceptlab.models import images_to_tensor
 from conceptlab.reliance import FACTORS, Interventions, prototypical
 from conceptlab.world import PARTS, WorldConfig
 
@@ -26,246 +32,318 @@ def tiny_rn_clip():
     return load_clip("ConceptWorld-RN", None, "cpu")
 
 
-def _synthetic_truths(batch, seed=0):
-    """Six fake models (2 per condition) with planted reliance profiles and per-image noise."""
+def _interventions(batch, drops):
+    n = len(batch)
+    return Interventions(batch, FACTORS, np.ones(n, bool), np.ones(n), np.ones((n, len(FACTORS)), bool), drops)
+
+
+def _planted(batch, n_seeds=3, seed=0):
+    """Fake models per condition: shortcut models rely on the habitat, blind ones not on body colour."""
     rng = np.random.default_rng(seed)
-    has = verdict._has(batch)
+    has = vd.factor_present(batch)
     truths, conditions = {}, {}
     for condition in ("shortcut", "no-shortcut", "blind"):
-        for s in range(2):
-            profile = rng.random(len(FACTORS))
-            profile[0] = 3.0 if condition == "shortcut" else 0.05
+        for s in range(n_seeds):
+            profile = rng.random(len(FACTORS)) + 0.2
+            profile[0] = 3.0 if condition == "shortcut" else 0.1
             if condition == "blind":
                 profile[FACTORS.index("body colour")] = 0.0
-            drops = profile[None] + 0.3 * rng.standard_normal((len(batch), len(FACTORS)))
-            drops = np.where(has, drops, np.nan)
-            name = f"{condition} {s}"
-            truths[name] = Interventions(batch, FACTORS, np.ones(len(batch), bool), np.ones(len(batch)),
-                                         np.ones((len(batch), len(FACTORS)), bool), drops)
-            conditions[name] = condition
+            drops = np.where(has, profile[None] + 0.1 * rng.standard_normal((len(batch), len(FACTORS))), np.nan)
+            truths[f"{condition} {s}"] = _interventions(batch, drops)
+            conditions[f"{condition} {s}"] = condition
     return truths, conditions
 
 
-def test_map_factor_scores_are_energy_shares_per_part_and_background(proto):
-    head = PARTS.index("head")
-    scores = verdict.map_factor_scores(proto.masks[:, head].astype(float), proto)
-    assert np.allclose(scores[:, FACTORS.index("head colour")], 1)
-    assert np.allclose(scores[:, FACTORS.index("head size")], 1)
-    assert np.allclose(np.nan_to_num(scores[:, FACTORS.index("body colour")]), 0, atol=1e-6)
-    uniform = verdict.map_factor_scores(np.ones((len(proto), 8, 8)), proto)
-    background = (~proto.masks.any(1)).mean((1, 2))
-    assert np.allclose(uniform[:, 0], background, atol=1e-5)
+def _pairs(scores, conditions, a, b, column):
+    by = {c: {int(m.split()[-1]): m for m in conditions if conditions[m] == c} for c in (a, b)}
+    return ({k: scores[m][:, column] for k, m in by[a].items()}, {k: scores[m][:, column] for k, m in by[b].items()})
+
+
+# ---------------------------------------------------------------------------- conversions
+def test_region_scores_are_area_normalised_and_uniform_maps_score_one(proto):
+    uniform = vd.map_region_scores(np.ones((len(proto), 8, 8)), proto)
+    assert np.allclose(uniform[vd.region_present(proto)], 1.0, atol=1e-3)
+    raw = vd.map_region_scores(np.ones((len(proto), 8, 8)), proto, area_normalised=False)
+    assert (raw[:, 0] > 0.5).all()  # the background wins a raw share by its size alone
+    head = 1 + PARTS.index("head")
+    only_head = vd.map_region_scores(proto.masks[:, PARTS.index("head")].astype(float), proto)
+    assert (only_head[:, head] > 10).all() and np.allclose(only_head[:, 0], 0)
+    factors = vd.regions_to_factors(only_head)
+    assert np.allclose(factors[:, FACTORS.index("head colour")], factors[:, FACTORS.index("head size")])
     wings = PARTS.index("wings")
-    assert np.isnan(uniform[~proto.present[:, wings], FACTORS.index("wings colour")]).all()
+    assert np.isnan(uniform[~proto.present[:, wings], 1 + wings]).all()
+
+
+def test_part_level_oracle_reaches_one_on_maps_and_words(proto, tiny_world):
+    truths, _ = _planted(proto)
+    for t in truths.values():
+        clean = _interventions(proto, np.where(t.has(), np.nanmean(t.drops, 0)[None], np.nan))  # no image noise
+        for g in vd.GRANULARITIES:
+            assert vd.profile_rho(vd.oracle_scores(clean, g, tiny_world), vd.truth_scores(clean, g)) == 1.0
+            assert vd.profile_rho(vd.oracle_scores(t, g, tiny_world), vd.truth_scores(t, g)) > 0.9
+    # the old conversion (raw shares copied to three attributes) cannot reach it
+    t = truths["no-shortcut 0"]
+    raw = vd.map_factor_scores(vd.reliance_maps(t), proto, area_normalised=False)
+    assert vd.profile_rho(raw, t.drops) < 0.9
+
+
+def test_vocabulary_prior_is_the_word_conversions_null(proto, tiny_world):
+    spec = tiny_world.classes[0]
+    colours = [attrs["colour"] for attrs in spec.parts.values()]
+    prior = vd.vocabulary_prior([*colours, "piano", "bird"], proto.labels, tiny_world)
+    first = proto.labels == 0
+    colour_cols = [FACTORS.index(f"{p} colour") for p in spec.parts]
+    assert (prior[first][:, colour_cols].sum(1) > 0).all() and (prior[first][:, 0] == 0).all()
+    # random words through the conversion favour colour: against a colour-first truth they score well
+    truth = np.where(vd.factor_present(proto), 0.0, np.nan)
+    truth[:, [FACTORS.index(f"{p} colour") for p in PARTS]] += 1.0
+    truth = np.where(vd.factor_present(proto), truth, np.nan)
+    assert vd.profile_rho(prior, truth) > 0.3
 
 
 def test_mention_scores_follow_the_reward(tiny_world):
-    candidates = verdict.candidate_descriptions(tiny_world)
-    assert "a photo of a" in candidates.description[0]
+    candidates = vd.candidate_descriptions(tiny_world)
     rewards = np.zeros(len(candidates))
     target = candidates.index[(candidates.class_index == 0) & (candidates.factors == ("habitat",))][0]
     rewards[target] = 1.0
-    scores = verdict.mention_factor_scores(candidates, rewards, beta=0.01)
+    scores = vd.mention_factor_scores(candidates, rewards, beta=0.01)
     assert scores[0, 0] == pytest.approx(1.0, abs=1e-6) and scores[0, 1:].max() < 1e-6
-    flat = verdict.mention_factor_scores(candidates, np.zeros(len(candidates)), beta=1.0)
-    assert 0 < flat[1, 0] < 0.5  # uniform policy: the habitat is one of many mentioned factors
-    spec = tiny_world.classes[0]
-    assert spec.habitat in candidates.description[target] and spec.name in candidates.description[target]
+    flat = vd.mention_factor_scores(candidates, np.zeros(len(candidates)), beta=1.0)
+    assert np.ptp(flat[1][flat[1] > 0]) == pytest.approx(0.0)  # the flat null: every stated factor alike
 
 
 def test_concept_names_map_to_the_factors_they_denote(tiny_world):
     spec = tiny_world.classes[0]
     part, attrs = next(iter(spec.parts.items()))
-    assert verdict.word_factors(spec.habitat, tiny_world, 0) == ["habitat"]
-    assert verdict.word_factors(part, tiny_world, 0) == [f"{part} colour", f"{part} pattern", f"{part} size"]
-    assert f"{part} colour" in verdict.word_factors(attrs["colour"], tiny_world, 0)
-    assert verdict.word_factors(spec.name, tiny_world, 0) == [] == verdict.word_factors("piano", tiny_world, 0)
-    contributions = np.array([[2.0, 1.0, 5.0]])
-    out = verdict.concept_factor_scores(contributions, [spec.habitat, part, "piano"], np.array([0]), tiny_world)
+    assert vd.word_factors(spec.habitat, tiny_world, 0) == ["habitat"]
+    assert vd.word_factors(part, tiny_world, 0) == [f"{part} colour", f"{part} pattern", f"{part} size"]
+    assert vd.word_factors(f"{attrs['colour']} {part}", tiny_world, 0) == [f"{part} colour"]
+    assert vd.word_factors(spec.name, tiny_world, 0) == [] == vd.word_factors("piano", tiny_world, 0)
+    out = vd.concept_factor_scores(
+        np.array([[2.0, 1.0, 5.0]]), [spec.habitat, part, "piano"], np.array([0]), tiny_world
+    )
     assert out[0, 0] == 2.0 and out[0, FACTORS.index(f"{part} size")] == pytest.approx(1 / 3)
     assert out.sum() == pytest.approx(3.0)
 
 
-def test_truth_wins_every_column_and_noise_sits_at_chance(proto):
-    truths, conditions = _synthetic_truths(proto)
-    rng = np.random.default_rng(1)
-    truth = {m: t.drops for m, t in truths.items()}
-    noise = {m: np.where(verdict._has(proto), rng.random(t.drops.shape), np.nan) for m, t in truths.items()}
-    a_truth = verdict.agreement(truth, truths, conditions, n_bootstrap=50)
-    a_noise = verdict.agreement(noise, truths, conditions, n_bootstrap=50)
-    assert a_truth["rho"] == pytest.approx(1.0) and a_truth["low"] > 0.8
-    assert abs(a_noise["rho"]) < 0.35 and a_noise["low"] < 0 < a_noise["high"]
-    b_truth = verdict.shortcut_detection(truth, conditions, "body colour")
-    b_noise = verdict.shortcut_detection(noise, conditions, "body colour")
-    assert b_truth["habitat_pairs"] == 1.0 and b_truth["blind_low"] > 0.9
-    assert b_noise["score"] < 0.95
-    draws = [verdict.shortcut_detection({m: np.random.default_rng(k).random(t.drops.shape) for m, t in truths.items()},
-                                        conditions, "body colour")["score"] for k in range(40)]
-    assert abs(np.mean(draws) - 0.5) < 0.1
-    # a broken conversion (scores in the wrong factor order) loses the agreement
-    shuffled = {m: s[:, ::-1] for m, s in truth.items()}
-    assert verdict.agreement(shuffled, truths, conditions, n_bootstrap=20)["rho"] < 0.5
-    t = truths["shortcut 0"]
-    assert verdict.localisation(verdict.reliance_maps(t), t) == pytest.approx(1.0)
-    assert abs(verdict.localisation(rng.random((len(proto), 16, 16)), t)) < 0.1
-    assert np.isnan(verdict.localisation(None, t))
+# ---------------------------------------------------------------------------- the tests themselves
+def test_a_planted_map_explainer_whose_background_follows_habitat_reliance_passes_the_habitat_test(proto):
+    truths, conditions = _planted(proto)
+    maps = {m: vd.reliance_maps(t) for m, t in truths.items()}
+    scores = {m: vd.map_factor_scores(maps[m], proto) for m in truths}
+    test = vd.paired_test(*_pairs(scores, conditions, "shortcut", "no-shortcut", 0), 100)
+    assert vd.detected(test, +1) and test["low"] > test["band_high"]
+    blind = vd.paired_test(*_pairs(scores, conditions, "blind", "no-shortcut", FACTORS.index("body colour")), 100)
+    assert blind["diff"] < 0
+    # a map that does not follow the model (the silhouette) detects nothing
+    flat = {m: vd.map_factor_scores(vd.silhouette_maps(proto), proto) for m in truths}
+    assert not vd.detected(vd.paired_test(*_pairs(flat, conditions, "shortcut", "no-shortcut", 0), 100), +1)
 
 
-def test_reliance_maps_put_the_habitat_on_the_background(proto):
-    drops = np.zeros((len(proto), len(FACTORS)))
-    drops[:, 0] = 1.0
-    res = Interventions(proto, FACTORS, None, None, None, drops)
-    maps = verdict.reliance_maps(res)
-    assert np.array_equal(maps > 0, ~proto.masks.any(1))
+def test_noise_sits_inside_the_permutation_band_on_every_test(proto, tiny_world):
+    truths, conditions = _planted(proto)
+    subjects = {
+        m: vd.Subject(m, c, int(m.split()[-1]), None, None, tiny_world, {"name": m}) for m, c in conditions.items()
+    }
+    noise = {m: xp.noise_explainer(subjects[m], proto).scores for m in truths}
+    assert not np.allclose(noise["shortcut 0"], noise["no-shortcut 0"], equal_nan=True)  # fresh per model
+    drops = {m: t.drops for m, t in truths.items()}
+    a = vd.agreement(noise, drops, vd.bootstrap_plan(conditions, len(proto), 50))
+    _, low, high = vd.agreement_band(noise, drops, 200)
+    assert low <= a["rho"] <= high and a["low"] < 0 < a["high"]
+    rel = {m: vd.relative_scores(s, "factor") for m, s in noise.items()}
+    for test in (
+        vd.paired_test(*_pairs(rel, conditions, "shortcut", "no-shortcut", 0), 100),
+        vd.paired_test(*_pairs(rel, conditions, "blind", "no-shortcut", FACTORS.index("body colour")), 100),
+    ):
+        assert test["band_low"] <= test["diff"] <= test["band_high"] and not vd.detected(test, +1)
+    other = xp.noise_explainer(vd.Subject("x", "shortcut", 0, None, None, tiny_world, {"randomised": 1}), proto)
+    similarity = vd.profile_rho(other.scores, noise["shortcut 0"])
+    _, low, high = vd.similarity_band(noise["shortcut 0"], 200)
+    assert low <= similarity <= high
 
 
-def test_randomisation_reinitialises_from_the_top(tiny_clip):
-    clip = tiny_clip[0]
-    stages = verdict.vision_stages(clip)
-    assert stages[0].startswith("proj") and "resblocks" in stages[1]
-    top = verdict.randomised(clip, 1)
-    before, after = dict(clip.named_parameters()), dict(top.named_parameters())
-    changed = {n for n in before if not torch.equal(before[n], after[n])}
-    assert "visual.proj" in changed and all(n.startswith("visual.") for n in changed)
-    assert not any("resblocks" in n for n in changed)
-    full = dict(verdict.randomised(clip, len(stages)).named_parameters())
-    assert all(not torch.equal(before[n], full[n]) for n in before if n.startswith("visual.") and "bias" not in n
-               and before[n].numel() > 1)
-    assert all(torch.equal(before[n], full[n]) for n in before if not n.startswith("visual."))
+def test_agreement_reports_the_gain_over_the_null_on_paired_resamples(proto):
+    truths, conditions = _planted(proto)
+    drops = {m: t.drops for m, t in truths.items()}
+    plan = vd.bootstrap_plan(conditions, len(proto), 50)
+    a = vd.agreement(drops, drops, plan, null=drops)
+    assert a["rho"] == pytest.approx(1.0) and a["gain"] == pytest.approx(0.0) and a["gain_high"] == pytest.approx(0)
+    shuffled = {m: d[:, ::-1] for m, d in drops.items()}  # a broken conversion: the factors in the wrong order
+    broken = vd.agreement(shuffled, drops, plan, null=drops)
+    assert broken["rho"] < 0.5 and broken["gain_high"] < 0
+    assert set(broken["per_model"]) == set(truths)
 
 
-def test_randomisation_check_fails_a_model_blind_explainer(tiny_clip, tiny_world, proto):
-    clip, _, tokenizer, _ = tiny_clip
-    subject = verdict.Subject("s", "no-shortcut", 0, clip, tokenizer, tiny_world, {})
-    small = proto  # 64 images
-    blind = verdict.randomisation_check(verdict.noise_explainer, subject, small)
-    assert verdict.randomisation_score(blind) == 0.0
-    follows = verdict.randomisation_check(verdict.gradient_input_explainer, subject, small)
-    assert verdict.randomisation_score(follows) > 0.2
-    assert list(blind["stages re-initialised"]) == list(range(1, len(verdict.vision_stages(clip)) + 1))
+def test_retest_and_bootstrap_plan_resample_seeds_within_conditions(proto):
+    truths, conditions = _planted(proto)
+    assert vd.retest(truths["shortcut 0"]) > 0.8
+    plan = vd.bootstrap_plan(conditions, len(proto), 20)
+    for draw in plan:
+        drawn = [conditions[m] for m, _ in draw]
+        assert sorted(drawn) == sorted(conditions.values())  # every condition keeps its number of seeds
 
 
-def test_conclusion_is_written_from_the_table():
-    board = pd.DataFrame({t: [0.9, 0.1, 0.05] for t in verdict.TESTS}, index=["good", "bad", "noise"])
-    board.loc["bad", verdict.TESTS[2]] = 0.0
-    text = verdict.conclusion(board)
-    assert "good does best (0.90" in text and "bad barely changes" in text and "its explanation says" in text
-    board.loc["bad"] = 0.95
-    assert "bad does best (0.95" in verdict.conclusion(board)
+def test_planted_recovered_checks_blindness_and_learning(proto):
+    truths, conditions = _planted(proto, n_seeds=2)
+    subjects = [vd.Subject(m, c, 0, None, None, None, {}) for m, c in conditions.items()]
+    check = vd.planted_check(truths, subjects, "body colour")
+    assert all(vd.planted_recovered(check, n_classes=6).values())
+    truths["blind 0"].drops[:, FACTORS.index("body colour")] = 5.0
+    truths["shortcut 1"].correct_base[:] = False
+    bad = vd.planted_recovered(vd.planted_check(truths, subjects, "body colour"), n_classes=6)
+    assert not bad["blinded factor: blind < no-shortcut reliance"]
+    assert not bad["every planted model learned (accuracy >= 2x chance)"]
 
 
 def test_planted_worlds_force_the_answer():
-    base = WorldConfig()
-    short = verdict.planted_world("shortcut", base, "head size", 6)
-    blind = verdict.planted_world("blind", base, "head size", 6)
-    assert short.habitat_correlation == 1.0 and short.caption_mix["habitat"] > 0 and not short.blind
-    assert blind.blind == ("head size",) and blind.habitat_correlation == 0.0
-    # one habitat per class in a six-class world: the habitat alone tells the class
     from conceptlab.world import ConceptWorld
 
-    world = ConceptWorld(short)
-    assert len(set(world.home_habitats(np.arange(6)))) == 6
+    base = WorldConfig()
+    short = vd.planted_world("shortcut", base, "head size", 6)
+    blind = vd.planted_world("blind", base, "head size", 6)
+    assert short.habitat_correlation == 1.0 and short.caption_mix["habitat"] > 0 and not short.blind
+    assert blind.blind == ("head size",) and blind.habitat_correlation == 0.0
+    assert len(set(ConceptWorld(short).home_habitats(np.arange(6)))) == 6
 
 
-def test_part_attribute_words_and_filter_scores(tiny_world):
-    spec = tiny_world.classes[0]
-    part, attrs = next(iter(spec.parts.items()))
-    assert verdict.word_factors(f"{attrs['colour']} {part}", tiny_world, 0) == [f"{part} colour"]
-    c, missing = next((c, p) for c, k in enumerate(tiny_world.classes) for p in PARTS if p not in k.parts)
-    assert verdict.word_factors(f"{attrs['colour']} {missing}", tiny_world, c) == []
-    assert verdict.word_factors(f"blue {missing}", tiny_world, c) == []
-    names = [verdict.FACTORS[0], spec.habitat, f"{attrs['colour']} {part}", part]
+# ---------------------------------------------------------------------------- randomisation and explainers
+def test_randomisation_reinitialises_from_the_top(tiny_clip):
+    clip = tiny_clip[0]
+    stages = vd.vision_stages(clip)
+    assert stages[0].startswith("proj") and "resblocks" in stages[1]
+    before, after = dict(clip.named_parameters()), dict(vd.randomised(clip, 1).named_parameters())
+    changed = {n for n in before if not torch.equal(before[n], after[n])}
+    assert "visual.proj" in changed and not any("resblocks" in n for n in changed)
+    full = dict(vd.randomised(clip, len(stages)).named_parameters())
+    assert all(torch.equal(before[n], full[n]) for n in before if not n.startswith("visual."))
 
-    class Word:  # what LaViSE's concepts look like to the conversion: a name
-        def __init__(self, name):
-            self.name = name
 
-    concepts = [Word(n) for n in names]
-    relevance = torch.tensor([[3.0, -1.0, 1.0]])  # filter 0 most relevant, then filter 2; filter 1 negative
-    words = np.array([[[1, 2], [3, 3]]])  # filter 0: habitat + "red head"; filter 2: the part (twice)
-    out = verdict.filter_factor_scores(relevance, words, concepts, np.array([0]), tiny_world)
-    assert out[0, 0] == pytest.approx(1.5)  # half of filter 0's relevance
-    assert out[0, FACTORS.index(f"{part} colour")] == pytest.approx(1.5 + 1 / 3)
-    assert out[0, FACTORS.index(f"{part} size")] == pytest.approx(1 / 3)
-    assert out.sum() == pytest.approx(4.0)
+def test_randomisation_check_fails_an_explainer_blind_to_the_weights(tiny_clip, tiny_world, proto):
+    clip, _, tokenizer, _ = tiny_clip
+    subject = vd.Subject("s", "no-shortcut", 0, clip, tokenizer, tiny_world, {})
+    small = proto.first(16)
+    fixed = np.where(vd.factor_present(small), np.arange(len(FACTORS))[None], np.nan)
+    constant = vd.randomisation_check(lambda s, b: vd.Explanation(fixed), subject, small, [1, 3])
+    assert (constant.similarity == 1.0).all() and (constant.similarity > vd.similarity_band(fixed, 100)[2]).all()
+
+    def reads_weights(s, b):  # a claim read off the top stage's weights
+        return vd.Explanation(vd.per_model(s.clip.visual.proj[: len(FACTORS), 0].detach().numpy(), b))
+
+    follows = vd.randomisation_check(reads_weights, subject, small, [1])
+    assert follows.similarity.iloc[0] < vd.similarity_band(reads_weights(subject, small).scores, 100)[2]
 
 
 @pytest.mark.parametrize("arch", ["vit", "rn"])
-def test_tower_maps_feed_the_embedding_and_lavise_follows_the_model(arch, tiny_clip, tiny_rn_clip, tiny_world,
-                                                                    proto):
+def test_tower_maps_come_from_a_hook_on_the_models_own_path(arch, tiny_clip, tiny_rn_clip, tiny_world, proto):
     clip, tokenizer = (tiny_clip[0], tiny_clip[2]) if arch == "vit" else (tiny_rn_clip[0], tiny_rn_clip[2])
-    x = verdict.images_to_tensor(proto.images[:4], clip)
-    maps, emb = verdict.tower_maps(clip, x)
+    x = images_to_tensor(proto.images[:4], clip)
+    maps, emb, _ = xp.tower_maps(clip, x)
     with torch.no_grad():
-        assert torch.allclose(emb, clip.encode_image(x), atol=1e-4)  # the maps are the tower's own path
-    relevance, _ = verdict.filter_relevance(clip, tokenizer, tiny_world, proto.first(4))
+        assert torch.allclose(emb, clip.encode_image(x), atol=1e-5)
+    assert maps.ndim == 4 and maps.shape[0] == 4
+    relevance, _ = xp.filter_relevance(clip, tokenizer, tiny_world.class_names, proto.first(4))
     assert relevance.shape == maps.shape[:2] and relevance.abs().sum() > 0
-    subject = verdict.Subject("s", "no-shortcut", 0, clip, tokenizer, tiny_world, {})
-    explainer = verdict.lavise_explainer(n_train=128, epochs=1, n_filters=3, n_words=2)
-    small = proto.first(16)
-    out = explainer(subject, small)
-    assert out.scores.shape == (16, len(FACTORS)) and np.isfinite(out.scores[verdict._has(small)]).all()
-    assert np.isnan(out.scores[~verdict._has(small)]).all() and np.nansum(out.scores) > 0
-    check = verdict.randomisation_check(explainer, subject, small, cascade=[len(verdict.vision_stages(clip))])
-    assert verdict.randomisation_score(check) > 0  # a randomised tower gets another explanation
+    assert xp.lavise_first_stage(clip) == (2 if arch == "rn" else 3)
 
 
-def test_descriptor_maps_and_per_class_agreement(tiny_clip, tiny_world, proto):
+def test_lavise_explains_filters_in_words_and_follows_the_model(tiny_clip, tiny_world, proto):
     clip, _, tokenizer, _ = tiny_clip
-    subject = verdict.Subject("s", "no-shortcut", 0, clip, tokenizer, tiny_world, {})
-    out = verdict.descriptor_map_explainer(subject, proto.first(8), n_descriptors=2)
+    subject = vd.Subject("s", "no-shortcut", 0, clip, tokenizer, tiny_world, {})
+    small = proto.first(16)
+    out = xp.lavise_explainer(n_train=128, epochs=1, n_filters=3, n_words=2)(subject, small)
+    assert out.scores.shape == (16, len(FACTORS)) and np.isfinite(out.scores[vd.factor_present(small)]).all()
+    assert np.isnan(out.scores[~vd.factor_present(small)]).all() and np.nansum(out.scores) > 0
+
+
+def test_filter_scores_share_relevance_over_words_and_factors(tiny_world):
+    spec = tiny_world.classes[0]
+    part, attrs = next(iter(spec.parts.items()))
+    names = ["piano", spec.habitat, f"{attrs['colour']} {part}", part]
+    relevance = torch.tensor([[3.0, -1.0, 1.0]])  # filter 0 most relevant, then filter 2; filter 1 negative
+    words = np.array([[[1, 2], [3, 3]]])
+    out = xp.filter_factor_scores(relevance, words, names, np.array([0]), tiny_world)
+    assert out[0, 0] == pytest.approx(1.5)
+    assert out[0, FACTORS.index(f"{part} colour")] == pytest.approx(1.5 + 1 / 3)
+    assert out.sum() == pytest.approx(4.0)
+
+
+def test_descriptor_maps_differ_from_the_class_map(tiny_clip, tiny_world, proto):
+    clip, _, tokenizer, _ = tiny_clip
+    subject = vd.Subject("s", "no-shortcut", 0, clip, tokenizer, tiny_world, {})
+    out = xp.descriptor_map_explainer(subject, proto.first(8), n_descriptors=2)
     assert out.maps.shape[0] == 8 and out.scores.shape == (8, len(FACTORS))
-    assert np.allclose(np.nansum(out.scores[:, 1:], 1) / 3 + out.scores[:, 0], 1, atol=1e-3)  # energy shares
-    assert not np.allclose(out.scores, verdict.class_map_explainer(subject, proto.first(8)).scores, equal_nan=True)
-    truths, _ = _synthetic_truths(proto)
-    t = truths["shortcut 0"]
-    exact = verdict.per_class_agreement(t.drops, t)
-    present = np.unique(proto.labels)
-    assert np.allclose(exact[present], 1.0)
-    shuffled = verdict.per_class_agreement(t.drops[:, ::-1], t)
-    assert np.nanmean(shuffled[present]) < 0.5
+    assert not np.allclose(out.scores, xp.class_map_explainer(subject, proto.first(8)).scores, equal_nan=True)
 
 
-def test_planted_recovered_checks_blindness_against_no_shortcut_and_learning(proto):
-    truths, conditions = _synthetic_truths(proto)
-    subjects = [verdict.Subject(m, c, 0, None, None, None, {}) for m, c in conditions.items()]
-    check = verdict.planted_check(truths, subjects, "body colour")
-    ok = verdict.planted_recovered(check, truths, "body colour", n_classes=6)
-    assert all(ok.values()) and len(ok) == 4
-    # a blind model that relies on the blinded factor as much as the others fails the comparison
-    t = truths["blind 0"]
-    t.drops[:, FACTORS.index("body colour")] = 5.0
-    assert not verdict.planted_recovered(verdict.planted_check(truths, subjects, "body colour"), truths,
-                                         "body colour")["blinded factor: blind < no-shortcut reliance"]
-    # a model at chance has not learned
-    truths["shortcut 1"].correct_base[:] = False
-    assert not verdict.planted_recovered(verdict.planted_check(truths, subjects, "body colour"),
-                                         n_classes=6)["every planted model learned (accuracy >= 2x chance)"]
+# ---------------------------------------------------------------------------- the chapter's words
+def _result_with(gain_low: dict[str, float]) -> chapter.Result:
+    r = chapter.Result(retest={"factor": 0.9, "region": 0.95})
+    test = {"diff": 0.0, "low": -0.1, "high": 0.1, "band_low": -0.1, "band_high": 0.1, "detected": False}
+    for name, low in gain_low.items():
+        r.scores[name] = {
+            "granularity": "factor",
+            "oracle": 1.0,
+            "band": {"mean": 0, "low": -0.3, "high": 0.3},
+            "agreement": {
+                "rho": 0.5,
+                "low": 0.2,
+                "high": 0.7,
+                "null": 0.1,
+                "gain": 0.4,
+                "gain_low": low,
+                "gain_high": 0.8,
+            },
+            "habitat": dict(test),
+        }
+    return r
 
 
-def test_conclusion_uses_the_bootstrap_interval_for_agreement():
-    board = pd.DataFrame({t: [0.3, 0.05] for t in verdict.TESTS}, index=["m", "noise"])
-    lucky = board.copy()
-    lucky.loc["noise"] = 0.25  # chance as the noise explainer met it: m's interval must clear 0.25
-    assert "no method" in verdict.conclusion(lucky, intervals=pd.DataFrame({"low": [0.1, 0], "high": [0.5, 0.5]},
-                                                                              index=["m", "noise"])).split("On (b)")[0]
-    wide = pd.DataFrame({"low": [-0.2, -0.5], "high": [0.8, 0.5]}, index=["m", "noise"])
-    tight = pd.DataFrame({"low": [0.1, -0.5], "high": [0.5, 0.5]}, index=["m", "noise"])
-    assert "On (a) agreement, m does best (0.30; chance 0.05); no method" in verdict.conclusion(board, intervals=wide)
-    assert "1 of 1 methods is clearly above" in verdict.conclusion(board, intervals=tight)
+def test_the_conclusion_is_generated_from_the_scores():
+    r = _result_with({"A": 0.1, "B": -0.2, "truth (measured)": 0.5, "noise": -0.5})
+    first = chapter.conclusion(r)[0]
+    assert "1 of 2 rows (A)" in first
+    r.scores["B"]["agreement"]["gain_low"] = 0.05
+    assert "2 of 2 rows (A, B)" in chapter.conclusion(r)[0]
+    r.scores["A"]["habitat"]["detected"] = True
+    habitat = next(line for line in chapter.conclusion(r) if line.startswith("(b)"))
+    assert "1 of 2 rows (A)" in habitat and "noise stays inside its band" in habitat
+    assert chapter.verdicts(r)["A"].startswith("agrees beyond its null; habitat shortcut detected")
 
 
-def test_method_explainers_follow_the_parameters_and_references_come_last(tmp_path):
-    p = {"deal_steps": 0, "seed": 0, "ex2_beta": 0.02, "sae_n_corpus": 256, "sae_epochs": 1, "probe_lambda": 0.0,
-         "lavise_n_train": 64, "lavise_epochs": 1}
-    mine = {"mine": verdict.noise_explainer}
-    names = list(verdict.method_explainers(tmp_path, p, yours=mine))
-    assert not any("DEAL" in n for n in names) and names[-3:] == ["mine", *verdict.REFERENCES]
-    assert sum("DEAL" in n for n in verdict.method_explainers(tmp_path, {**p, "deal_steps": 2})) == 2
+def test_the_notebook_writes_no_conclusion_by_hand():
+    source = (Path(__file__).parents[1] / "notebooks" / "07_verdict.py").read_text()
+    code = "\n".join(line for line in source.splitlines() if not line.startswith("#"))
+    assert "chapter.conclusion(r)" in code and "chapters.finish(ch, r, chapter)" in code
+    assert 'f"' not in code and "v == v" not in code
 
 
-def test_worst_classes_names_each_methods_lowest_class_without_references():
-    table = pd.DataFrame({"a": [0.5, -0.2, 1.0], "b": [0.1, 0.9, 1.0]}, index=["m1", "m2", "truth (planted)"])
-    text = verdict.worst_classes(table)
-    assert "m1: a (0.50)" not in text and "m1: b (0.10)" in text and "m2: a (-0.20)" in text
-    assert "truth" not in text
+def test_intro_table_has_one_row_per_method_with_the_verdict(tmp_path):
+    record = {
+        "chapter": chapter.NAME,
+        "results": {"verdicts": {"DN-CBM": "no agreement beyond its null", "KL-optimal reward ranking": "agrees"}},
+    }
+    (tmp_path / f"{chapter.NAME}.json").write_text(json.dumps(record))
+    (tmp_path / "03_deal.json").write_text(
+        json.dumps(
+            {
+                "headline": {
+                    "localizability": {
+                        "value": 0.61,
+                        "low": 0.5,
+                        "high": 0.7,
+                        "chance": 0.2,
+                        "paper": 0.673,
+                        "note": "",
+                    }
+                }
+            }
+        )
+    )
+    table = chapter.intro_table(tmp_path)
+    lines = table.strip().splitlines()
+    assert len(lines) == 2 + len(chapter.INTRO)
+    deal = next(line for line in lines if line.startswith("| DEAL"))
+    assert "0.673" in deal and "0.610" in deal
+    assert "no agreement beyond its null" in next(line for line in lines if line.startswith("| DN-CBM"))
+    assert "not tested" in next(line for line in lines if line.startswith("| EX2"))

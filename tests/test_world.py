@@ -22,8 +22,13 @@ from conceptlab.world import (
 
 
 def _same(a, b) -> bool:
-    return all(np.array_equal(getattr(a, k), getattr(b, k)) for k in
-               ("images", "labels", "masks", "present", "attributes", "habitats")) and a.captions == b.captions
+    return (
+        all(
+            np.array_equal(getattr(a, k), getattr(b, k))
+            for k in ("images", "labels", "masks", "present", "attributes", "habitats")
+        )
+        and a.captions == b.captions
+    )
 
 
 def test_same_seed_is_bitwise_identical_and_other_seed_differs():
@@ -78,7 +83,7 @@ def test_creature_scale_does_not_depend_on_resolution():
 def test_mask_pixels_carry_their_parts_colour():
     world = ConceptWorld(pixel_noise=0.0)
     batch = world.sample(200, "test")
-    palette = (np.array(list(COLOURS.values())) * 255)
+    palette = np.array(list(COLOURS.values())) * 255
     checked = 0
     for i in range(50):
         for p in range(len(PARTS)):
@@ -160,15 +165,28 @@ def test_export_imagefolder_round_trip(tmp_path):
     assert np.array_equal(masks, batch.masks[0])
 
 
-@pytest.mark.parametrize("bad, word", [
-    ({"habitat_correlation": 1.5}, "habitat_correlation"),
-    ({"n_classes": 99}, "n_classes"),
-    ({"resolution": 4}, "resolution"),
-    ({"caption_mix": {"visual": 1.0, "poetry": 0.5}}, "poetry"),
-])
+@pytest.mark.parametrize(
+    "bad, word",
+    [
+        ({"habitat_correlation": 1.5}, "habitat_correlation"),
+        ({"n_classes": 99}, "n_classes"),
+        ({"resolution": 4}, "resolution"),
+        ({"caption_mix": {"visual": 1.0, "poetry": 0.5}}, "poetry"),
+        ({"n_classes": 6.0}, "n_classes=6.0 must be an integer"),
+        ({"seed": True}, "seed=True must be an integer"),
+        ({"habitat_correlation": "high"}, "habitat_correlation='high' must be a number"),
+        ({"position_jitter": 1.5}, "position_jitter"),
+        ({"blind": "body colour"}, "blind='body colour' must be a list"),
+        ({"caption_mix": {"visual": "most"}}, "caption_mix"),
+    ],
+)
 def test_bad_world_parameters_say_what_is_wrong(bad, word):
     with pytest.raises(ValueError, match=word):
         WorldConfig(**bad)
+
+
+def test_world_integers_from_numpy_and_numbers_as_ints_are_accepted():
+    assert WorldConfig(n_classes=np.int64(6), habitat_correlation=1).n_classes == 6
 
 
 def test_statistics_measure_the_planted_rates():

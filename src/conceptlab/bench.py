@@ -26,8 +26,9 @@ def timed(fn, repeat: int = 3) -> float:
     return best
 
 
-def figure(name: str, value: float, unit: str, baseline: float | None = None,
-           higher_is_better: bool = True, **extra) -> dict:
+def figure(
+    name: str, value: float, unit: str, baseline: float | None = None, higher_is_better: bool = True, **extra
+) -> dict:
     """One benchmark figure; ``ratio`` says how many times better than the baseline it is."""
     out = {"name": name, "value": round(value, 4), "unit": unit, **extra}
     if baseline is not None:

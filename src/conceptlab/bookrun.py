@@ -1,26 +1,41 @@
-"""Execute the chapter notebooks with papermill: ``python -m conceptlab.bookrun [--smoke | --lesson]``.
+"""Execute the chapter notebooks with papermill: ``python -m conceptlab.bookrun [--smoke | --lesson | --params F]``.
 
 Default parameters write executed copies to ``book/chapters/`` for jupyter-book and the book's
 headline table to ``book/results/headline.md``; ``--smoke`` uses ``notebooks/smoke.yml`` (every
 chapter in seconds, artifacts in a scratch folder); ``--lesson`` uses ``notebooks/lesson.yml`` (a
-class's live session, sharing the book's artifacts). An executed copy is written to a temporary
-file first, so a failing run never replaces the last good one.
+class's live session, sharing the book's artifacts). ``--params my.yml --out DIR`` builds the book of
+*your* model and data: a ``common`` block (model, pretrained, dataset, data_root, ...) and one block per
+chapter, every chapter that applies to those inputs run, the others skipped with the reason, and a
+separate HTML book in ``DIR/_build/html`` (``examples/my_model.yml`` is an example).
+
+An executed copy is written to a temporary file first, so a failing run never replaces the last good
+one; a failed run's copy is kept in ``<out>/failed/``. Every run prints and saves a time table
+(``<results>/timings.json``): seconds per chapter and per stage, the total, and whether it started
+from an empty artifact store.
 """
 
 from __future__ import annotations
 
 import argparse
+import difflib
 import json
 import os
 import shutil
+import subprocess
 import sys
 import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import yaml
 
+from .artifacts import STAT_CACHE, atomic_write_json
+
 ROOT = Path(__file__).resolve().parents[2]
 NOTEBOOKS = ROOT / "notebooks"
+DEFAULT_ARTIFACTS = ROOT / "artifacts"  # the notebooks' default, ../artifacts from notebooks/
 
 
 def chapters() -> list[str]:
@@ -56,17 +71,34 @@ def smoke_parameters(chapter: str, workdir: Path) -> dict:
 
 
 def run_chapter(chapter: str, out_dir: Path, parameters: dict | None = None) -> Path:
-    """Execute one chapter with papermill (cwd = notebooks/); return the executed copy."""
+    """Execute one chapter with papermill (cwd = notebooks/); return the executed copy.
+
+    A run that fails leaves its partly executed copy in ``out_dir/failed/`` (never a hidden file)."""
     import papermill as pm
 
     out_dir.mkdir(parents=True, exist_ok=True)
     os.environ["CONCEPTLAB_INTERACTIVE"] = "0"  # a book page shows static figures, never live widgets
     target = out_dir / f"{chapter}.ipynb"
     tmp = out_dir / f".{chapter}.running.ipynb"
-    pm.execute_notebook(str(NOTEBOOKS / f"{chapter}.ipynb"), str(tmp), parameters=parameters or {},
-                        cwd=str(NOTEBOOKS), kernel_name="python3", progress_bar=False)
+    failed = out_dir / "failed" / f"{chapter}.ipynb"
+    try:
+        pm.execute_notebook(
+            str(NOTEBOOKS / f"{chapter}.ipynb"),
+            str(tmp),
+            parameters=parameters or {},
+            cwd=str(NOTEBOOKS),
+            kernel_name="python3",
+            progress_bar=False,
+        )
+    except BaseException:
+        if tmp.exists():
+            failed.parent.mkdir(exist_ok=True)
+            os.replace(tmp, failed)
+            print(f"{chapter} failed: its executed copy up to the error is {failed}", file=sys.stderr)
+        raise
     _hide_injected_parameters(tmp)
     os.replace(tmp, target)
+    failed.unlink(missing_ok=True)
     return target
 
 
@@ -82,31 +114,58 @@ def _hide_injected_parameters(path: Path) -> None:
     nbformat.write(nb, path)
 
 
+def _number(v: Any) -> str:
+    return "—" if v is None else f"{v:.3f}" if isinstance(v, float) else str(v)
+
+
 def headline_table(results_dir: Path) -> str:
-    """The book's headline numbers, one row per (chapter, measure), as a Markdown table."""
+    """The book's headline numbers, one row per (chapter, measure), as a Markdown table: the value,
+    its 95 % interval and chance where the chapter reports them."""
     from .plots import human_label
 
-    rows = ["| chapter | measure | value |", "| --- | --- | --- |"]
+    rows = ["| chapter | measure | value | 95 % interval | chance |", "| --- | --- | --- | --- | --- |"]
     for path in sorted(results_dir.glob("[0-9][0-9]_*.json")):
         record = json.loads(path.read_text())
         for measure, value in (record.get("headline") or {}).items():
-            shown = f"{value:.3f}" if isinstance(value, float) else str(value)
-            rows.append(f"| {record['chapter']} | {human_label(measure)} | {shown} |")
+            r = value if isinstance(value, dict) else {"value": value}
+            interval = "—" if r.get("low") is None else f"[{_number(r['low'])}, {_number(r.get('high'))}]"
+            rows.append(
+                f"| {record['chapter']} | {human_label(measure)} | {_number(r.get('value'))} | {interval} "
+                f"| {_number(r.get('chance'))} |"
+            )
     return "\n".join(rows) + "\n"
+
+
+def intro_table(results_dir: Path) -> str:
+    """The intro's table of a run: the verdict chapter's ``intro_table`` where it exists, else the headlines."""
+    try:
+        from .chapters import verdict
+    except ImportError:
+        verdict = None
+    if verdict is None or not hasattr(verdict, "intro_table"):
+        return headline_table(results_dir)
+    table = verdict.intro_table(results_dir)
+    if isinstance(table, str):
+        return table
+    return table.to_html() if hasattr(table, "to_html") else str(table)
 
 
 BOOK_FILES = ("_config.yml", "_toc.yml", "references.bib", "book/intro.md", "book/references.md", "book/_static")
 
 
-def assemble_book(dest: Path, executed: Path, results: Path) -> Path:
-    """A buildable copy of the book in ``dest``: configuration, pages, executed chapters, headline table."""
-    for name in BOOK_FILES:
+def _copy(names: tuple[str, ...], dest: Path) -> None:
+    for name in names:
         target = dest / name
         target.parent.mkdir(parents=True, exist_ok=True)
         if (ROOT / name).is_dir():
             shutil.copytree(ROOT / name, target, dirs_exist_ok=True)
-        else:
+        elif (ROOT / name).exists():
             shutil.copy(ROOT / name, target)
+
+
+def assemble_book(dest: Path, executed: Path, results: Path) -> Path:
+    """A buildable copy of the book in ``dest``: configuration, pages, executed chapters, headline table."""
+    _copy(BOOK_FILES + tuple(p.relative_to(ROOT).as_posix() for p in (ROOT / "book").glob("*.md")), dest)
     (dest / "book" / "chapters").mkdir(parents=True, exist_ok=True)
     for notebook in executed.glob("[0-9][0-9]_*.ipynb"):
         shutil.copy(notebook, dest / "book" / "chapters" / notebook.name)
@@ -115,33 +174,310 @@ def assemble_book(dest: Path, executed: Path, results: Path) -> Path:
     return dest
 
 
+# ------------------------------------------------------------------------------------------ timings
+def store_is_empty(artifacts_dir: Path) -> bool:
+    """Whether an artifact store holds nothing yet (a build from it starts from scratch)."""
+    return not artifacts_dir.is_dir() or not any(p.name != STAT_CACHE for p in artifacts_dir.iterdir())
+
+
+def cell_durations(executed: Path) -> list[tuple[str, float]]:
+    """``(label, seconds)`` of every code cell of an executed notebook, from papermill's metadata."""
+    import nbformat
+
+    out = []
+    for i, cell in enumerate(nbformat.read(executed, as_version=4).cells):
+        seconds = (cell.metadata.get("papermill") or {}).get("duration")
+        if cell.cell_type == "code" and seconds is not None:
+            first = next((line for line in cell.source.splitlines() if line.strip() and not line.startswith("#")), "")
+            out.append((f"cell {i}: {first.strip()[:40]}", float(seconds)))
+    return out
+
+
+def chapter_timing(chapter: str, seconds: float, executed: Path | None, results_dir: Path) -> dict[str, Any]:
+    """A chapter's seconds and stages: the ``timings`` its results JSON carries (``ch.stage``), else its
+    slowest cells (papermill's durations, cells of at least a second)."""
+    stages, source = {}, "none"
+    record = results_dir / f"{chapter}.json"
+    if record.is_file():
+        stages, source = dict(json.loads(record.read_text()).get("timings") or {}), "stages"
+    if not stages and executed is not None and executed.is_file():
+        stages = {label: round(s, 2) for label, s in cell_durations(executed) if s >= 1.0}
+        source = "cells"
+    return {"seconds": round(seconds, 2), "stages": stages, "stages_from": source}
+
+
+def write_timings(
+    path: Path, chapter_rows: Mapping[str, Mapping[str, Any]], total: float, from_scratch: bool, artifacts_dir: Path
+) -> dict[str, Any]:
+    """Save and print the build's time table (``timings.json``)."""
+    record = {
+        "total_seconds": round(total, 2),
+        "from_scratch": from_scratch,
+        "from_scratch_total_seconds": round(total, 2) if from_scratch else None,
+        "artifacts_dir": str(artifacts_dir),
+        "chapters": dict(chapter_rows),
+    }
+    atomic_write_json(path, record)
+    print(timings_text(record), flush=True)
+    return record
+
+
+def timings_text(record: Mapping[str, Any]) -> str:
+    """The time table as text: one line per chapter, its stages below it."""
+    lines = [f"{'chapter':<24}{'seconds':>9}  status"]
+    for name, row in record["chapters"].items():
+        lines.append(f"{name:<24}{row.get('seconds', 0):>9.1f}  {row.get('status', 'ran')}")
+        for stage, s in sorted((row.get("stages") or {}).items(), key=lambda kv: -kv[1]):
+            lines.append(f"  {stage:<40.40}{s:>9.1f}")
+    scratch = "yes" if record["from_scratch"] else "no (artifacts reused)"
+    lines.append(f"total {record['total_seconds']:.0f} s; from an empty artifact store: {scratch}")
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------- the book of a file
+@dataclass
+class Plan:
+    """What a parameter file asks of one chapter: its parameters, or why it is skipped."""
+
+    chapter: str
+    params: dict[str, Any] = field(default_factory=dict)
+    skip: str | None = None
+
+
+def _chapter_module(chapter: str) -> Any:
+    """The chapter's module (:mod:`conceptlab.chapters`), ``None`` for a chapter that has none yet."""
+    from . import chapters as chapter_modules
+
+    try:
+        return chapter_modules.load(chapter)
+    except ImportError:
+        return None
+
+
+def _chapter_spec(chapter: str, module: Any) -> dict[str, Any]:
+    """Every parameter the chapter declares; without a chapter module, the shared ones (the notebook
+    then checks its own when it runs)."""
+    from .chapter import SHARED
+
+    return {**SHARED, **(module.PARAMETERS if module is not None else {})}
+
+
+def _absolute(value: Any, kind: Any, base: Path) -> Any:
+    """A relative path in a parameter file, resolved against the file's folder: file and folder
+    parameters always, other strings when they name an existing path (bare or after ``scheme:``)."""
+    if not isinstance(value, str) or not value or Path(value).is_absolute():
+        return value
+    if kind in ("file", "dir", "path"):
+        return str(base / value)
+    if (base / value).exists():
+        return str(base / value)
+    scheme, _, rest = value.partition(":")
+    if rest and not Path(rest).is_absolute() and (base / rest).exists():
+        return f"{scheme}:{base / rest}"
+    return value
+
+
+def _rule(chapter: str, params: Mapping[str, Any], module: Any) -> str | None:
+    """Why a chapter does not apply to these parameters (``None``: it does). A chapter module may say
+    itself, with ``applies(params) -> str | None``; otherwise the book's rules for LaViSE and the verdict."""
+    if hasattr(module, "applies"):
+        return module.applies(dict(params))
+    user_model = params.get("model", "world") != "world"
+    if chapter == "06_lavise" and params.get("target_model", "world") == "world" and user_model:
+        return (
+            "LaViSE explains the filters of a CNN, not a CLIP: name yours in the 06_lavise block "
+            "(target_model, target_weights, target_layer) to run it"
+        )
+    if chapter == "07_verdict" and user_model:
+        return (
+            "the verdict needs planted models whose reliance Concept World's ground truth gives; "
+            "this version has no model-only tests for a user's model"
+        )
+    return None
+
+
+def plan_chapter(
+    chapter: str, common: Mapping[str, Any], block: Any, base: Path, out: Path, artifacts_dir: Path
+) -> Plan:
+    """The parameters of one chapter from a book file (common block, then the chapter's), or why it is skipped:
+    the user's ``skip``, a rule of the chapter, or the problems its parameter check finds."""
+    from .chapter import ParameterError, validate
+
+    if block is False or (isinstance(block, dict) and "skip" in block):
+        reason = block.get("skip") if isinstance(block, dict) else None
+        return Plan(chapter, skip=f"skipped by the parameter file{': ' + str(reason) if reason else ''}")
+    block = dict(block or {})
+    module = _chapter_module(chapter)
+    spec = _chapter_spec(chapter, module)
+    declared = set(spec) if module is not None else declared_parameters(chapter)
+    unknown = sorted(set(block) - declared)
+    if unknown:  # a typo in a chapter's own block is an error, not a reason to skip the chapter
+        hints = [
+            f"{k!r}" + (f" (did you mean {c[0]!r}?)" if (c := difflib.get_close_matches(k, declared, n=1)) else "")
+            for k in unknown
+        ]
+        raise ValueError(f"the {chapter} block names parameters the chapter does not declare: {', '.join(hints)}")
+    params = {k: v for k, v in common.items() if k in declared}
+    params.update(block)
+    params = {k: _absolute(v, spec[k].kind if k in spec else None, base) for k, v in params.items()}
+    params.update(artifacts_dir=str(artifacts_dir), results_dir=str(out / "results"))
+    reason = _rule(chapter, params, module)
+    if reason:
+        return Plan(chapter, params, skip=reason)
+    try:
+        validate(params if module is not None else {k: v for k, v in params.items() if k in spec}, spec)
+    except ParameterError as err:
+        return Plan(
+            chapter,
+            params,
+            skip=str(err).replace("This chapter cannot run with these parameters:", "its parameters do not fit:"),
+        )
+    return Plan(chapter, params)
+
+
+def read_book_file(path: Path, out: Path, names: list[str]) -> tuple[list[Plan], Path]:
+    """Plans for every chapter of ``names`` from a book parameter file, and the artifact store they share."""
+    table = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(table, dict):
+        raise ValueError(f"{path} must hold a mapping: a 'common' block and one block per chapter")
+    unknown = sorted(set(table) - {"common", "artifacts_dir", *chapters()})
+    if unknown:
+        raise ValueError(f"{path}: unknown blocks {unknown}; use 'common' and chapter names {chapters()}")
+    base = path.resolve().parent
+    common = dict(table.get("common") or {})
+    if "results_dir" in common:
+        raise ValueError(f"{path}: results go to <out>/results; remove results_dir from the common block")
+    artifacts = Path(_absolute(common.pop("artifacts_dir", str(DEFAULT_ARTIFACTS)), "dir", base))
+    unused = sorted(set(common) - set().union(*(declared_parameters(name) for name in chapters())))
+    if unused:
+        raise ValueError(f"{path}: no chapter declares {unused} (common block)")
+    return [plan_chapter(name, common, table.get(name), base, out, artifacts) for name in names], artifacts
+
+
+def _write_toc(dest: Path, ran: list[str]) -> None:
+    toc = {
+        "format": "jb-book",
+        "root": "book/intro",
+        "chapters": [{"file": f"book/chapters/{name}"} for name in ran] + [{"file": "book/references"}],
+    }
+    (dest / "_toc.yml").write_text(
+        "# The chapters this parameter file ran (conceptlab.bookrun --params)\n" + yaml.safe_dump(toc, sort_keys=False)
+    )
+
+
+def _write_intro(dest: Path, source: Path, plans: list[Plan], failed: dict[str, str], timings: str) -> None:
+    ran = [p.chapter for p in plans if p.skip is None and p.chapter not in failed]
+    lines = [
+        "# Your model, the whole book",
+        "",
+        f"Built by `python -m conceptlab.bookrun --params {source.name}` with these shared parameters:",
+        "",
+        "```yaml",
+        yaml.safe_dump(yaml.safe_load(source.read_text()).get("common") or {}).rstrip(),
+        "```",
+        "",
+        "## What this run finds",
+        "",
+        intro_table(dest / "results"),
+        "",
+        "## Chapters",
+        "",
+    ]
+    lines += [f"- {name}: ran" for name in ran]
+    lines += [f"- {name}: failed ({why})" for name, why in failed.items()]
+    lines += [f"- {p.chapter}: not run, {' '.join(p.skip.split())}" for p in plans if p.skip]
+    lines += ["", "## Where the time went", "", "```text", timings, "```", ""]
+    (dest / "book" / "intro.md").write_text("\n".join(lines))
+
+
+def build_html(dest: Path) -> subprocess.CompletedProcess:
+    """``jupyter-book build --all dest`` (HTML in ``dest/_build/html``)."""
+    jb = Path(sys.executable).with_name("jupyter-book")
+    return subprocess.run([str(jb), "build", "--all", str(dest)], capture_output=True, text=True)
+
+
+def book_from_file(path: Path, out: Path, names: list[str]) -> int:
+    """Run every chapter a book file applies to, skip the others with their reason, build ``out/_build/html``."""
+    out = out.resolve()
+    plans, artifacts = read_book_file(path, out, names)
+    from_scratch, start, rows, failed = store_is_empty(artifacts), time.perf_counter(), {}, {}
+    executed = out / "book" / "chapters"
+    for plan in plans:
+        if plan.skip:
+            print(f"{plan.chapter}: skipped, {' '.join(plan.skip.split())}", flush=True)
+            rows[plan.chapter] = {"seconds": 0.0, "status": "skipped", "reason": plan.skip}
+            continue
+        t0 = time.perf_counter()
+        try:
+            target = run_chapter(plan.chapter, executed, plan.params)
+        except Exception as err:  # one chapter's failure does not stop the others
+            failed[plan.chapter] = f"{type(err).__name__}: {str(err).strip().splitlines()[-1][:300]}"
+            target = None
+        seconds = time.perf_counter() - t0
+        rows[plan.chapter] = {
+            **chapter_timing(plan.chapter, seconds, target, out / "results"),
+            "status": "failed" if plan.chapter in failed else "ran",
+        }
+        print(f"{plan.chapter}: {rows[plan.chapter]['status']}, {seconds:.0f} s", flush=True)
+    record = write_timings(out / "results" / "timings.json", rows, time.perf_counter() - start, from_scratch, artifacts)
+    _copy(("_config.yml", "references.bib", "book/references.md", "book/_static"), out)
+    _write_toc(out, [p.chapter for p in plans if p.skip is None and p.chapter not in failed])
+    _write_intro(out, path, plans, failed, timings_text(record))
+    proc = build_html(out)
+    if proc.returncode != 0:
+        print(proc.stdout[-3000:], proc.stderr[-3000:], sep="\n", file=sys.stderr)
+        return proc.returncode
+    print(f"The book: {out / '_build' / 'html' / 'index.html'}", flush=True)
+    for name, why in failed.items():
+        print(f"{name} failed: {why}", file=sys.stderr)
+    return 1 if failed else 0
+
+
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__)
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sets = ap.add_mutually_exclusive_group()
     sets.add_argument("--smoke", action="store_true", help="use notebooks/smoke.yml (seconds per chapter)")
     sets.add_argument("--lesson", action="store_true", help="use notebooks/lesson.yml (a live class)")
-    ap.add_argument("--out", type=Path, default=None, help="where executed notebooks go")
+    sets.add_argument(
+        "--params",
+        type=Path,
+        default=None,
+        help="a book file (common block + chapter blocks): the book of your model, built in --out",
+    )
+    ap.add_argument("--out", type=Path, default=None, help="where executed notebooks (with --params: the book) go")
     ap.add_argument("--chapters", default="all", help="comma-separated chapter stems, or 'all'")
     args = ap.parse_args(argv)
     names = chapters() if args.chapters == "all" else args.chapters.split(",")
     unknown = sorted(set(names) - set(chapters()))
     if unknown:
         ap.error(f"unknown chapters {unknown}; known: {chapters()}")
+    if args.params is not None:
+        if args.out is None:
+            ap.error("--params needs --out DIR (the book of your run is built there)")
+        if not args.params.is_file():
+            ap.error(f"no parameter file {args.params}")
+        try:
+            return book_from_file(args.params, args.out, names)
+        except ValueError as err:
+            ap.error(str(err))
     kind = "smoke" if args.smoke else "lesson" if args.lesson else None
-    out = args.out or (ROOT / "_build" / kind if kind else ROOT / "book" / "chapters")
+    out = (args.out or (ROOT / "_build" / kind if kind else ROOT / "book" / "chapters")).resolve()
+    results = out / "results" if kind else ROOT / "book" / "results"
+    artifacts = out / "artifacts" if kind == "smoke" else DEFAULT_ARTIFACTS
+    from_scratch, start, rows = store_is_empty(artifacts), time.perf_counter(), {}
     for name in names:
-        t0 = time.time()
+        t0 = time.perf_counter()
         if kind == "smoke":
-            params = smoke_parameters(name, out.resolve())
+            params = smoke_parameters(name, out)
         elif kind == "lesson":
-            params = {**parameter_set("lesson", name), "results_dir": str((out / "results").resolve())}
+            params = {**parameter_set("lesson", name), "results_dir": str(results)}
         else:
             params = {}
-        run_chapter(name, out, params)
-        print(f"{name}: {time.time() - t0:.0f} s", flush=True)
+        target = run_chapter(name, out, params)
+        rows[name] = {**chapter_timing(name, time.perf_counter() - t0, target, results), "status": "ran"}
+        print(f"{name}: {rows[name]['seconds']:.0f} s", flush=True)
+    write_timings(results / "timings.json", rows, time.perf_counter() - start, from_scratch, artifacts)
     if kind is None:
-        results = ROOT / "book" / "results"
-        results.mkdir(parents=True, exist_ok=True)
         (results / "headline.md").write_text(headline_table(results))
     return 0
 

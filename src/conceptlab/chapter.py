@@ -15,8 +15,11 @@ import hashlib
 import inspect
 import json
 import platform
-from collections.abc import Callable, Mapping
-from dataclasses import asdict, dataclass, fields
+import time
+import typing
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, fields, is_dataclass
 from pathlib import Path
 from typing import Any
 
@@ -28,10 +31,20 @@ from .models import TrainConfig, load_clip, pick_device, world_clip
 from .world import ConceptWorld, WorldConfig
 
 Check = Callable[[Any, dict[str, Any]], "str | None"]
-_KINDS = {int: "an integer", float: "a number", bool: "true or false", str: "a string", list: "a list",
-          dict: "a mapping", "file": "a file path", "dir": "a folder path", "path": "a file or folder path"}
+_KINDS = {
+    int: "an integer",
+    float: "a number",
+    bool: "true or false",
+    str: "a string",
+    list: "a list",
+    dict: "a mapping",
+    "file": "a file path",
+    "dir": "a folder path",
+    "path": "a file or folder path",
+}
 _IPYTHON_NAMES = {"In", "Out", "get_ipython", "exit", "quit", "open"}
 PARAMETERS_MARK = "# Shared by every chapter"  # the first line of every parameters cell
+_OUTPUTS = ("artifacts_dir", "results_dir")  # folders a chapter writes: never inputs
 
 
 class ParameterError(ValueError):
@@ -42,8 +55,9 @@ class ParameterError(ValueError):
 class Param:
     """A declared chapter parameter: its default (as in the parameters cell), kind and valid range.
 
-    ``kind``: ``int``, ``float``, ``bool``, ``str``, ``list`` (elements of kind ``item``), ``dict``,
-    ``"file"``, ``"dir"`` or ``"path"``. A ``None`` default makes the parameter optional.
+    ``kind``: ``int``, ``float``, ``bool``, ``str``, ``list`` (elements of kind ``item``), ``dict`` (with
+    a dataclass ``item``: overrides of its fields, each type-checked by name, then the dataclass's own
+    checks), ``"file"``, ``"dir"`` or ``"path"``. A ``None`` default makes the parameter optional.
     ``check(value, params)`` returns a problem in words, or ``None``. ``applies(params)`` says
     whether the parameter matters in this run (results record only those that do).
     """
@@ -85,8 +99,14 @@ def _check_pretrained(value: str | None, p: dict[str, Any]) -> str | None:
     import open_clip
 
     tags = open_clip.list_pretrained_tags_by_model(p["model"])
-    return None if value in tags else (f"model {p['model']!r} has no pretrained tag {value!r}; known tags: {tags} "
-                                       "(or pass a local checkpoint file)")
+    return (
+        None
+        if value in tags
+        else (
+            f"model {p['model']!r} has no pretrained tag {value!r}; known tags: {tags} "
+            "(or pass a local checkpoint file)"
+        )
+    )
 
 
 def _check_device(value: str | None, p: dict[str, Any]) -> str | None:
@@ -103,36 +123,98 @@ def _check_device(value: str | None, p: dict[str, Any]) -> str | None:
     return None
 
 
-def _config_check(cls: type) -> Check:
-    def check(value: dict, p: dict[str, Any]) -> str | None:
-        known = [f.name for f in fields(cls)]
-        unknown = [k for k in value if k not in known]
-        if unknown:
-            hints = {k: difflib.get_close_matches(k, known, n=1) for k in unknown}
-            said = ", ".join(f"{k!r}" + (f" (did you mean {h[0]!r}?)" if h else "") for k, h in hints.items())
-            return f"unknown {cls.__name__} fields {said}; known: {known}"
-        try:
-            cls(**value)
-        except (TypeError, ValueError) as err:
-            return str(err)
-        return None
+def _type_problem(name: str, value: Any, hint: Any) -> tuple[Any, str | None]:
+    """``(coerced value, problem)`` of one config field against its annotation (``int`` refuses a float)."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if hint in (int, float, str, bool):
+        if hint is float and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+        if not isinstance(value, hint) or (hint in (int, float) and isinstance(value, bool)):
+            return value, f"{name}={value!r} ({type(value).__name__}) should be {_KINDS[hint]}"
+        return value, None
+    if origin is dict:
+        if not isinstance(value, dict):
+            return value, f"{name}={value!r} ({type(value).__name__}) should be {_KINDS[dict]}"
+        out = {}
+        for k, v in value.items():
+            out[k], problem = _type_problem(f"{name}.{k}", v, args[1] if args else Any)
+            if problem:
+                return value, problem
+        return out, None
+    if origin in (tuple, list):
+        if not isinstance(value, (list, tuple)):
+            return value, f"{name}={value!r} ({type(value).__name__}) should be {_KINDS[list]}"
+        items = []
+        for i, v in enumerate(value):
+            item, problem = _type_problem(f"{name}[{i}]", v, args[0] if args else Any)
+            if problem:
+                return value, problem
+            items.append(item)
+        return items, None
+    return value, None
 
-    return check
+
+def _config_check(name: str, value: dict, cls: type) -> tuple[dict, str | None]:
+    """``(coerced overrides, problem)`` of a mapping of ``cls``'s fields (``world``, ``world_clip``): names
+    known, each field's type by its annotation, then ``cls``'s own checks (ranges, warmup <= steps)."""
+    hints = typing.get_type_hints(cls)
+    known = [f.name for f in fields(cls)]
+    unknown = [k for k in value if k not in known]
+    if unknown:
+        close = {k: difflib.get_close_matches(k, known, n=1) for k in unknown}
+        said = ", ".join(f"{k!r}" + (f" (did you mean {h[0]!r}?)" if h else "") for k, h in close.items())
+        return value, f"{name}: unknown {cls.__name__} fields {said}; known: {known}"
+    coerced, problems = {}, []
+    for k, v in value.items():
+        coerced[k], problem = _type_problem(f"{name}.{k}", v, hints[k])
+        if problem:
+            problems.append(problem)
+    if problems:
+        return value, "; ".join(problems)
+    try:
+        cls(**coerced)
+    except (TypeError, ValueError) as err:
+        return value, f"{name}: {err}"
+    return coerced, None
+
+
+def _check_output_dir(value: str, p: dict[str, Any]) -> str | None:
+    """An output folder must be a folder, or creatable: no file in its place or above it."""
+    path = Path(value).expanduser().absolute()
+    for where in (path, *path.parents):
+        if where.exists():
+            return (
+                None
+                if where.is_dir()
+                else (f"{str(where)!r} is a file, not a folder: pass a folder (it is created if missing)")
+            )
+    return None
 
 
 SHARED: dict[str, Param] = {
-    "world": Param({}, dict, check=_config_check(WorldConfig), applies=_on_world,
-                   help="Concept World overrides of WorldConfig's defaults"),
-    "world_clip": Param({}, dict, check=_config_check(TrainConfig), applies=lambda p: p["model"] == "world",
-                        help="world-CLIP training overrides of TrainConfig's defaults"),
+    "world": Param(
+        {}, dict, item=WorldConfig, applies=_on_world, help="Concept World overrides of WorldConfig's defaults"
+    ),
+    "world_clip": Param(
+        {},
+        dict,
+        item=TrainConfig,
+        applies=lambda p: p["model"] == "world",
+        help="world-CLIP training overrides of TrainConfig's defaults",
+    ),
     "model": Param("world", str, check=_check_model, help="'world', an open_clip name or 'hf-hub:org/repo'"),
-    "pretrained": Param(None, str, check=_check_pretrained, applies=lambda p: p["model"] != "world",
-                        help="open_clip pretrained tag or a local checkpoint file"),
+    "pretrained": Param(
+        None,
+        str,
+        check=_check_pretrained,
+        applies=lambda p: p["model"] != "world",
+        help="open_clip pretrained tag or a local checkpoint file",
+    ),
     "seed": Param(0, int, min=0),
     "device": Param(None, str, check=_check_device, help="None: CUDA when available, else CPU"),
     "checkpoint_seconds": Param(30.0, float, min=0, help="training checkpoints at most this far apart"),
-    "artifacts_dir": Param("../artifacts", str),
-    "results_dir": Param("../book/results", str),
+    "artifacts_dir": Param("../artifacts", str, check=_check_output_dir),
+    "results_dir": Param("../book/results", str, check=_check_output_dir),
 }
 
 
@@ -156,6 +238,8 @@ def _kind_problem(name: str, value: Any, spec: Param) -> tuple[Any, str | None]:
         value = list(value)
     if not isinstance(value, kind) or (kind in (int, float) and isinstance(value, bool)):
         return value, f"{name}={value!r} ({type(value).__name__}) should be {_KINDS[kind]}"
+    if kind is dict and isinstance(spec.item, type) and is_dataclass(spec.item):
+        return _config_check(name, value, spec.item)
     if kind is list and spec.item is not None:
         items = []
         for i, v in enumerate(value):
@@ -186,20 +270,25 @@ def _user_names(namespace: Mapping[str, Any]) -> dict[str, Any]:
         cells = cells[:-1]
         starts = [i for i, c in enumerate(cells) if c.lstrip().startswith(PARAMETERS_MARK)]
         if starts:
-            cells = [c for c in cells[starts[-1]:] if c.lstrip().startswith((PARAMETERS_MARK, "# Parameters"))]
+            cells = [c for c in cells[starts[-1] :] if c.lstrip().startswith((PARAMETERS_MARK, "# Parameters"))]
         assigned = set()
         for source in cells:
             try:
                 tree = ast.parse(source)
             except SyntaxError:
                 continue
-            assigned |= {t.id for node in tree.body if isinstance(node, (ast.Assign, ast.AnnAssign))
-                         for t in (node.targets if isinstance(node, ast.Assign) else [node.target])
-                         if isinstance(t, ast.Name)}
+            assigned |= {
+                t.id
+                for node in tree.body
+                if isinstance(node, (ast.Assign, ast.AnnAssign))
+                for t in (node.targets if isinstance(node, ast.Assign) else [node.target])
+                if isinstance(t, ast.Name)
+            }
         return {k: namespace[k] for k in assigned if k in namespace and not k.startswith("_")}
     kinds = (int, float, str, bool, list, dict, tuple, Path, type(None))
-    return {k: v for k, v in namespace.items() if not k.startswith("_") and k not in _IPYTHON_NAMES
-            and isinstance(v, kinds)}
+    return {
+        k: v for k, v in namespace.items() if not k.startswith("_") and k not in _IPYTHON_NAMES and isinstance(v, kinds)
+    }
 
 
 def validate(namespace: Mapping[str, Any], spec: Mapping[str, Param]) -> dict[str, Any]:
@@ -208,8 +297,10 @@ def validate(namespace: Mapping[str, Any], spec: Mapping[str, Param]) -> dict[st
     problems = []
     for name in sorted(set(given) - set(spec)):
         close = difflib.get_close_matches(name, list(spec), n=1)
-        problems.append(f"unknown parameter {name!r}" + (f": did you mean {close[0]!r}?" if close else
-                                                          f"; this chapter's parameters: {sorted(spec)}"))
+        problems.append(
+            f"unknown parameter {name!r}"
+            + (f": did you mean {close[0]!r}?" if close else f"; this chapter's parameters: {sorted(spec)}")
+        )
     params = {}
     for name, p in spec.items():
         value, problem = _kind_problem(name, given.get(name, p.default), p)
@@ -223,8 +314,9 @@ def validate(namespace: Mapping[str, Any], spec: Mapping[str, Param]) -> dict[st
                 if problem:
                     problems.append(f"{name}: {problem}")
     if problems:
-        raise ParameterError("This chapter cannot run with these parameters:\n" +
-                             "\n".join(f"  - {p}" for p in problems))
+        raise ParameterError(
+            "This chapter cannot run with these parameters:\n" + "\n".join(f"  - {p}" for p in problems)
+        )
     return params
 
 
@@ -250,14 +342,49 @@ class Chapter:
         self.world = ConceptWorld(self.world_cfg)
         self.store = ArtifactStore(params["artifacts_dir"])
         self.device = pick_device(params["device"])
-        self.inputs = {k: file_input(v) for k, v in params.items() if v is not None and self._is_input(k, v)}
-        self._clip = None
+        self.inputs = {
+            k: file_input(path, self.store.stat_cache)
+            for k, v in params.items()
+            if (path := self._input_path(k, v)) is not None
+        }
+        self._clip: tuple[Any, ...] | None = None
         self._differences: pd.DataFrame | None = None
+        self.timings: dict[str, float] = {}
 
-    def _is_input(self, name: str, value: Any) -> bool:
-        if name == "pretrained":
-            return Path(str(value)).is_file()
-        return self.spec[name].kind in ("file", "dir", "path")
+    def with_params(self, **changes: Any) -> Chapter:
+        """The same chapter with some parameters changed (validated like the notebook's): for exercises.
+
+        The store is shared, and so is the loaded CLIP when the change leaves the model's key as it is.
+        """
+        params = validate({**self.params, **changes}, self.spec)
+        other = Chapter(self.name, params, self.spec)
+        if other.model_key == self.model_key and str(other.device) == str(self.device):
+            other._clip = self._clip
+        return other
+
+    @contextmanager
+    def stage(self, name: str) -> Iterator[None]:
+        """Time a stage of the chapter's work (``"train"``, ``"measure"``, ``"explain"``, ...).
+
+        Seconds add up per stage name and are written into the results (``timings``)."""
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.timings[name] = self.timings.get(name, 0.0) + time.perf_counter() - start
+
+    def _input_path(self, name: str, value: Any) -> str | None:
+        """The file or folder a parameter names, if any: a file/folder parameter's value, or any string
+        naming an existing path, bare or after a ``scheme:`` prefix (``glove:/data/glove.txt``,
+        ``local-dir:/models/clip``), so every file a run reads is hashed into keys and results."""
+        if value is None or name in _OUTPUTS:
+            return None
+        if self.spec[name].kind in ("file", "dir", "path"):
+            return str(value)
+        if not isinstance(value, str):
+            return None
+        candidates = [value, value.split(":", 1)[1] if ":" in value else ""]
+        return next((c for c in candidates if c not in ("", ".") and Path(c).expanduser().exists()), None)
 
     @property
     def on_world(self) -> bool:
@@ -269,7 +396,8 @@ class Chapter:
         p = self.params
         if p["model"] == "world":
             return {"model": "world", "world": self.world_cfg.to_dict(), "train": asdict(self.train_cfg)}
-        return {"model": p["model"], "pretrained": self.inputs.get("pretrained", p["pretrained"])}
+        key = {"model": p["model"], "pretrained": self.inputs.get("pretrained", p["pretrained"])}
+        return {**key, "files": self.inputs["model"]} if "model" in self.inputs else key
 
     def key(self, **extra: Any) -> dict[str, Any]:
         """Start of every artifact key: the CLIP and every input file, plus ``extra``."""
@@ -280,17 +408,24 @@ class Chapter:
         if self._clip is None:
             p = self.params
             if p["model"] == "world":
-                model, preprocess, tokenizer, history = world_clip(self.store, self.world_cfg, self.train_cfg,
-                                                                   progress=progress)
+                model, preprocess, tokenizer, history = world_clip(
+                    self.store, self.world_cfg, self.train_cfg, progress=progress
+                )
                 self._clip = (model.to(self.device), preprocess, tokenizer, history)
             else:
                 self._clip = (*load_clip(p["model"], p["pretrained"], str(self.device)), None)
         return self._clip
 
     def applied(self) -> dict[str, Any]:
-        """The parameters that matter in this run (a real-data run records no world settings)."""
-        return {k: v for k, v in self.params.items()
-                if self.spec[k].applies is None or self.spec[k].applies(self.params)}
+        """The parameters that matter in this run (a real-data run records no world settings); once a
+        user's CLIP is loaded, also the architecture that ran (``loaded_architecture``, e.g. the
+        ``-quickgelu`` variant that OpenAI's weights are loaded as)."""
+        out = {
+            k: v for k, v in self.params.items() if self.spec[k].applies is None or self.spec[k].applies(self.params)
+        }
+        if self._clip is not None and self.params["model"] != "world":
+            out["loaded_architecture"] = loaded_architecture(self.params["model"], self._clip[0])
+        return out
 
     def differences(self, switches: Mapping[str, Switch]) -> pd.DataFrame:
         """The run's switches against the paper and the original code (recorded in the results)."""
@@ -298,38 +433,83 @@ class Chapter:
         return self._differences
 
     def exercise(self, name: str, run: Callable[..., dict[str, float]], **changes: Any) -> pd.DataFrame:
-        """Run an exercise: ``run(ch)`` as in the chapter and ``run(ch, **changes)``, both cached.
+        """Run an exercise: ``run(ch)`` as in the chapter and ``run(ch.with_params(**changes))``, both cached.
 
-        The cache key holds every applied parameter, the inputs, the changes and the source of
-        ``run``'s module, so editing the method's code recomputes the solution.
+        Changes that name a declared parameter go through :meth:`with_params` (validated); any other
+        change (a prompt template, a noise level) is passed to ``run`` as a keyword. The cache key holds
+        every applied parameter, the inputs, the changes and the source of ``run``'s module, so editing
+        the method's code recomputes the solution.
         """
         source = hashlib.sha256(Path(inspect.getfile(run)).read_bytes()).hexdigest()
         rows = {}
         for label, kwargs in (("as in the chapter", {}), (_describe(changes), changes)):
-            key = {"chapter": self.name, "exercise": name, "function": f"{run.__module__}.{run.__qualname__}",
-                   "source": source, "params": self.applied(), "inputs": self.inputs, "changes": kwargs}
+            key = {
+                "chapter": self.name,
+                "exercise": name,
+                "function": f"{run.__module__}.{run.__qualname__}",
+                "source": source,
+                "params": self.applied(),
+                "inputs": self.inputs,
+                "changes": kwargs,
+            }
             rows[label] = self.store.get_or_build(
-                "exercise", key, lambda d, kw=kwargs: atomic_write_json(d / "result.json", run(self, **kw)),
-                lambda d: json.loads((d / "result.json").read_text()))
+                "exercise",
+                key,
+                lambda d, kw=kwargs: atomic_write_json(d / "result.json", self._exercise(run, kw)),  # type: ignore[misc]
+                lambda d: json.loads((d / "result.json").read_text()),
+            )
         table = pd.DataFrame(rows).T.apply(pd.to_numeric, errors="coerce")
         table.loc["change"] = table.iloc[1] - table.iloc[0]
         return plots.table(table)
 
-    def finish(self, results: dict[str, Any], summary: list[str] | None = None,
-               headline: dict[str, Any] | None = None):
+    def _exercise(self, run: Callable[..., dict[str, float]], changes: Mapping[str, Any]) -> dict[str, float]:
+        declared = {k: v for k, v in changes.items() if k in self.spec}
+        other = {k: v for k, v in changes.items() if k not in self.spec}
+        return run(self.with_params(**declared) if declared else self, **other)
+
+    def finish(self, results: dict[str, Any], summary: list[str] | None = None, headline: dict[str, Any] | None = None):
         """Write ``<results_dir>/<chapter>.json`` (results, headline, every applied parameter, inputs,
         environment, differences from the original) and return the summary for display."""
         import torch
         from IPython.display import Markdown
 
-        record = {"chapter": self.name, "results": results, "headline": headline or {},
-                  "summary": summary or [], "parameters": self.applied(), "inputs": self.inputs,
-                  "environment": {"conceptlab": __version__, "torch": torch.__version__,
-                                  "python": platform.python_version(), "device": str(self.device)}}
+        record = {
+            "chapter": self.name,
+            "results": results,
+            "headline": _plain(headline or {}),
+            "summary": summary or [],
+            "parameters": self.applied(),
+            "inputs": self.inputs,
+            "timings": {k: round(v, 2) for k, v in self.timings.items()},
+            "environment": {
+                "conceptlab": __version__,
+                "torch": torch.__version__,
+                "python": platform.python_version(),
+                "device": str(self.device),
+            },
+        }
         if self._differences is not None:
             record["differences_from_original"] = self._differences.reset_index().to_dict(orient="records")
         atomic_write_json(Path(self.params["results_dir"]) / f"{self.name}.json", record)
         return Markdown("**Summary.**\n\n" + "\n".join(f"- {line}" for line in summary or []))
+
+
+def loaded_architecture(name: str, model: Any) -> str:
+    """The open_clip architecture a loaded model is: ``name``, or its QuickGELU variant when the
+    weights were loaded with QuickGELU under a GELU name (``ViT-B-32`` -> ``ViT-B-32-quickgelu``)."""
+    import open_clip
+    from open_clip.transformer import QuickGELU
+
+    quick = any(isinstance(m, QuickGELU) for m in model.modules())
+    if not quick or name.endswith("-quickgelu") or name.startswith(("hf-hub:", "local-dir:")):
+        return name
+    twin = f"{name}-quickgelu"
+    return twin if twin in open_clip.list_models() else f"{name} (QuickGELU)"
+
+
+def _plain(headline: Mapping[str, Any]) -> dict[str, Any]:
+    """Headline values as JSON: a :class:`~conceptlab.chapters.report.Reported` becomes its dict."""
+    return {k: (v.to_dict() if hasattr(v, "to_dict") else v) for k, v in headline.items()}
 
 
 def _describe(changes: Mapping[str, Any]) -> str:
@@ -352,16 +532,23 @@ def differences_table(switches: Mapping[str, Switch], params: Mapping[str, Any])
     for name, s in switches.items():
         value = params[name]
         follows = [who for who, v in (("paper", s.paper), ("original code", s.original)) if v == value]
-        rows[name] = {"this run": value, "paper": s.paper, "original code": s.original,
-                      "this run follows": " and ".join(follows) or "neither", "what it changes": s.what}
+        rows[name] = {
+            "this run": value,
+            "paper": s.paper,
+            "original code": s.original,
+            "this run follows": " and ".join(follows) or "neither",
+            "what it changes": s.what,
+        }
     return pd.DataFrame(rows).T.rename_axis("switch")
 
 
 def fidelity_table(rows: Mapping[str, Mapping[str, Any]]) -> pd.DataFrame:
     """Headline numbers side by side: ``{metric: {"paper": ..., "original code": ..., "this book": ...}}``."""
     order = ["paper reports", "original code computes", "this book"]
-    renamed = {m: {{"paper": order[0], "original code": order[1], "this book": order[2]}.get(k, k): v
-                   for k, v in cols.items()} for m, cols in rows.items()}
+    renamed = {
+        m: {{"paper": order[0], "original code": order[1], "this book": order[2]}.get(k, k): v for k, v in cols.items()}
+        for m, cols in rows.items()
+    }
     table = pd.DataFrame(renamed).T
     return table.reindex(columns=[c for c in order if c in table] + [c for c in table if c not in order])
 
@@ -378,5 +565,16 @@ def parameters_cell(spec: Mapping[str, Param]) -> dict[str, Any]:
     return {k: (list(v.default) if isinstance(v.default, tuple) else v.default) for k, v in spec.items()}
 
 
-__all__ = ["SHARED", "Chapter", "Param", "ParameterError", "Switch", "differences_table", "fidelity_table",
-           "parameters_cell", "setup", "show_source", "validate"]
+__all__ = [
+    "SHARED",
+    "Chapter",
+    "Param",
+    "ParameterError",
+    "Switch",
+    "differences_table",
+    "fidelity_table",
+    "parameters_cell",
+    "setup",
+    "show_source",
+    "validate",
+]

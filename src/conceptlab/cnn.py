@@ -61,8 +61,11 @@ class CNNConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        problems = [f"{k}={getattr(self, k)} must be positive" for k in
-                    ("n_train", "steps", "batch_size", "lr") if getattr(self, k) <= 0]
+        problems = [
+            f"{k}={getattr(self, k)} must be positive"
+            for k in ("n_train", "steps", "batch_size", "lr")
+            if getattr(self, k) <= 0
+        ]
         if self.batch_size > self.n_train:
             problems.append(f"batch_size={self.batch_size} exceeds n_train={self.n_train}")
         if problems:
@@ -77,8 +80,9 @@ def world_resnet18(n_classes: int) -> torch.nn.Module:
     return model
 
 
-def train_world_cnn(world: ConceptWorld, cfg: CNNConfig, out_dir: str | Path, device: str | None = None,
-                    progress: bool = True) -> list[dict]:
+def train_world_cnn(
+    world: ConceptWorld, cfg: CNNConfig, out_dir: str | Path, device: str | None = None, progress: bool = True
+) -> list[dict]:
     """Train the world ResNet-18 into ``out_dir`` (``model.pt``, ``history.json``); resumes from ``state.pt``.
 
     Runs through ``accelerate``: on the GPU when one is present (``device="cpu"`` forces the CPU), and
@@ -99,8 +103,13 @@ def train_world_cnn(world: ConceptWorld, cfg: CNNConfig, out_dir: str | Path, de
     to_input = CNNInput(world.config.resolution)
     share = slice(accelerator.process_index, None, accelerator.num_processes)
     ddp_model.train()
-    bar = tqdm(range(run.start, cfg.steps), initial=run.start, total=cfg.steps,
-               disable=not (progress and accelerator.is_main_process), desc="train CNN")
+    bar = tqdm(
+        range(run.start, cfg.steps),
+        initial=run.start,
+        total=cfg.steps,
+        disable=not (progress and accelerator.is_main_process),
+        desc="train CNN",
+    )
     with run.checkpoint_on_interrupt():
         for step in bar:
             idx = np.random.default_rng([cfg.seed, step]).choice(cfg.n_train, size=cfg.batch_size, replace=False)
@@ -119,8 +128,9 @@ def train_world_cnn(world: ConceptWorld, cfg: CNNConfig, out_dir: str | Path, de
     return run.history
 
 
-def world_cnn(store: ArtifactStore, world_cfg: WorldConfig, cfg: CNNConfig, device: str | None = None,
-              progress: bool = True) -> tuple[torch.nn.Module, CNNInput, list[dict]]:
+def world_cnn(
+    store: ArtifactStore, world_cfg: WorldConfig, cfg: CNNConfig, device: str | None = None, progress: bool = True
+) -> tuple[torch.nn.Module, CNNInput, list[dict]]:
     """The world ResNet-18 for these parameters (trained once, then loaded, on the CPU): ``(model, input, history)``."""
 
     def load(d: Path) -> tuple[torch.nn.Module, CNNInput, list[dict]]:
@@ -129,8 +139,13 @@ def world_cnn(store: ArtifactStore, world_cfg: WorldConfig, cfg: CNNConfig, devi
         return model.eval(), CNNInput(world_cfg.resolution), json.loads((d / "history.json").read_text())
 
     key = {"world": world_cfg.to_dict(), "cnn": asdict(cfg), "arch": "world_resnet18"}
-    return store.get_or_build("world_cnn", key, lambda d: train_world_cnn(ConceptWorld(world_cfg), cfg, d, device,
-                                                                           progress), load, collective=True)
+    return store.get_or_build(
+        "world_cnn",
+        key,
+        lambda d: train_world_cnn(ConceptWorld(world_cfg), cfg, d, device, progress),
+        load,
+        collective=True,
+    )
 
 
 def randomised_copy(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
@@ -151,11 +166,14 @@ def load_torchvision_cnn(arch: str, weights: str | Path, input_size: int = 224) 
     """
     known = torchvision.models.list_models(module=torchvision.models)
     if arch not in known:
-        raise ValueError(f"target_model={arch!r} is not a torchvision classification model; "
-                         f"pick one of torchvision.models.list_models(), e.g. 'resnet18', 'alexnet', 'vgg16'.")
+        raise ValueError(
+            f"target_model={arch!r} is not a torchvision classification model; "
+            f"pick one of torchvision.models.list_models(), e.g. 'resnet18', 'alexnet', 'vgg16'."
+        )
     if not weights:
-        raise ValueError(f"target_model={arch!r} needs target_weights=<local state dict file>: "
-                         "this project never downloads weights.")
+        raise ValueError(
+            f"target_model={arch!r} needs target_weights=<local state dict file>: this project never downloads weights."
+        )
     state = safe_torch_load(weights)
     state = state.get("state_dict", state) if isinstance(state, dict) else state
     if not isinstance(state, dict) or not state:
@@ -172,8 +190,16 @@ def imagenet_input(size: int) -> CNNInput:
     return CNNInput(size, IMAGENET_MEAN, IMAGENET_STD)
 
 
-def get_cnn(target_model: str, target_weights: str | None, store: ArtifactStore, world_cfg: WorldConfig,
-            cfg: CNNConfig, input_size: int = 224, device: str | torch.device | None = None, progress: bool = True):
+def get_cnn(
+    target_model: str,
+    target_weights: str | None,
+    store: ArtifactStore,
+    world_cfg: WorldConfig,
+    cfg: CNNConfig,
+    input_size: int = 224,
+    device: str | torch.device | None = None,
+    progress: bool = True,
+):
     """``"world"`` trains/loads the world ResNet-18; a torchvision name loads ``target_weights``.
 
     Returns ``(model, input transform, history or None)``.
@@ -186,8 +212,11 @@ def get_cnn(target_model: str, target_weights: str | None, store: ArtifactStore,
 
 
 @torch.no_grad()
-def cnn_accuracy(model: torch.nn.Module, to_input: CNNInput, images: np.ndarray, labels: np.ndarray,
-                 batch_size: int = 256) -> float:
+def cnn_accuracy(
+    model: torch.nn.Module, to_input: CNNInput, images: np.ndarray, labels: np.ndarray, batch_size: int = 256
+) -> float:
     """Top-1 accuracy of a classifier on uint8 images."""
-    preds = torch.cat([model(to_input(images[s:s + batch_size])).argmax(1) for s in range(0, len(images), batch_size)])
+    preds = torch.cat(
+        [model(to_input(images[s : s + batch_size])).argmax(1) for s in range(0, len(images), batch_size)]
+    )
     return (preds.numpy() == labels).mean().item()

@@ -24,30 +24,57 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from .artifacts import ArtifactStore, atomic_write_json
-from .chapter import Param
 from .llm import OpenAIChat
 from .world import PARTS, ConceptWorld
 
-QUESTION = ("What are useful visual features for distinguishing a {cls} in a photo? These features should be "
-            "visually distinct and have limited overlap with each other. Please list {n} of them and sort them in "
-            "descending order of importance. Answer with a bullet list; each feature no more than five words.")
+QUESTION = (
+    "What are useful visual features for distinguishing a {cls} in a photo? These features should be "
+    "visually distinct and have limited overlap with each other. Please list {n} of them and sort them in "
+    "descending order of importance. Answer with a bullet list; each feature no more than five words."
+)
 ANSWER_START = "There are several useful visual features to tell there is a {cls} in a photo:\n-"
 FEW_SHOT = (  # worked examples that show the answer format (our own wording)
-    ("zebra", ["black and white stripes", "horse-like body shape", "short upright mane", "long tufted tail",
-               "hooves", "large rounded ears"]),
-    ("fire truck", ["bright red paint", "long extension ladder", "flashing lights on roof", "large wheels",
-                    "hoses and equipment", "boxy cab"]),
+    (
+        "zebra",
+        [
+            "black and white stripes",
+            "horse-like body shape",
+            "short upright mane",
+            "long tufted tail",
+            "hooves",
+            "large rounded ears",
+        ],
+    ),
+    (
+        "fire truck",
+        [
+            "bright red paint",
+            "long extension ladder",
+            "flashing lights on roof",
+            "large wheels",
+            "hoses and equipment",
+            "boxy cab",
+        ],
+    ),
 )
 PART_IMPORTANCE: tuple[str, ...] = ("head", "wings", "body", "tail", "legs")
-VAGUE_PHRASES: tuple[str, ...] = ("distinctive overall appearance", "graceful shape", "unique look",
-                                  "striking features", "elegant posture", "characteristic silhouette")
+VAGUE_PHRASES: tuple[str, ...] = (
+    "distinctive overall appearance",
+    "graceful shape",
+    "unique look",
+    "striking features",
+    "elegant posture",
+    "characteristic silhouette",
+)
 FAULT_KINDS: tuple[str, ...] = ("wrong_attribute", "non_visual", "vague")
 
 
 def few_shot_prompt(cls: str, n: int = 6) -> str:
     """The few-shot completion prompt for one class; the model continues after the final '-'."""
-    shots = [f"Q: {QUESTION.format(cls=c, n=n)}\nA: {ANSWER_START.format(cls=c)[:-1]}" + "".join(
-        f"- {d}\n" for d in ds[:n]) for c, ds in FEW_SHOT]
+    shots = [
+        f"Q: {QUESTION.format(cls=c, n=n)}\nA: {ANSWER_START.format(cls=c)[:-1]}" + "".join(f"- {d}\n" for d in ds[:n])
+        for c, ds in FEW_SHOT
+    ]
     return "\n".join(shots) + f"\nQ: {QUESTION.format(cls=cls, n=n)}\nA: {ANSWER_START.format(cls=cls)}"
 
 
@@ -70,7 +97,7 @@ def parse_bullets(answer: str, limit: int | None = None) -> list[str]:
         items = [m.group(1) for m in matches if m]
         if lines and not matches[0] and not lines[0].rstrip().endswith(":"):
             items.insert(0, lines[0].strip())  # the first bullet, whose '-' ended the prompt
-    out = []
+    out: list[str] = []
     for item in items:
         item = re.sub(r"\*\*|__", "", item).strip(" .;,:\"'").strip()
         if item and item.lower() not in (o.lower() for o in out):
@@ -84,8 +111,24 @@ def descriptor_sentence(cls: str, descriptor: str) -> str:
     first = d.split(" ", 1)[0].lower()
     if first in ("a", "an", "the"):
         return f"{cls}, which is {d}" if first != "the" else f"{cls}, which has {d}"
-    if first in ("has", "have", "is", "often", "usually", "typically", "may", "can", "lives", "hunts", "sings",
-                 "sleeps", "eats", "travels", "builds", "dances"):
+    if first in (
+        "has",
+        "have",
+        "is",
+        "often",
+        "usually",
+        "typically",
+        "may",
+        "can",
+        "lives",
+        "hunts",
+        "sings",
+        "sleeps",
+        "eats",
+        "travels",
+        "builds",
+        "dances",
+    ):
         return f"{cls}, which {d}"
     if first == "used":
         return f"{cls}, which is {d}"
@@ -116,10 +159,15 @@ def rich_label(cls: str, descriptors: Sequence[str]) -> str:
 def validate_descriptors(data: object, source: str = "descriptors") -> dict[str, list[str]]:
     """Check the original format ``{"class": ["descriptor", ...]}``; a clear error otherwise."""
     if not isinstance(data, dict) or not data:
-        raise ValueError(f"{source}: expected a non-empty JSON object {{\"class name\": [\"descriptor\", ...]}}, "
-                         f"got {type(data).__name__}.")
-    bad = [k for k, v in data.items() if not isinstance(v, list) or not v or
-           not all(isinstance(d, str) and d.strip() for d in v)]
+        raise ValueError(
+            f'{source}: expected a non-empty JSON object {{"class name": ["descriptor", ...]}}, '
+            f"got {type(data).__name__}."
+        )
+    bad = [
+        k
+        for k, v in data.items()
+        if not isinstance(v, list) or not v or not all(isinstance(d, str) and d.strip() for d in v)
+    ]
     if bad:
         raise ValueError(f"{source}: classes {bad[:5]} do not map to a non-empty list of strings.")
     return {str(k): [d.strip() for d in v] for k, v in data.items()}
@@ -146,8 +194,10 @@ class NameMatch:
     def report(self) -> str:
         """One paragraph: counts, the matches that needed normalising, what did not match."""
         loose = [(c, k) for c, k in self.matched.items() if k != c]
-        lines = [f"{len(self.matched)} of {len(self.matched) + len(self.missing)} classes matched "
-                 f"({len(loose)} after normalising names)"]
+        lines = [
+            f"{len(self.matched)} of {len(self.matched) + len(self.missing)} classes matched "
+            f"({len(loose)} after normalising names)"
+        ]
         lines += [f"  {k!r} -> {c!r}" for c, k in loose[:5]] + (["  ..."] if len(loose) > 5 else [])
         if self.missing:
             lines.append(f"no entry for {len(self.missing)}: {self.missing[:10]}")
@@ -166,8 +216,7 @@ def match_class_names(file_names: Sequence[str], class_names: Sequence[str]) -> 
             raise ValueError(f"Descriptor entries {other!r} and {name!r} name the same class; keep one.")
     matched = {c: by_key[class_key(c)] for c in class_names if class_key(c) in by_key}
     used = set(matched.values())
-    return NameMatch(matched, [c for c in class_names if c not in matched],
-                     [k for k in file_names if k not in used])
+    return NameMatch(matched, [c for c in class_names if c not in matched], [k for k in file_names if k not in used])
 
 
 def load_descriptors(path: str | Path, class_names: Sequence[str] | None = None) -> dict[str, list[str]]:
@@ -179,8 +228,10 @@ def load_descriptors(path: str | Path, class_names: Sequence[str] | None = None)
     """
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"No descriptor file at {path}: pass descriptors=<JSON file "
-                                "{\"class\": [\"descriptor\", ...]}> or descriptors='oracle' on Concept World.")
+        raise FileNotFoundError(
+            f"No descriptor file at {path}: pass descriptors=<JSON file "
+            '{"class": ["descriptor", ...]}> or descriptors=\'oracle\' on Concept World.'
+        )
     try:
         data = json.loads(path.read_text())
     except json.JSONDecodeError as err:
@@ -190,11 +241,15 @@ def load_descriptors(path: str | Path, class_names: Sequence[str] | None = None)
         return table
     match = match_class_names(list(table), class_names)
     if match.missing:
-        close = {c: difflib.get_close_matches(class_key(c), [class_key(k) for k in match.unused], n=2)
-                 for c in match.missing[:5]}
-        raise ValueError(f"{path} has no descriptors for {len(match.missing)} of {len(class_names)} classes "
-                         f"(e.g. {match.missing[:5]}); closest unused entries (normalised): {close}. "
-                         "Rename those entries to the data set's class names.")
+        close = {
+            c: difflib.get_close_matches(class_key(c), [class_key(k) for k in match.unused], n=2)
+            for c in match.missing[:5]
+        }
+        raise ValueError(
+            f"{path} has no descriptors for {len(match.missing)} of {len(class_names)} classes "
+            f"(e.g. {match.missing[:5]}); closest unused entries (normalised): {close}. "
+            "Rename those entries to the data set's class names."
+        )
     print(f"descriptors from {path}: {match.report()}")
     return {c: table[match.matched[c]] for c in class_names}
 
@@ -254,9 +309,10 @@ def oracle_descriptors(world: ConceptWorld, n: int = 6, fault_rate: float = 0.0,
         rng = np.random.default_rng([seed, c])
         parts = [p for p in PART_IMPORTANCE if p in spec.parts]
         items = [(_part_phrase(spec.parts[p], p, ("size", "colour", "pattern")), p) for p in parts]
-        extra = [(_part_phrase(spec.parts[p], p, keys), p) for keys in (("colour",), ("pattern",), ("size",))
-                 for p in parts]
-        items += [e for e in extra if e[0] not in {i[0] for i in items}][:max(0, n - len(items))]
+        extra = [
+            (_part_phrase(spec.parts[p], p, keys), p) for keys in (("colour",), ("pattern",), ("size",)) for p in parts
+        ]
+        items += [e for e in extra if e[0] not in {i[0] for i in items}][: max(0, n - len(items))]
         descs, part_of, faults = [], [], []
         for text, part in items[:n]:
             fault = FAULT_KINDS[rng.integers(len(FAULT_KINDS))] if rng.random() < fault_rate else None
@@ -295,8 +351,10 @@ class TransformersLLM:
             self.tokenizer = AutoTokenizer.from_pretrained(name_or_path, local_files_only=local)
             self.model = AutoModelForCausalLM.from_pretrained(name_or_path, local_files_only=local)
         except OSError as err:
-            raise RuntimeError(f"Could not load the language model {name_or_path!r} ({str(err)[:200]}). Pass a "
-                               "local folder saved with save_pretrained(), or a hub name in the local cache.") from err
+            raise RuntimeError(
+                f"Could not load the language model {name_or_path!r} ({str(err)[:200]}). Pass a "
+                "local folder saved with save_pretrained(), or a hub name in the local cache."
+            ) from err
         self.device = pick_device(device)
         self.model.to(self.device).eval()
         self.max_new_tokens = max_new_tokens
@@ -309,11 +367,12 @@ class TransformersLLM:
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
         with torch.no_grad():
             out = self.model.generate(**enc, max_new_tokens=self.max_new_tokens, do_sample=False, pad_token_id=pad)
-        return self.tokenizer.decode(out[0, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+        return self.tokenizer.decode(out[0, enc["input_ids"].shape[1] :], skip_special_tokens=True)
 
 
-def llm_descriptors(llm: LLM, class_names: Sequence[str], n: int = 6, progress: bool = True
-                    ) -> tuple[dict[str, list[str]], dict[str, str]]:
+def llm_descriptors(
+    llm: LLM, class_names: Sequence[str], n: int = 6, progress: bool = True
+) -> tuple[dict[str, list[str]], dict[str, str]]:
     """Ask ``llm`` for ``n`` descriptors per class; returns (descriptors, raw answers)."""
     table, raw = {}, {}
     for cls in tqdm(class_names, disable=not progress, desc="descriptors"):
@@ -324,8 +383,9 @@ def llm_descriptors(llm: LLM, class_names: Sequence[str], n: int = 6, progress: 
     return table, raw
 
 
-def cached_llm_descriptors(llm: LLM, class_names: Sequence[str], store: ArtifactStore, n: int = 6,
-                           progress: bool = True) -> dict[str, list[str]]:
+def cached_llm_descriptors(
+    llm: LLM, class_names: Sequence[str], store: ArtifactStore, n: int = 6, progress: bool = True
+) -> dict[str, list[str]]:
     """:func:`llm_descriptors`, stored under the backend, prompt and classes (reused when they match)."""
     params = {"llm": llm.params, "classes": list(class_names), "n": n, "prompt": few_shot_prompt("{cls}", n)}
 
@@ -337,9 +397,17 @@ def cached_llm_descriptors(llm: LLM, class_names: Sequence[str], store: Artifact
     return store.get_or_build("descriptors", params, build, lambda d: load_descriptors(d / "descriptors.json"))
 
 
-def get_descriptors(source: str, class_names: Sequence[str], store: ArtifactStore, world: ConceptWorld | None = None,
-                    n: int = 6, fault_rate: float = 0.0, seed: int = 0, llm_base_url: str | None = None,
-                    llm_api_key_env: str = "OPENAI_API_KEY") -> DescriptorSet:
+def get_descriptors(
+    source: str,
+    class_names: Sequence[str],
+    store: ArtifactStore,
+    world: ConceptWorld | None = None,
+    n: int = 6,
+    fault_rate: float = 0.0,
+    seed: int = 0,
+    llm_base_url: str | None = None,
+    llm_api_key_env: str = "OPENAI_API_KEY",
+) -> DescriptorSet:
     """The chapters' descriptor parameter.
 
     ``"oracle"`` (Concept World only), a path to a JSON file in the original format,
@@ -347,8 +415,10 @@ def get_descriptors(source: str, class_names: Sequence[str], store: ArtifactStor
     """
     if source == "oracle":
         if world is None:
-            raise ValueError("descriptors='oracle' needs Concept World (model='world'); with real data pass a JSON "
-                             "file, 'hf:<model>' or 'openai:<model>'.")
+            raise ValueError(
+                "descriptors='oracle' needs Concept World (model='world'); with real data pass a JSON "
+                "file, 'hf:<model>' or 'openai:<model>'."
+            )
         return oracle_descriptors(world, n, fault_rate, seed)
     if source.startswith("hf:"):
         table = cached_llm_descriptors(TransformersLLM(source[3:]), class_names, store, n)
@@ -358,12 +428,19 @@ def get_descriptors(source: str, class_names: Sequence[str], store: ArtifactStor
     else:
         table = load_descriptors(source, class_names)
     table = {c: table[c] for c in class_names}
-    return DescriptorSet(table, {c: [None] * len(v) for c, v in table.items()},
-                         {c: [None] * len(v) for c, v in table.items()})
+    return DescriptorSet(
+        table, {c: [None] * len(v) for c, v in table.items()}, {c: [None] * len(v) for c, v in table.items()}
+    )
 
 
-def descriptor_text_features(model, tokenizer, descriptors: dict[str, list[str]], class_names: Sequence[str],
-                             k: int | None = None, form: str = "bare"):
+def descriptor_text_features(
+    model,
+    tokenizer,
+    descriptors: dict[str, list[str]],
+    class_names: Sequence[str],
+    k: int | None = None,
+    form: str = "bare",
+):
     """(C, K, D) normalised embeddings of each class's first ``k`` descriptors as :func:`concept_text`
     ``form`` gives them (``"bare"``: the original's map texts); equal K per class."""
     from .models import encode_texts
@@ -376,8 +453,14 @@ def descriptor_text_features(model, tokenizer, descriptors: dict[str, list[str]]
     return encode_texts(model, tokenizer, texts).view(len(class_names), k, -1)
 
 
-def description_logits(image_features, model, tokenizer, descriptors: dict[str, list[str]],
-                       class_names: Sequence[str], with_class_name: bool = True):
+def description_logits(
+    image_features,
+    model,
+    tokenizer,
+    descriptors: dict[str, list[str]],
+    class_names: Sequence[str],
+    with_class_name: bool = True,
+):
     """Classification by description: (N, C) mean cosine similarity of each image with a class's descriptors.
 
     ``with_class_name``: score "{class}, which has {descriptor}" (the original); else the bare descriptor.
@@ -394,49 +477,19 @@ def description_logits(image_features, model, tokenizer, descriptors: dict[str, 
     return torch.stack(scores, 1)
 
 
-# ---------------------------------------------------------------------------- the chapter
-def check_descriptor_source(value: str, params: dict) -> str | None:
-    """The ``descriptors`` parameter: a problem in words, or None (checked before any work)."""
-    import os
-
-    if value == "oracle":
-        return None if params.get("dataset", "world") == "world" else (
-            "'oracle' needs Concept World (dataset='world'); with real data pass a JSON file, 'hf:<model>' or "
-            "'openai:<model>'")
-    if value.startswith("hf:"):
-        name = value[3:]
-        looks_local = name.startswith((".", "/", "~"))
-        return f"no language-model folder at {name!r}" if looks_local and not Path(name).expanduser().is_dir() \
-            else None
-    if value.startswith("openai:"):
-        env = params.get("llm_api_key_env") or "OPENAI_API_KEY"
-        return None if os.environ.get(env) else f"'openai:' needs the API key in the environment variable {env}"
-    return None if Path(value).expanduser().is_file() else (
-        f"no descriptor file {value!r} (relative paths start in notebooks/); or use 'oracle', 'hf:<model>', "
-        "'openai:<model>'")
-
-
-PARAMETERS: dict[str, Param] = {
-    "dataset": Param("world", str, choices=("world", "imagefolder", "cub")),
-    "data_root": Param(None, "dir", applies=lambda p: p["dataset"] != "world"),
-    "descriptors": Param("oracle", str, check=check_descriptor_source,
-                         help="'oracle' (world), a JSON file, 'hf:<model>' or 'openai:<model>'"),
-    "llm_base_url": Param(None, str, applies=lambda p: p["descriptors"].startswith("openai:")),
-    "llm_api_key_env": Param("OPENAI_API_KEY", str, applies=lambda p: p["descriptors"].startswith("openai:")),
-    "n_descriptors": Param(6, int, min=1),
-    "fault_rate": Param(0.25, float, min=0.0, max=1.0, applies=lambda p: p["descriptors"] == "oracle",
-                        help="oracle: share of faulty descriptors in the maps section"),
-    "fault_rates": Param([0.0, 0.25, 0.5, 0.75, 1.0], list, item=float, min=0.0, max=1.0,
-                         applies=lambda p: p["descriptors"] == "oracle", help="oracle: the quality sweep"),
-    "concept_text": Param("bare", str, choices=CONCEPT_TEXTS, help="text of a descriptor's map"),
-    "n_test": Param(500, int, min=1),
-    "n_explain": Param(200, int, min=1, help="test images whose maps are drawn and scored"),
-    "start_layer": Param(None, int, help="ViT relevance from this block; None: the last block only"),
-}
-
-
-def map_scores(model, tokenizer, images, labels, class_names: Sequence[str], ds: DescriptorSet, k: int,
-               masks: np.ndarray | None, form: str = "bare", start_layer: int | None = None):
+# ---------------------------------------------------------------------------- maps and accuracy
+def map_scores(
+    model,
+    tokenizer,
+    images,
+    labels,
+    class_names: Sequence[str],
+    ds: DescriptorSet,
+    k: int,
+    masks: np.ndarray | None,
+    form: str = "bare",
+    start_layer: int | None = None,
+):
     """Explanation maps of each image's first ``k`` descriptors, and their scores: disentanglability and,
     where Concept World ``masks`` (N, parts, H, W) exist, pointing game and energy in the part's mask.
     Returns (scores, maps (N, k, h, w), per-descriptor table or None)."""
@@ -454,43 +507,37 @@ def map_scores(model, tokenizer, images, labels, class_names: Sequence[str], ds:
         return out, maps, None
     first = ds.first(k)
     part_masks = first.part_masks(class_names, labels, masks)
-    rows = pd.DataFrame({"part": [p for c in labels for p in first.parts[class_names[c]]],
-                         "fault": [f or "none" for c in labels for f in first.faults[class_names[c]]],
-                         "pointing game": pointing_game(maps, part_masks).numpy().ravel(),
-                         "energy in mask": energy_in_mask(maps, part_masks).numpy().ravel(),
-                         "part area": part_masks.mean((-2, -1)).ravel()}).dropna()
-    out.update({"pointing_game": float(rows["pointing game"].mean()),
-                "energy_in_mask": float(rows["energy in mask"].mean()), "part_area": float(rows["part area"].mean())})
+    rows = pd.DataFrame(
+        {
+            "part": [p for c in labels for p in first.parts[class_names[c]]],
+            "fault": [f or "none" for c in labels for f in first.faults[class_names[c]]],
+            "pointing game": pointing_game(maps, part_masks).numpy().ravel(),
+            "energy in mask": energy_in_mask(maps, part_masks).numpy().ravel(),
+            "part area": part_masks.mean((-2, -1)).ravel(),
+        }
+    ).dropna()
+    out.update(
+        {
+            "pointing_game": float(rows["pointing game"].mean()),
+            "energy_in_mask": float(rows["energy in mask"].mean()),
+            "part_area": float(rows["part area"].mean()),
+        }
+    )
     return out, maps, rows
 
 
-def description_accuracy(features, model, tokenizer, class_names: Sequence[str], ds: DescriptorSet, labels
-                         ) -> dict[str, float]:
+def description_accuracy(
+    features, model, tokenizer, class_names: Sequence[str], ds: DescriptorSet, labels
+) -> dict[str, float]:
     """Top-1 of classification by description, with the class name in each sentence (the original) and
     with the bare descriptors only."""
     from .models import topk_accuracy
 
-    return {f"description_top1{suffix}": topk_accuracy(description_logits(
-        features, model, tokenizer, ds.descriptors, class_names, with_class_name=named), labels, 1)
-        for suffix, named in (("", True), ("_descriptors_only", False))}
-
-
-def exercise(ch, **changes) -> dict[str, float]:
-    """A "predict, then run" exercise of the descriptors chapter: description accuracy and map scores on
-    200 test images with ``changes`` (parameter names)."""
-    from .data import load_eval_set
-    from .models import encode_images
-
-    p = {**ch.params, **changes}
-    clip, preprocess, tokenizer, _ = ch.clip()
-    world = ch.world if p["dataset"] == "world" else None
-    test = load_eval_set(clip, preprocess, min(200, p["n_test"]), p["dataset"], p["data_root"], world=world,
-                         seed=p["seed"])
-    ds = get_descriptors(p["descriptors"], test.class_names, ch.store, world, n=p["n_descriptors"],
-                         fault_rate=p["fault_rate"], seed=p["seed"], llm_base_url=p["llm_base_url"],
-                         llm_api_key_env=p["llm_api_key_env"])
-    k = min(5, min(len(v) for v in ds.descriptors.values()))
-    out = description_accuracy(encode_images(clip, test.images), clip, tokenizer, test.class_names, ds, test.labels)
-    out.update(map_scores(clip, tokenizer, test.images, test.labels, test.class_names, ds, k, test.masks,
-                          p["concept_text"], p["start_layer"])[0])
-    return out
+    return {
+        f"description_top1{suffix}": topk_accuracy(
+            description_logits(features, model, tokenizer, ds.descriptors, class_names, with_class_name=named),
+            labels,
+            1,
+        )
+        for suffix, named in (("", True), ("_descriptors_only", False))
+    }

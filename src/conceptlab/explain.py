@@ -51,14 +51,20 @@ def model_kind(model: nn.Module) -> str:
         return "resnet"
     if isinstance(visual, VisionTransformer):
         if not all(isinstance(b, ResidualAttentionBlock) for b in visual.transformer.resblocks):
-            raise NotImplementedError("This ViT uses open_clip's CustomResidualAttentionBlock; explanation maps "
-                                      "support the standard ResidualAttentionBlock (OpenAI/LAION CLIP ViTs).")
+            raise NotImplementedError(
+                "This ViT uses open_clip's CustomResidualAttentionBlock; explanation maps "
+                "support the standard ResidualAttentionBlock (OpenAI/LAION CLIP ViTs)."
+            )
         if visual.attn_pool is not None or visual.pool_type != "tok":
-            raise NotImplementedError(f"ViT pooling {visual.pool_type!r} / attentional pooler: relevance maps need "
-                                      "class-token pooling ('tok').")
+            raise NotImplementedError(
+                f"ViT pooling {visual.pool_type!r} / attentional pooler: relevance maps need "
+                "class-token pooling ('tok')."
+            )
         return "vit"
-    raise NotImplementedError(f"Cannot explain a {type(visual).__name__} vision tower: use an open_clip ViT "
-                              "(VisionTransformer) or ModifiedResNet (RN50, RN101, ...).")
+    raise NotImplementedError(
+        f"Cannot explain a {type(visual).__name__} vision tower: use an open_clip ViT "
+        "(VisionTransformer) or ModifiedResNet (RN50, RN101, ...)."
+    )
 
 
 def grid_shape(model: nn.Module) -> tuple[int, int]:
@@ -71,8 +77,9 @@ def grid_shape(model: nn.Module) -> tuple[int, int]:
     return size // 32, size // 32
 
 
-def _attention_with_probs(block: nn.Module, x: torch.Tensor, cls_only: bool = False, repeat: int = 1
-                          ) -> tuple[torch.Tensor, torch.Tensor]:
+def _attention_with_probs(
+    block: nn.Module, x: torch.Tensor, cls_only: bool = False, repeat: int = 1
+) -> tuple[torch.Tensor, torch.Tensor]:
     """One ResidualAttentionBlock forward that also returns the attention probabilities (B, heads, L, L).
 
     Hand-written because open_clip calls ``nn.MultiheadAttention(need_weights=False)``, which takes the
@@ -109,8 +116,10 @@ def _start(start_layer: int | None, n_blocks: int) -> int:
         return n_blocks - 1
     start = start_layer + n_blocks if start_layer < 0 else start_layer
     if not 0 <= start < n_blocks:
-        raise ValueError(f"start_layer={start_layer} is outside this ViT's {n_blocks} blocks "
-                         f"(use 0..{n_blocks - 1}, a negative index, or None for the last block).")
+        raise ValueError(
+            f"start_layer={start_layer} is outside this ViT's {n_blocks} blocks "
+            f"(use 0..{n_blocks - 1}, a negative index, or None for the last block)."
+        )
     return start
 
 
@@ -121,7 +130,7 @@ def relevance_step(relevance: torch.Tensor, probs: torch.Tensor, grads: torch.Te
     (the last block, class token only) the first ``rows`` rows of the updated R are returned.
     """
     cam = (grads * probs).clamp(min=0).mean(dim=1)
-    return relevance[:, :cam.shape[1]] + cam @ relevance
+    return relevance[:, : cam.shape[1]] + cam @ relevance
 
 
 def _expand_texts(text_features: torch.Tensor, n_images: int) -> torch.Tensor:
@@ -133,8 +142,14 @@ def _expand_texts(text_features: torch.Tensor, n_images: int) -> torch.Tensor:
     return F.normalize(text_features, dim=-1)
 
 
-def _vit_maps(model: nn.Module, images: torch.Tensor, text_features: torch.Tensor, start_layer: int | None,
-              create_graph: bool, detach_maps: bool) -> tuple[torch.Tensor, torch.Tensor]:
+def _vit_maps(
+    model: nn.Module,
+    images: torch.Tensor,
+    text_features: torch.Tensor,
+    start_layer: int | None,
+    create_graph: bool,
+    detach_maps: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Relevance maps (N, K, gh, gw) and image embeddings of a ViT CLIP.
 
     The last block is computed for the class token only: the other tokens' outputs do not reach the
@@ -162,8 +177,9 @@ def _vit_maps(model: nn.Module, images: torch.Tensor, text_features: torch.Tenso
         if visual.proj is not None:
             pooled = pooled @ visual.proj
         scores = model.logit_scale.exp() * (F.normalize(pooled, dim=-1) * texts.reshape(n * k, -1)).sum(-1)
-        grads = torch.autograd.grad(scores.sum(), probs, create_graph=create_graph and not detach_maps,
-                                    retain_graph=create_graph)
+        grads = torch.autograd.grad(
+            scores.sum(), probs, create_graph=create_graph and not detach_maps, retain_graph=create_graph
+        )
     if detach_maps:  # the original's interpret(): relevance from attn_probs.detach() and grad.detach()
         probs, grads = [p.detach() for p in probs], [g.detach() for g in grads]
     tokens = probs[0].shape[-1]
@@ -192,8 +208,9 @@ def _attention_pool(pool: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return pool.c_proj((probs @ v).transpose(1, 2).reshape(n, c))
 
 
-def _resnet_maps(model: nn.Module, images: torch.Tensor, text_features: torch.Tensor,
-                 create_graph: bool, detach_maps: bool) -> tuple[torch.Tensor, torch.Tensor]:
+def _resnet_maps(
+    model: nn.Module, images: torch.Tensor, text_features: torch.Tensor, create_graph: bool, detach_maps: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
     visual = model.visual
     texts = _expand_texts(text_features, len(images))
     n, k = texts.shape[:2]
@@ -207,8 +224,9 @@ def _resnet_maps(model: nn.Module, images: torch.Tensor, text_features: torch.Te
         acts = x.repeat_interleave(k, dim=0)  # only the attention pool runs once per (image, concept) pair
         pooled = _attention_pool(visual.attnpool, acts)
         target = (pooled * texts.reshape(n * k, -1)).sum(-1)  # raw dot product, as the original
-        (grad,) = torch.autograd.grad(target.sum(), acts, create_graph=create_graph and not detach_maps,
-                                      retain_graph=create_graph)
+        (grad,) = torch.autograd.grad(
+            target.sum(), acts, create_graph=create_graph and not detach_maps, retain_graph=create_graph
+        )
     if detach_maps:  # the original's gradCAM(): visual weights frozen, so activations and gradients are constants
         acts, grad = acts.detach(), grad.detach()
     alpha = grad.mean(dim=(-2, -1), keepdim=True)
@@ -216,9 +234,14 @@ def _resnet_maps(model: nn.Module, images: torch.Tensor, text_features: torch.Te
     return cam.reshape(n, k, *cam.shape[-2:]), pooled.view(n, k, -1)[:, 0]
 
 
-def explain_with_features(model: nn.Module, images: torch.Tensor, text_features: torch.Tensor,
-                          start_layer: int | None = None, create_graph: bool = False, detach_maps: bool = False
-                          ) -> tuple[torch.Tensor, torch.Tensor]:
+def explain_with_features(
+    model: nn.Module,
+    images: torch.Tensor,
+    text_features: torch.Tensor,
+    start_layer: int | None = None,
+    create_graph: bool = False,
+    detach_maps: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Raw maps (N, K, h, w) and the images' (unnormalised) embeddings (N, D) from the same forward pass.
 
     ``create_graph``: keep the graph (the embeddings, and unless ``detach_maps`` the maps, are
@@ -230,8 +253,14 @@ def explain_with_features(model: nn.Module, images: torch.Tensor, text_features:
     return _resnet_maps(model, images, text_features, create_graph, detach_maps)
 
 
-def explain(model: nn.Module, images: torch.Tensor, text_features: torch.Tensor, start_layer: int | None = None,
-            create_graph: bool = False, normalize: bool = True) -> torch.Tensor:
+def explain(
+    model: nn.Module,
+    images: torch.Tensor,
+    text_features: torch.Tensor,
+    start_layer: int | None = None,
+    create_graph: bool = False,
+    normalize: bool = True,
+) -> torch.Tensor:
     """Explanation maps (N, K, h, w) of K concepts on N preprocessed images, min-max normalised by default.
 
     ``text_features``: (K, D) concepts shared by all images or (N, K, D) per image (e.g. each image's
@@ -243,8 +272,9 @@ def explain(model: nn.Module, images: torch.Tensor, text_features: torch.Tensor,
     return minmax(maps) if normalize else maps
 
 
-def per_image_reference(model: nn.Module, images: torch.Tensor, text_features: torch.Tensor,
-                        start_layer: int | None = None) -> torch.Tensor:
+def per_image_reference(
+    model: nn.Module, images: torch.Tensor, text_features: torch.Tensor, start_layer: int | None = None
+) -> torch.Tensor:
     """Raw maps computed the original's way, to check and time :func:`explain` against.
 
     One image at a time: K copies of it, a full forward with every block's attention probabilities
@@ -272,7 +302,8 @@ def per_image_reference(model: nn.Module, images: torch.Tensor, text_features: t
                     relevance = relevance_step(relevance, p, g)
                 out.append(relevance[:, 0, 1:].reshape(len(concepts), *visual.grid_size))
             else:
-                visual, layer4_out = model.visual, []
+                visual = model.visual
+                layer4_out: list[torch.Tensor] = []
                 handle = visual.layer4.register_forward_hook(lambda m, i, o, store=layer4_out: store.append(o))
                 emb = visual(copies)
                 handle.remove()
@@ -282,15 +313,23 @@ def per_image_reference(model: nn.Module, images: torch.Tensor, text_features: t
     return torch.stack(out).detach()
 
 
-def explain_batches(model: nn.Module, images: torch.Tensor, text_features: torch.Tensor, batch_size: int = 64,
-                    start_layer: int | None = None, normalize: bool = True, progress: bool = False) -> torch.Tensor:
+def explain_batches(
+    model: nn.Module,
+    images: torch.Tensor,
+    text_features: torch.Tensor,
+    batch_size: int = 64,
+    start_layer: int | None = None,
+    normalize: bool = True,
+    progress: bool = False,
+) -> torch.Tensor:
     """:func:`explain` over a large set in chunks of ``batch_size`` images (no graph kept)."""
     from tqdm.auto import tqdm
 
     dev = next(model.parameters()).device
     out = []
     for s in tqdm(range(0, len(images), batch_size), disable=not progress, desc="explanation maps"):
-        texts = text_features if text_features.dim() == 2 else text_features[s:s + batch_size]
-        out.append(explain(model, images[s:s + batch_size].to(dev), texts.to(dev), start_layer,
-                           normalize=normalize).cpu())
+        texts = text_features if text_features.dim() == 2 else text_features[s : s + batch_size]
+        out.append(
+            explain(model, images[s : s + batch_size].to(dev), texts.to(dev), start_layer, normalize=normalize).cpu()
+        )
     return torch.cat(out)

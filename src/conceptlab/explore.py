@@ -57,12 +57,20 @@ def widget_frontend() -> bool:
 class Explorer:
     """Controls, an output area and the last figure drawn; displays itself (live or static)."""
 
-    def __init__(self, draw: Callable[..., plt.Figure], controls: dict[str, Any], interactive: bool,
-                 initial: dict[str, Any] | None = None) -> None:
+    def __init__(
+        self,
+        draw: Callable[..., plt.Figure],
+        controls: dict[str, Any],
+        interactive: bool,
+        initial: dict[str, Any] | None = None,
+    ) -> None:
         signature = inspect.signature(draw).parameters
         initial = initial or {}
-        missing = [name for name in controls if name not in initial and (
-            name not in signature or signature[name].default is inspect.Parameter.empty)]
+        missing = [
+            name
+            for name in controls
+            if name not in initial and (name not in signature or signature[name].default is inspect.Parameter.empty)
+        ]
         if missing:
             raise TypeError(f"draw() needs a default for every control; none for {missing}")
         if set(initial) - set(controls):
@@ -116,8 +124,12 @@ class Explorer:
         display(self.widget if self.interactive else self.figure)
 
 
-def explorer(draw: Callable[..., plt.Figure], interactive: bool | None = None,
-             initial: dict[str, Any] | None = None, **controls: Any) -> Explorer:
+def explorer(
+    draw: Callable[..., plt.Figure],
+    interactive: bool | None = None,
+    initial: dict[str, Any] | None = None,
+    **controls: Any,
+) -> Explorer:
     """Controls that redraw ``draw(**values)`` live, or the figure of the defaults when static.
 
     ``initial`` overrides ``draw``'s defaults as the first values shown (the static figure).
@@ -127,8 +139,9 @@ def explorer(draw: Callable[..., plt.Figure], interactive: bool | None = None,
 
 
 # ------------------------------------------------------------------ chapter 1: the world and the model
-def counterfactual(world: ConceptWorld, index: int, part: str, changes: dict[str, str],
-                   habitat: str | None = None, split: str = "test") -> WorldBatch:
+def counterfactual(
+    world: ConceptWorld, index: int, part: str, changes: dict[str, str], habitat: str | None = None, split: str = "test"
+) -> WorldBatch:
     """Image ``index`` of ``split`` redrawn with ``changes`` (``{"colour": "red", ...}``) to one part
     and, optionally, another habitat: the same creature, pose, background phase and noise.
 
@@ -151,16 +164,23 @@ def counterfactual(world: ConceptWorld, index: int, part: str, changes: dict[str
 
 
 @torch.no_grad()
-def top_classes(model: torch.nn.Module, class_weights: torch.Tensor, images: np.ndarray,
-                class_names: Sequence[str]) -> list[dict[str, float]]:
+def top_classes(
+    model: torch.nn.Module, class_weights: torch.Tensor, images: np.ndarray, class_names: Sequence[str]
+) -> list[dict[str, float]]:
     """Per image, every class's zero-shot probability (softmax of the CLIP logits), by class name."""
     scale = model.logit_scale.exp().item() if hasattr(model, "logit_scale") else 100.0
     probs = (scale * encode_images(model, images) @ class_weights.T).softmax(-1)
     return [dict(zip(class_names, row.tolist())) for row in probs]
 
 
-def _draw_counterfactual(original: WorldBatch, edited: WorldBatch, probs: list[dict[str, float]],
-                         class_names: Sequence[str], title: str, k: int) -> plt.Figure:
+def _draw_counterfactual(
+    original: WorldBatch,
+    edited: WorldBatch,
+    probs: list[dict[str, float]],
+    class_names: Sequence[str],
+    title: str,
+    k: int,
+) -> plt.Figure:
     fig, axes = plt.subplots(1, 3, figsize=(10.5, 3.2), gridspec_kw={"width_ratios": [1, 1, 1.6]})
     for ax, batch, name in zip(axes, (original, edited), ("as sampled", title)):
         ax.imshow(batch.images[0])
@@ -177,8 +197,16 @@ def _draw_counterfactual(original: WorldBatch, edited: WorldBatch, probs: list[d
     return fig
 
 
-def world_explorer(world: ConceptWorld, model: torch.nn.Module, tokenizer: Callable, split: str = "test",
-                   pool: int = 512, k: int = 5, interactive: bool | None = None, **initial: Any) -> Explorer:
+def world_explorer(
+    world: ConceptWorld,
+    model: torch.nn.Module,
+    tokenizer: Callable,
+    split: str = "test",
+    pool: int = 512,
+    k: int = 5,
+    interactive: bool | None = None,
+    **initial: Any,
+) -> Explorer:
     """Chapter 1: pick a class and one of its images, change a part's attribute or the habitat,
     see both images and the model's top ``k`` classes for each.
 
@@ -191,8 +219,15 @@ def world_explorer(world: ConceptWorld, model: torch.nn.Module, tokenizer: Calla
     # rendering is the slow part (a 512-image block per sample): keep the recent ones
     original = functools.lru_cache(maxsize=32)(lambda index: world.sample(1, split, start=index))
 
-    def draw(creature: str = names[0], example: int = 0, part: str = "head", colour: str = KEEP,
-             pattern: str = KEEP, size: str = KEEP, habitat: str = KEEP) -> plt.Figure:
+    def draw(
+        creature: str = names[0],
+        example: int = 0,
+        part: str = "head",
+        colour: str = KEEP,
+        pattern: str = KEEP,
+        size: str = KEEP,
+        habitat: str = KEEP,
+    ) -> plt.Figure:
         matches = np.flatnonzero(labels == names.index(creature))
         index = int(matches[example % len(matches)]) if len(matches) else 0
         changes = {a: v for a, v in zip(ATTRIBUTES, (colour, pattern, size)) if v != KEEP}
@@ -202,6 +237,15 @@ def world_explorer(world: ConceptWorld, model: torch.nn.Module, tokenizer: Calla
         said = ", ".join(f"{part} {v}" for v in changes.values()) or "no part changed"
         return _draw_counterfactual(original(index), edited, probs, names, said, min(k, len(names)))
 
-    return explorer(draw, interactive, initial, creature=names, example=(0, 9), part=list(PARTS),
-                    colour=[KEEP, *ATTRIBUTES["colour"]], pattern=[KEEP, *ATTRIBUTES["pattern"]],
-                    size=[KEEP, *ATTRIBUTES["size"]], habitat=[KEEP, *HABITATS])
+    return explorer(
+        draw,
+        interactive,
+        initial,
+        creature=names,
+        example=(0, 9),
+        part=list(PARTS),
+        colour=[KEEP, *ATTRIBUTES["colour"]],
+        pattern=[KEEP, *ATTRIBUTES["pattern"]],
+        size=[KEEP, *ATTRIBUTES["size"]],
+        habitat=[KEEP, *HABITATS],
+    )

@@ -23,19 +23,27 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 import torch
 
 from .llm import OpenAIChat, endpoint_problem
-from .world import ATTRIBUTES, BEHAVIOURS, HABITATS, PARTS, ConceptWorld
+from .world import ATTRIBUTES, BEHAVIOURS, CLASS_TEMPLATES, HABITATS, PARTS, SPURIOUS_TEMPLATES, ConceptWorld
 
-SYSTEM_MESSAGE = ("You are a knowledgeable teacher. Answer in JSON, with a short \"explanation\" and your "
-                  "\"answer\".")
+SYSTEM_MESSAGE = 'You are a knowledgeable teacher. Answer in JSON, with a short "explanation" and your "answer".'
 
 ATTRIBUTE_GROUPS: dict[str, str] = {
-    "colour": "visual", "texture": "visual", "shape": "visual", "size": "visual", "parts": "visual",
-    "habitat": "non-visual", "behaviour": "non-visual", "origin": "non-visual", "other": "non-visual"}
+    "colour": "visual",
+    "texture": "visual",
+    "shape": "visual",
+    "size": "visual",
+    "parts": "visual",
+    "habitat": "non-visual",
+    "behaviour": "non-visual",
+    "origin": "non-visual",
+    "other": "non-visual",
+}
 ATTRIBUTE_TYPES: tuple[str, ...] = tuple(ATTRIBUTE_GROUPS)
 
 
@@ -58,8 +66,13 @@ INFORMATIVE = Question(
     "details about {cls} that increases your students' knowledge about {cls}? Answer yes or no. Provide an "
     "explanation for your answer.\n\nText snippet: {text}",
     ("yes", "no"),
-    ("goldfinch", "A goldfinch on a thistle, its body bright yellow with black wings.",
-     "It tells the students the colours of a goldfinch's body and wings.", "yes"))
+    (
+        "goldfinch",
+        "A goldfinch on a thistle, its body bright yellow with black wings.",
+        "It tells the students the colours of a goldfinch's body and wings.",
+        "yes",
+    ),
+)
 
 ATTRIBUTE = Question(
     "attribute",
@@ -67,22 +80,31 @@ ATTRIBUTE = Question(
     "text snippet describe? Answer with one of: " + ", ".join(ATTRIBUTE_TYPES) + ". Provide an explanation for "
     "your answer.\n\nText snippet: {text}",
     ATTRIBUTE_TYPES,
-    ("goldfinch", "Goldfinches are common in weedy fields and gardens across North America.",
-     "It says where goldfinches live.", "habitat"))
+    (
+        "goldfinch",
+        "Goldfinches are common in weedy fields and gardens across North America.",
+        "It says where goldfinches live.",
+        "habitat",
+    ),
+)
 
 
-def judge_messages(question: Question, cls: str, text: str, system: str = SYSTEM_MESSAGE,
-                   answer_first: bool = False) -> list[dict[str, str]]:
+def judge_messages(
+    question: Question, cls: str, text: str, system: str = SYSTEM_MESSAGE, answer_first: bool = False
+) -> list[dict[str, str]]:
     """The conversation sent to a chat judge: system message, the worked example (question and JSON
     answer), then the question about ``text``. ``answer_first`` puts the answer before the explanation
     in the example (for judges that read the answer's probability instead of generating)."""
     ex_cls, ex_text, ex_why, ex_answer = question.example
-    example = {"answer": ex_answer, "explanation": ex_why} if answer_first else {"explanation": ex_why,
-                                                                                 "answer": ex_answer}
-    return [{"role": "system", "content": system},
-            {"role": "user", "content": question.text(ex_cls, ex_text)},
-            {"role": "assistant", "content": json.dumps(example)},
-            {"role": "user", "content": question.text(cls, text)}]
+    example = (
+        {"answer": ex_answer, "explanation": ex_why} if answer_first else {"explanation": ex_why, "answer": ex_answer}
+    )
+    return [
+        {"role": "system", "content": system},
+        {"role": "user", "content": question.text(ex_cls, ex_text)},
+        {"role": "assistant", "content": json.dumps(example)},
+        {"role": "user", "content": question.text(cls, text)},
+    ]
 
 
 def parse_choice(answer: str, options: Sequence[str] = ("yes", "no")) -> str | None:
@@ -130,10 +152,17 @@ class OpenAIJudge:
     (None for a server without keys). ``json_mode`` asks for ``response_format=json_object``, as the
     original did (not every server supports it). Raw replies are kept in ``replies``."""
 
-    def __init__(self, base_url: str, model: str, api_key_env: str | None = "OPENAI_API_KEY",
-                 timeout: float = 60.0, json_mode: bool = False) -> None:
-        self.chat = OpenAIChat(model, base_url=base_url, api_key_env=api_key_env, temperature=0.0,
-                               max_tokens=128, timeout=timeout)
+    def __init__(
+        self,
+        base_url: str,
+        model: str,
+        api_key_env: str | None = "OPENAI_API_KEY",
+        timeout: float = 60.0,
+        json_mode: bool = False,
+    ) -> None:
+        self.chat = OpenAIChat(
+            model, base_url=base_url, api_key_env=api_key_env, temperature=0.0, max_tokens=128, timeout=timeout
+        )
         self.extra = {"response_format": {"type": "json_object"}} if json_mode else {}
         self.replies: list[str] = []
 
@@ -187,8 +216,9 @@ class TransformersJudge:
             ids = torch.tensor([s + [pad] * (width - len(s)) for s in seqs], device=dev)
             mask = torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in seqs], device=dev)
             logp = self.model(input_ids=ids, attention_mask=mask).logits.float().log_softmax(-1)
-            out.append([sum(logp[k, len(head) - 1 + j, t].item() for j, t in enumerate(o))
-                        for k, o in enumerate(option_ids)])
+            out.append(
+                [sum(logp[k, len(head) - 1 + j, t].item() for j, t in enumerate(o)) for k, o in enumerate(option_ids)]
+            )
         return torch.tensor(out)
 
     def ask(self, question: Question, class_names: Sequence[str], texts: Sequence[str]) -> list[str]:
@@ -202,6 +232,37 @@ class TransformersJudge:
 _WORD = re.compile(r"[a-z]+")
 # The world's part attributes as the attribute types of the second question.
 _WORLD_TYPE = {"colour": "colour", "pattern": "texture", "size": "size"}
+# Web phrases the world CLIP never saw in its captions (the world LM's web writes them too).
+UNSEEN_WEB_PHRASES: tuple[str, ...] = (
+    "share this picture of a {cls} with your friends",
+    "{cls} pictures, page 2 of 5",
+    "see all 24 photos of the {cls}",
+)
+# What one sentence is, on the world: the world LM's answer kinds, and "other" (e.g. a wrong habitat).
+SENTENCE_KINDS: tuple[str, ...] = (
+    "visual_true",
+    "visual_false",
+    "habitat",
+    "behaviour",
+    "class",
+    "web_seen",
+    "web_unseen",
+    "other",
+)
+_PHRASE_WORD = re.compile(r"[a-z0-9]+")
+
+
+def _phrase_pieces(template: str) -> list[str]:
+    """The fixed words of a ``{cls}`` template, as space-joined runs ("click to enlarge photo of a")."""
+    return [
+        " ".join(_PHRASE_WORD.findall(part)) for part in template.lower().split("{cls}") if _PHRASE_WORD.findall(part)
+    ]
+
+
+def web_phrase(text: str, templates: Sequence[str]) -> bool:
+    """Whether ``text`` contains one of the web-phrase ``templates`` (whatever class it names)."""
+    words = " " + " ".join(_PHRASE_WORD.findall(text.lower())) + " "
+    return any(all(f" {piece} " in words for piece in _phrase_pieces(t)) for t in templates)
 
 
 class WorldJudge:
@@ -223,7 +284,7 @@ class WorldJudge:
             if w not in PARTS:
                 continue
             attrs = {}
-            for prev in reversed(words[max(0, i - 3):i]):  # "a large red striped head"
+            for prev in reversed(words[max(0, i - 3) : i]):  # "a large red striped head"
                 if prev not in self.attr_of_word or self.attr_of_word[prev] in attrs:
                     break
                 attrs[self.attr_of_word[prev]] = prev
@@ -233,8 +294,9 @@ class WorldJudge:
             if truth is not None and "colour" in attrs and "pattern" not in attrs:
                 attrs["pattern"] = "plain"  # descriptions leave a plain pattern unsaid
             correct = {a: truth is not None and truth[a] == v for a, v in attrs.items()}
-            mentions.append({"part": w, **attrs, "true": all(correct.values()),
-                             **{f"{a}_true": ok for a, ok in correct.items()}})
+            mentions.append(
+                {"part": w, **attrs, "true": all(correct.values()), **{f"{a}_true": ok for a, ok in correct.items()}}
+            )
         return mentions
 
     def label(self, class_index: int, text: str) -> dict:
@@ -250,26 +312,60 @@ class WorldJudge:
         habitats = [h for h in HABITATS if re.search(rf"\b{h}\b", low)]
         behaviours = [b for b in BEHAVIOURS if b in low]
         true_visual = [m for m in visual if m["true"]]
-        out = {
+        out: dict[str, Any] = {
             "mentions_class": spec.name in low,
             "other_classes": sorted(n for n in self.names if n != spec.name and re.search(rf"\b{n}\b", low)),
-            "visual_true": len(true_visual), "visual_false": len(visual) - len(true_visual),
+            "visual_true": len(true_visual),
+            "visual_false": len(visual) - len(true_visual),
             "parts": sorted({m["part"] for m in visual}),
             "true_colour_parts": sorted({m["part"] for m in visual if m.get("colour_true")}),
             "attributes": sorted({a for m in visual for a in ATTRIBUTES if a in m}),
-            "habitat": bool(habitats), "habitat_true": spec.habitat in habitats,
-            "behaviour": bool(behaviours), "behaviour_true": spec.behaviour in behaviours,
+            "habitat": bool(habitats),
+            "habitat_true": spec.habitat in habitats,
+            "behaviour": bool(behaviours),
+            "behaviour_true": spec.behaviour in behaviours,
             "visual": bool(visual),
+            "web_seen": web_phrase(text, SPURIOUS_TEMPLATES),
+            "web_unseen": web_phrase(text, UNSEEN_WEB_PHRASES),
         }
         out["claims"] = len(visual) + len(habitats) + len(behaviours)
         out["n_true"] = out["visual_true"] + out["habitat_true"] + out["behaviour_true"]
         out["informative"] = out["n_true"] >= self.min_true
-        out["type"] = ("visual" if visual else "habitat" if habitats else "behaviour" if behaviours
-                       else "spurious")
+        out["type"] = "visual" if visual else "habitat" if habitats else "behaviour" if behaviours else "spurious"
         seen = [a for m in true_visual for a in ("colour", "pattern", "size") if a in m]
-        out["attribute"] = (_WORLD_TYPE[seen[0]] if seen else "parts" if true_visual else
-                            "habitat" if out["habitat_true"] else "behaviour" if out["behaviour_true"] else "other")
+        out["attribute"] = (
+            _WORLD_TYPE[seen[0]]
+            if seen
+            else "parts"
+            if true_visual
+            else "habitat"
+            if out["habitat_true"]
+            else "behaviour"
+            if out["behaviour_true"]
+            else "other"
+        )
         return out
+
+    def sentence_kind(self, class_index: int, sentence: str) -> str:
+        """What one sentence is (:data:`SENTENCE_KINDS`): a web phrase seen or never seen in the CLIP's
+        captions, a part description whose every attribute is true (else false), a true habitat or
+        behaviour, a class-name caption, or "other"."""
+        lab = self.label(class_index, sentence)
+        if lab["web_seen"] or lab["web_unseen"]:
+            return "web_seen" if lab["web_seen"] else "web_unseen"
+        if lab["visual"]:
+            return "visual_true" if lab["visual_false"] == 0 else "visual_false"
+        if lab["habitat"] or lab["behaviour"]:
+            return (
+                "habitat"
+                if lab["habitat_true"]
+                else "behaviour"
+                if lab["behaviour_true"] and not lab["habitat"]
+                else "other"
+            )
+        name = self.world.classes[class_index].name
+        captions = {t.format(cls=name).rstrip(".") for t in CLASS_TEMPLATES}
+        return "class" if sentence.strip().lower().rstrip(".") in captions else "other"
 
     def label_frame(self, descriptions: pd.DataFrame) -> pd.DataFrame:
         """``descriptions`` (columns class_index, description) with the labels as extra columns."""
@@ -293,8 +389,9 @@ class WorldJudge:
 def _split_openai(spec: str) -> tuple[str, str]:
     model, sep, base_url = spec.removeprefix("openai:").partition("@")
     if not sep or not model or not base_url:
-        raise ValueError(f"judge={spec!r}: write 'openai:<model>@<base_url>', e.g. "
-                         "'openai:gpt-4o-mini@https://api.openai.com/v1'.")
+        raise ValueError(
+            f"judge={spec!r}: write 'openai:<model>@<base_url>', e.g. 'openai:gpt-4o-mini@https://api.openai.com/v1'."
+        )
     return model, base_url
 
 
@@ -305,8 +402,14 @@ def judge_problem(spec: str, api_key_env: str | None = "OPENAI_API_KEY", on_worl
     that the endpoint answers; that a local judge path exists; that ``world`` is used on the world only.
     """
     if spec == "world":
-        return None if on_world else ("judge='world' knows only Concept World: on real data pass a transformers "
-                                      "model path or 'openai:<model>@<base_url>'")
+        return (
+            None
+            if on_world
+            else (
+                "judge='world' knows only Concept World: on real data pass a transformers "
+                "model path or 'openai:<model>@<base_url>'"
+            )
+        )
     if spec.startswith("openai:"):
         try:
             _, base_url = _split_openai(spec)
@@ -318,14 +421,17 @@ def judge_problem(spec: str, api_key_env: str | None = "OPENAI_API_KEY", on_worl
     return None
 
 
-def make_judge(spec: str, world: ConceptWorld | None = None, api_key_env: str | None = "OPENAI_API_KEY",
-               min_true: int = 1):
+def make_judge(
+    spec: str, world: ConceptWorld | None = None, api_key_env: str | None = "OPENAI_API_KEY", min_true: int = 1
+):
     """A judge from a notebook parameter: ``"world"`` (ground truth; needs ``world``),
     ``"openai:<model>@<base_url>"`` (an OpenAI-compatible endpoint), or a transformers model name/path."""
     if spec == "world":
         if world is None:
-            raise ValueError("judge='world' knows only Concept World: on real data pass an LLM judge "
-                             "(a transformers model name/path, or 'openai:<model>@<base_url>').")
+            raise ValueError(
+                "judge='world' knows only Concept World: on real data pass an LLM judge "
+                "(a transformers model name/path, or 'openai:<model>@<base_url>')."
+            )
         return WorldJudge(world, min_true=min_true)
     if spec.startswith("openai:"):
         model, base_url = _split_openai(spec)

@@ -17,17 +17,30 @@ class OpenAIChat:
     (never from a file); ``api_key_env=None`` for a local server that needs no key.
     """
 
-    def __init__(self, model: str, base_url: str = "https://api.openai.com/v1",
-                 api_key_env: str | None = "OPENAI_API_KEY", temperature: float = 0.0, max_tokens: int = 200,
-                 timeout: float = 60.0) -> None:
+    def __init__(
+        self,
+        model: str,
+        base_url: str = "https://api.openai.com/v1",
+        api_key_env: str | None = "OPENAI_API_KEY",
+        temperature: float = 0.0,
+        max_tokens: int = 200,
+        timeout: float = 60.0,
+    ) -> None:
         self.key = os.environ.get(api_key_env) if api_key_env else None
         if api_key_env and not self.key:
-            raise RuntimeError(f"Environment variable {api_key_env} is not set: export the API key there "
-                               "(or pass api_key_env=None for a local server without keys).")
+            raise RuntimeError(
+                f"Environment variable {api_key_env} is not set: export the API key there "
+                "(or pass api_key_env=None for a local server without keys)."
+            )
         self.url = base_url.rstrip("/") + "/chat/completions"
         self.model, self.temperature, self.max_tokens, self.timeout = model, temperature, max_tokens, timeout
-        self.params = {"backend": "openai", "model": model, "base_url": base_url, "temperature": temperature,
-                       "max_tokens": max_tokens}
+        self.params = {
+            "backend": "openai",
+            "model": model,
+            "base_url": base_url,
+            "temperature": temperature,
+            "max_tokens": max_tokens,
+        }
 
     def __call__(self, prompt: str) -> str:
         """The reply to one user message."""
@@ -36,8 +49,15 @@ class OpenAIChat:
     def chat(self, messages: list[dict[str, str]], **extra) -> str:
         """The reply to a conversation (``[{"role", "content"}, ...]``); ``extra`` goes into the request body
         (e.g. ``response_format={"type": "json_object"}``)."""
-        body = json.dumps({"model": self.model, "messages": messages, "temperature": self.temperature,
-                           "max_tokens": self.max_tokens, **extra}).encode()
+        body = json.dumps(
+            {
+                "model": self.model,
+                "messages": messages,
+                "temperature": self.temperature,
+                "max_tokens": self.max_tokens,
+                **extra,
+            }
+        ).encode()
         headers = {"Content-Type": "application/json"}
         if self.key:
             headers["Authorization"] = f"Bearer {self.key}"
@@ -46,11 +66,13 @@ class OpenAIChat:
             with urllib.request.urlopen(request, timeout=self.timeout) as response:
                 reply = json.loads(response.read())
         except urllib.error.HTTPError as err:
-            raise RuntimeError(f"{self.url} answered HTTP {err.code}: {err.read()[:300]!r}. Check the model name "
-                               "and the API key.") from err
+            raise RuntimeError(
+                f"{self.url} answered HTTP {err.code}: {err.read()[:300]!r}. Check the model name and the API key."
+            ) from err
         except (urllib.error.URLError, TimeoutError, ConnectionError) as err:
-            raise ConnectionError(f"Could not reach the LLM endpoint {self.url} ({err}). Is the server running and "
-                                  "llm_base_url right?") from err
+            raise ConnectionError(
+                f"Could not reach the LLM endpoint {self.url} ({err}). Is the server running and llm_base_url right?"
+            ) from err
         except json.JSONDecodeError as err:
             raise RuntimeError(f"{self.url} did not answer with JSON ({err}).") from err
         try:

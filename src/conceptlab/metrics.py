@@ -1,5 +1,6 @@
-"""Metrics for concept explanation maps: DEAL's own (disentanglability, localizability) and,
-where ground-truth masks exist, map-versus-mask scores (pointing game, energy in mask, overlap).
+"""Metrics for concept explanation maps: DEAL's own (disentanglability; localizability, the mean
+:func:`insertion_fidelity`) and, where ground-truth masks exist, map-versus-mask scores (pointing game,
+energy in mask, overlap).
 
 Maps are (N, K, h, w) non-negative tensors (K concepts per image); masks are boolean (N, K, H, W)
 at image resolution (the mask of the part each concept is about). Maps are upsampled bilinearly
@@ -54,8 +55,9 @@ def blur(images: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def insertion_images(images: torch.Tensor, maps: torch.Tensor, steps: int = 5,
-                     original_indexing: bool = False) -> torch.Tensor:
+def insertion_images(
+    images: torch.Tensor, maps: torch.Tensor, steps: int = 5, original_indexing: bool = False
+) -> torch.Tensor:
     """(N, K, steps, C, H, W): the blurred image with the top 1/steps, 2/steps, ... of pixels restored.
 
     Pixels are ranked by the concept map upsampled bicubically to the image size. By default whole
@@ -64,8 +66,9 @@ def insertion_images(images: torch.Tensor, maps: torch.Tensor, steps: int = 5,
     """
     n, c, hgt, wid = images.shape
     k = maps.shape[1]
-    up = F.interpolate(maps.float().reshape(n * k, 1, *maps.shape[-2:]), size=(hgt, wid), mode="bicubic",
-                       align_corners=False).reshape(n, k, hgt * wid)
+    up = F.interpolate(
+        maps.float().reshape(n * k, 1, *maps.shape[-2:]), size=(hgt, wid), mode="bicubic", align_corners=False
+    ).reshape(n, k, hgt * wid)
     order = up.argsort(dim=-1, descending=True)
     rank = torch.empty_like(order)
     rank.scatter_(-1, order, torch.arange(hgt * wid, device=order.device).expand_as(order))
@@ -74,7 +77,7 @@ def insertion_images(images: torch.Tensor, maps: torch.Tensor, steps: int = 5,
     base, full = blur(images), images
     if original_indexing:
         flat_keep = torch.zeros(n, k, steps, c * hgt * wid, dtype=torch.bool, device=images.device)
-        flat_keep[..., :hgt * wid] = keep
+        flat_keep[..., : hgt * wid] = keep
         out = torch.where(flat_keep, full.reshape(n, 1, 1, -1), base.reshape(n, 1, 1, -1))
         return out.reshape(n, k, steps, c, hgt, wid)
     keep = keep.reshape(n, k, steps, 1, hgt, wid)
@@ -98,9 +101,17 @@ def pairing_rows(n: int, k: int, original_pairing: bool = False, batch: int = 8)
 
 
 @torch.no_grad()
-def localizability(encode: Callable[[torch.Tensor], torch.Tensor], images: torch.Tensor, maps: torch.Tensor,
-                   text_features: torch.Tensor, steps: int = 5, original_indexing: bool = False,
-                   original_pairing: bool = False, pairing_batch: int = 8, chunk: int = 256) -> torch.Tensor:
+def insertion_fidelity(
+    encode: Callable[[torch.Tensor], torch.Tensor],
+    images: torch.Tensor,
+    maps: torch.Tensor,
+    text_features: torch.Tensor,
+    steps: int = 5,
+    original_indexing: bool = False,
+    original_pairing: bool = False,
+    pairing_batch: int = 8,
+    chunk: int = 256,
+) -> torch.Tensor:
     """Insertion fidelity per (image, concept), (N, K), in [0, 1]; DEAL's localizability is its mean.
 
     ``encode`` maps preprocessed images to L2-normalised embeddings; ``text_features`` (K, D) or (N, K, D).
@@ -117,9 +128,9 @@ def localizability(encode: Callable[[torch.Tensor], torch.Tensor], images: torch
     flat_maps, per = maps.reshape(n * k, 1, *maps.shape[-2:]), max(1, chunk // steps)
     cos_steps = []
     for s in range(0, n * k, per):
-        inserted = insertion_images(images[rows[s:s + per]], flat_maps[s:s + per], steps, original_indexing)
+        inserted = insertion_images(images[rows[s : s + per]], flat_maps[s : s + per], steps, original_indexing)
         f_steps = encode(inserted.flatten(0, 2)).view(-1, steps, f_full.shape[-1])
-        cos_steps.append((f_steps * texts[s:s + per, None]).sum(-1))
+        cos_steps.append((f_steps * texts[s : s + per, None]).sum(-1))
     ratio = (torch.cat(cos_steps) - cos_blur[:, None]).abs() / ((cos_full - cos_blur).abs()[:, None] + 1e-8)
     return ratio.clamp(0, 1).mean(-1).view(n, k)
 

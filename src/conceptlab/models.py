@@ -20,10 +20,11 @@ import difflib
 import json
 import logging
 import math
+import time
 import warnings
 import zipfile
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -34,7 +35,7 @@ from tqdm.auto import tqdm
 
 from .artifacts import ArtifactStore, note, safe_torch_load
 from .training import TrainingRun, cosine_lr, set_lr
-from .world import ConceptWorld, WorldConfig
+from .world import ConceptWorld, WorldConfig, type_problems
 
 open_clip.add_model_config(Path(__file__).parent / "model_configs")
 WORLD_ARCHS = ("ConceptWorld-ViT", "ConceptWorld-RN")
@@ -68,13 +69,13 @@ def _check_model_name(name: str) -> None:
     if name not in known:
         close = difflib.get_close_matches(name, known, n=5, cutoff=0.5)
         hint = f" Did you mean {close}?" if close else ""
-        raise ValueError(f"Unknown open_clip model {name!r}.{hint} "
-                         "See open_clip.list_models(), or use 'hf-hub:org/repo'.")
+        raise ValueError(
+            f"Unknown open_clip model {name!r}.{hint} See open_clip.list_models(), or use 'hf-hub:org/repo'."
+        )
 
 
 def _looks_like_path(pretrained: str) -> bool:
-    return any(c in pretrained for c in "/\\") or pretrained.endswith(
-        (".pt", ".pth", ".bin", ".ckpt", ".safetensors"))
+    return any(c in pretrained for c in "/\\") or pretrained.endswith((".pt", ".pth", ".bin", ".ckpt", ".safetensors"))
 
 
 # Keys of OpenAI's TorchScript CLIP that are not weights (open_clip drops them the same way).
@@ -129,8 +130,10 @@ def read_checkpoint(path: str | Path) -> Checkpoint:
     """
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"No checkpoint file at {path}: check the path, or pass a pretrained tag "
-                                "(open_clip.list_pretrained()) instead.")
+        raise FileNotFoundError(
+            f"No checkpoint file at {path}: check the path, or pass a pretrained tag "
+            "(open_clip.list_pretrained()) instead."
+        )
     quick_gelu, evidence = None, ""
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
@@ -142,8 +145,10 @@ def read_checkpoint(path: str | Path) -> Checkpoint:
                 warnings.simplefilter("ignore", FutureWarning)
                 obj = torch.jit.load(path, map_location="cpu").state_dict()
         except RuntimeError as err:
-            raise ValueError(f"{path} is a TorchScript archive that could not be read ({str(err)[:200]}); "
-                             "it may be truncated: download OpenAI's file again.") from err
+            raise ValueError(
+                f"{path} is a TorchScript archive that could not be read ({str(err)[:200]}); "
+                "it may be truncated: download OpenAI's file again."
+            ) from err
         form, quick_gelu, evidence = "TorchScript archive", True, "it is OpenAI's TorchScript release format"
     else:
         obj, form = safe_torch_load(path, owner="user"), "state dict"
@@ -155,9 +160,11 @@ def read_checkpoint(path: str | Path) -> Checkpoint:
                     obj = obj[wrapper]
                     break
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        raise ValueError(f"{path} holds a {type(obj).__name__} that is not a state dict (a dict of tensors, "
-                         "possibly under 'state_dict' or 'model_state_dict'). Save the weights with "
-                         "torch.save(model.state_dict(), path) and pass that file.")
+        raise ValueError(
+            f"{path} holds a {type(obj).__name__} that is not a state dict (a dict of tensors, "
+            "possibly under 'state_dict' or 'model_state_dict'). Save the weights with "
+            "torch.save(model.state_dict(), path) and pass that file."
+        )
     state = {k.removeprefix("module.").removeprefix("_orig_mod."): v for k, v in obj.items()}
     if any(k in state for k in _OPENAI_EXTRA_KEYS):
         state = {k: v for k, v in state.items() if k not in _OPENAI_EXTRA_KEYS}
@@ -185,9 +192,22 @@ def clip_variant(name: str, quick_gelu: bool | None, evidence: str, source: str)
     twin = f"{name}-quickgelu"
     if quick_gelu is None:
         if not has_it and twin in open_clip.list_models():
-            warnings.warn(f"{source}: nothing in it says which activation it was trained with; it is loaded "
-                          f"as {name} (GELU). OpenAI's CLIP weights, and fine-tunes of them, need QuickGELU: "
-                          f"for those pass model={twin!r}.", UserWarning, stacklevel=3)
+            warnings.warn(
+                f"{source}: nothing in it says which activation it was trained with; it is loaded "
+                f"as {name} (GELU). OpenAI's CLIP weights, and fine-tunes of them, need QuickGELU: "
+                f"for those pass model={twin!r}.",
+                UserWarning,
+                stacklevel=3,
+            )
+        base = name.removesuffix("-quickgelu")
+        if has_it and base != name and base in open_clip.list_models():
+            warnings.warn(
+                f"{source}: nothing in it says which activation it was trained with; it is loaded as {name} "
+                f"(QuickGELU). Weights trained with GELU (open_clip's own trainings and their fine-tunes) "
+                f"need model={base!r}.",
+                UserWarning,
+                stacklevel=3,
+            )
         return name, False
     if quick_gelu == has_it:
         return name, False
@@ -218,26 +238,36 @@ def load_clip(name: str, pretrained: str | None = None, device: str | None = Non
         arch, force = clip_variant(name, quick_gelu, evidence, f"checkpoint {pretrained}")
         with _quiet_random_init():
             model, _, preprocess = open_clip.create_model_and_transforms(arch, force_quick_gelu=force)
-        fit_weights(model, ckpt.state, f"Checkpoint {pretrained} ({ckpt.form})",
-                    advice="Pass the open_clip model name the checkpoint was trained with.")
+        fit_weights(
+            model,
+            ckpt.state,
+            f"Checkpoint {pretrained} ({ckpt.form})",
+            advice="Pass the open_clip model name the checkpoint was trained with.",
+        )
         return model.to(dev).eval(), preprocess, open_clip.get_tokenizer(arch)
     arch, force = name, False
     if pretrained and not name.startswith("hf-hub:"):
         tags = open_clip.list_pretrained_tags_by_model(name)
         if pretrained not in tags:
-            raise ValueError(f"Model {name!r} has no pretrained tag {pretrained!r}; known tags: {tags}. "
-                             "For your own weights pass a checkpoint path instead.")
+            raise ValueError(
+                f"Model {name!r} has no pretrained tag {pretrained!r}; known tags: {tags}. "
+                "For your own weights pass a checkpoint path instead."
+            )
         tag_qg = bool(open_clip.get_pretrained_cfg(name, pretrained).get("quick_gelu", False))
-        arch, force = clip_variant(name, tag_qg, f"open_clip's tag records quick_gelu={tag_qg}",
-                                   f"{name} / {pretrained}")
+        arch, force = clip_variant(
+            name, tag_qg, f"open_clip's tag records quick_gelu={tag_qg}", f"{name} / {pretrained}"
+        )
     try:
-        model, _, preprocess = open_clip.create_model_and_transforms(arch, pretrained=pretrained,
-                                                                     force_quick_gelu=force)
+        model, _, preprocess = open_clip.create_model_and_transforms(
+            arch, pretrained=pretrained, force_quick_gelu=force
+        )
     except (OSError, RuntimeError) as err:
         if pretrained is None and not name.startswith("hf-hub:"):
             raise
-        raise RuntimeError(f"Could not fetch weights for {name!r} / {pretrained!r} ({err}). Without network "
-                           "access, download them elsewhere and pass the local file as `pretrained`.") from err
+        raise RuntimeError(
+            f"Could not fetch weights for {name!r} / {pretrained!r} ({err}). Without network "
+            "access, download them elsewhere and pass the local file as `pretrained`."
+        ) from err
     return model.to(dev).eval(), preprocess, open_clip.get_tokenizer(arch)
 
 
@@ -257,16 +287,22 @@ def fit_weights(model: torch.nn.Module, state: dict[str, torch.Tensor], source: 
     unexpected = [k for k in state if k not in own]
     wrong_shape = [k for k in own if k in state and tuple(state[k].shape) != tuple(own[k].shape)]
     if missing or unexpected or wrong_shape:
-        raise ValueError(f"{source} does not fit this architecture: {len(missing)} missing keys "
-                         f"(e.g. {missing[:3]}), {len(unexpected)} unexpected (e.g. {unexpected[:3]}), "
-                         f"{len(wrong_shape)} of another shape (e.g. {wrong_shape[:3]}). {advice}".rstrip())
+        raise ValueError(
+            f"{source} does not fit this architecture: {len(missing)} missing keys "
+            f"(e.g. {missing[:3]}), {len(unexpected)} unexpected (e.g. {unexpected[:3]}), "
+            f"{len(wrong_shape)} of another shape (e.g. {wrong_shape[:3]}). {advice}".rstrip()
+        )
     model.load_state_dict(state)
 
 
 def load_weights(model: torch.nn.Module, path: str | Path) -> None:
     """Load a checkpoint file of any form :func:`read_checkpoint` reads into ``model``, strictly."""
-    fit_weights(model, read_checkpoint(path).state, f"Checkpoint {path}",
-                advice="Pass the architecture the checkpoint was trained with.")
+    fit_weights(
+        model,
+        read_checkpoint(path).state,
+        f"Checkpoint {path}",
+        advice="Pass the architecture the checkpoint was trained with.",
+    )
 
 
 def image_size(model: torch.nn.Module) -> int:
@@ -291,33 +327,43 @@ def images_to_tensor(images: np.ndarray, model: torch.nn.Module) -> torch.Tensor
 
 
 @torch.no_grad()
-def encode_images(model: torch.nn.Module, images: np.ndarray | torch.Tensor, batch_size: int = 256,
-                  progress: bool = False) -> torch.Tensor:
+def encode_images(
+    model: torch.nn.Module, images: np.ndarray | torch.Tensor, batch_size: int = 256, progress: bool = False
+) -> torch.Tensor:
     """L2-normalised image embeddings; ``images`` are uint8 arrays or preprocessed tensors."""
     dev = next(model.parameters()).device
     out = []
     for s in tqdm(range(0, len(images), batch_size), disable=not progress, desc="encode images"):
-        chunk = images[s:s + batch_size]
+        chunk = images[s : s + batch_size]
         x = images_to_tensor(chunk, model) if isinstance(chunk, np.ndarray) else chunk
         out.append(F.normalize(model.encode_image(x.to(dev)).float(), dim=-1).cpu())
     return torch.cat(out)
 
 
 @torch.no_grad()
-def encode_texts(model: torch.nn.Module, tokenizer: Callable, texts: Sequence[str],
-                 batch_size: int = 512) -> torch.Tensor:
+def encode_texts(
+    model: torch.nn.Module, tokenizer: Callable, texts: Sequence[str], batch_size: int = 512
+) -> torch.Tensor:
     """L2-normalised text embeddings."""
     dev = next(model.parameters()).device
-    out = [F.normalize(model.encode_text(tokenizer(list(texts[s:s + batch_size])).to(dev)).float(), dim=-1).cpu()
-           for s in range(0, len(texts), batch_size)]
+    out = [
+        F.normalize(model.encode_text(tokenizer(list(texts[s : s + batch_size])).to(dev)).float(), dim=-1).cpu()
+        for s in range(0, len(texts), batch_size)
+    ]
     return torch.cat(out)
 
 
-def class_text_weights(model: torch.nn.Module, tokenizer: Callable, class_names: Sequence[str],
-                       templates: Sequence[str] = CLASS_PROMPTS) -> torch.Tensor:
+def class_text_weights(
+    model: torch.nn.Module, tokenizer: Callable, class_names: Sequence[str], templates: Sequence[str] = CLASS_PROMPTS
+) -> torch.Tensor:
     """(C, D) zero-shot classifier: the normalised mean of each class's prompt embeddings."""
     emb = encode_texts(model, tokenizer, [t.format(c) for c in class_names for t in templates])
-    return F.normalize(emb.view(len(class_names), len(templates), -1).mean(1), dim=-1)
+    return average_prompts(emb.view(len(class_names), len(templates), -1))
+
+
+def average_prompts(embeddings: torch.Tensor) -> torch.Tensor:
+    """(classes, prompts, D) normalised prompt embeddings -> (classes, D): each class's normalised mean."""
+    return F.normalize(embeddings.mean(1), dim=-1)
 
 
 def topk_accuracy(logits: torch.Tensor, labels: np.ndarray | torch.Tensor, k: int = 1) -> float:
@@ -326,8 +372,9 @@ def topk_accuracy(logits: torch.Tensor, labels: np.ndarray | torch.Tensor, k: in
     return (top == labels[:, None]).any(1).float().mean().item()
 
 
-def topk_accuracies(logits: torch.Tensor, labels: np.ndarray | torch.Tensor,
-                    ks: Sequence[int] = (1, 5)) -> dict[str, float]:
+def topk_accuracies(
+    logits: torch.Tensor, labels: np.ndarray | torch.Tensor, ks: Sequence[int] = (1, 5)
+) -> dict[str, float]:
     """``{"top1": ..., "top5": ...}`` for each k below the number of classes (k >= classes means nothing)."""
     return {f"top{k}": topk_accuracy(logits, labels, k) for k in ks if k < logits.shape[1]}
 
@@ -347,32 +394,57 @@ class TrainConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        problems = [f"{k}={getattr(self, k)} must be positive" for k in
-                    ("n_train", "steps", "batch_size", "lr") if getattr(self, k) <= 0]
+        problems = type_problems(
+            self, ints=("n_train", "steps", "batch_size", "warmup", "seed"), reals=("lr", "weight_decay")
+        )
         if self.arch not in WORLD_ARCHS:
             problems.append(f"arch={self.arch!r} is not a world architecture {WORLD_ARCHS}")
+        if problems:  # ranges are checked on well-typed values only
+            raise ValueError("Bad TrainConfig: " + "; ".join(problems) + ".")
+        problems = [
+            f"{k}={getattr(self, k)} must be positive"
+            for k in ("n_train", "steps", "batch_size", "lr")
+            if getattr(self, k) <= 0
+        ]
+        problems += [
+            f"{k}={getattr(self, k)} must be >= 0" for k in ("warmup", "weight_decay", "seed") if getattr(self, k) < 0
+        ]
         if self.batch_size > self.n_train:
             problems.append(f"batch_size={self.batch_size} exceeds n_train={self.n_train}")
+        if self.warmup > self.steps:
+            problems.append(f"warmup={self.warmup} exceeds steps={self.steps}")
         if problems:
             raise ValueError("Bad TrainConfig: " + "; ".join(problems) + ".")
 
 
 def _render_training_set(world: ConceptWorld, n: int) -> dict[str, np.ndarray]:
     """Images and the ground truth that captions need; masks are dropped to save memory."""
-    keep = {"images": [], "labels": [], "present": [], "attributes": [], "habitats": []}
+    keep: dict[str, list] = {"images": [], "labels": [], "present": [], "attributes": [], "habitats": []}
     for batch in world.stream(n, split="train"):
         for k in keep:
             keep[k].append(getattr(batch, k))
     return {k: np.concatenate(v) for k, v in keep.items()}
 
 
-def train_world_clip(world: ConceptWorld, cfg: TrainConfig, out_dir: str | Path, progress: bool = True,
-                     on_step: Callable[[int], None] | None = None) -> list[dict]:
+def train_world_clip(
+    world: ConceptWorld,
+    cfg: TrainConfig,
+    out_dir: str | Path,
+    progress: bool = True,
+    on_step: Callable[[int], None] | None = None,
+    evaluate: Callable[[torch.nn.Module], dict[str, float]] | None = None,
+    evaluate_every: int = 0,
+) -> list[dict]:
     """Train a world CLIP into ``out_dir`` (``model.pt``, ``history.json``); resumes from ``state.pt``.
 
     Batches and captions of step ``t`` depend only on ``(cfg.seed, t)``, so a resumed run
     sees exactly the data an uninterrupted one would. ``on_step`` is called after each step.
+    Each history record carries ``seconds``: training wall time up to that step (rendering the
+    training set included, evaluation excluded), summed over resumed runs. ``evaluate(model)``, if
+    given, runs in eval mode after every ``evaluate_every``-th step and the last; its numbers join
+    that step's record.
     """
+    start = time.perf_counter()
     torch.manual_seed(cfg.seed)
     with _quiet_random_init():
         model = open_clip.create_model(cfg.arch)
@@ -380,27 +452,50 @@ def train_world_clip(world: ConceptWorld, cfg: TrainConfig, out_dir: str | Path,
     loss_fn = open_clip.loss.ClipLoss()
     run = TrainingRun(out_dir, model, opt)
     data = _render_training_set(world, cfg.n_train)
+    done = run.history[-1].get("seconds", 0.0) if run.history else 0.0  # seconds of earlier, interrupted runs
     model.train()
-    bar = tqdm(range(run.start, cfg.steps), initial=run.start, total=cfg.steps, disable=not progress,
-               desc="train CLIP")
+    bar = tqdm(range(run.start, cfg.steps), initial=run.start, total=cfg.steps, disable=not progress, desc="train CLIP")
     with run.checkpoint_on_interrupt():
         for step in bar:
             rng = np.random.default_rng([cfg.seed, step])
             torch.manual_seed(int(rng.integers(2**62)))  # any torch randomness of step t also follows (seed, t)
             idx = rng.choice(cfg.n_train, size=cfg.batch_size, replace=False)
-            captions, _ = world.resample_captions(data["labels"][idx], data["present"][idx],
-                                                  data["attributes"][idx], data["habitats"][idx], [cfg.seed, step])
+            captions, _ = world.resample_captions(
+                data["labels"][idx],
+                data["present"][idx],
+                data["attributes"][idx],
+                data["habitats"][idx],
+                [cfg.seed, step],
+            )
             lr = cosine_lr(step, cfg.lr, cfg.steps, cfg.warmup)
             set_lr(opt, lr)
-            img_f, txt_f, scale = model(images_to_tensor(data["images"][idx], model), open_clip.tokenize(
-                captions, context_length=model.context_length))
+            img_f, txt_f, scale = model(
+                images_to_tensor(data["images"][idx], model),
+                open_clip.tokenize(captions, context_length=model.context_length),
+            )
             loss = loss_fn(img_f, txt_f, scale)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
             with torch.no_grad():
                 model.logit_scale.clamp_(0, math.log(100))
-            run.log({"step": step, "loss": loss.item(), "lr": lr})
+            record = {
+                "step": step,
+                "loss": loss.item(),
+                "lr": lr,
+                "seconds": round(done + time.perf_counter() - start, 3),
+            }
+            if (
+                evaluate is not None
+                and evaluate_every > 0
+                and ((step + 1) % evaluate_every == 0 or step + 1 == cfg.steps)
+            ):
+                paused = time.perf_counter()
+                model.eval()
+                record.update(evaluate(model))
+                model.train()
+                start += time.perf_counter() - paused  # evaluation is not training time
+            run.log(record)
             bar.set_postfix(loss=f"{loss.item():.3f}")
             if on_step:
                 on_step(step)
@@ -413,18 +508,28 @@ def world_clip(store: ArtifactStore, world_cfg: WorldConfig, train_cfg: TrainCon
 
     Returns ``(model, preprocess, tokenizer, history)``.
     """
+
     def load(d: Path):
         model, preprocess, tokenizer = load_clip(train_cfg.arch, str(d / "model.pt"), device="cpu")
         return model, preprocess, tokenizer, json.loads((d / "history.json").read_text())
 
-    return store.get_or_build("world_clip", {"world": world_cfg.to_dict(), "train": asdict(train_cfg)},
-                              lambda d: train_world_clip(ConceptWorld(world_cfg), train_cfg, d, progress=progress),
-                              load)
+    return store.get_or_build(
+        "world_clip",
+        {"world": world_cfg.to_dict(), "train": asdict(train_cfg)},
+        lambda d: train_world_clip(ConceptWorld(world_cfg), train_cfg, d, progress=progress),
+        load,
+    )
 
 
-# ---------------------------------------------------------------------------- chapter 1: measures and exercises
-def zero_shot(model: torch.nn.Module, tokenizer: Callable, images: np.ndarray, labels: np.ndarray,
-              class_names: Sequence[str], templates: Sequence[str] = CLASS_PROMPTS) -> tuple[torch.Tensor, dict]:
+# ---------------------------------------------------------------------------- zero-shot measures
+def zero_shot(
+    model: torch.nn.Module,
+    tokenizer: Callable,
+    images: np.ndarray,
+    labels: np.ndarray,
+    class_names: Sequence[str],
+    templates: Sequence[str] = CLASS_PROMPTS,
+) -> tuple[torch.Tensor, dict]:
     """Zero-shot logits of ``images`` against class prompts, and top-k accuracies (k < number of classes)."""
     logits = encode_images(model, images) @ class_text_weights(model, tokenizer, class_names, templates).T
     return logits, topk_accuracies(logits, labels)
@@ -435,41 +540,3 @@ def habitat_shortcut(predictions: np.ndarray, batch, world: ConceptWorld) -> dic
     right = predictions == batch.labels
     home = batch.habitats == world.home_habitats(batch.labels)
     return {"home habitat": float(right[home].mean()), "other habitat": float(right[~home].mean())}
-
-
-def _lesson_clip(ch, world_cfg: WorldConfig):
-    """A lesson-sized world CLIP (the chapter's settings, ``exercise_steps`` steps on 4000 images)."""
-    steps = ch.params["exercise_steps"]
-    cfg = replace(ch.train_cfg, n_train=min(ch.train_cfg.n_train, 4000), steps=steps, warmup=min(steps // 5, 50),
-                  batch_size=min(ch.train_cfg.batch_size, 64))
-    return world_clip(ch.store, world_cfg, cfg, progress=False)
-
-
-def exercise_train_habitat(ch, habitat_correlation: float | None = None) -> dict[str, float]:
-    """Train a lesson CLIP on a world with another habitat correlation; test on the chapter's world."""
-    cfg = ch.world_cfg if habitat_correlation is None else replace(ch.world_cfg,
-                                                                   habitat_correlation=habitat_correlation)
-    model, _, tokenizer, _ = _lesson_clip(ch, cfg)
-    test = ch.world.sample(ch.params["n_test"], split="test")
-    logits, acc = zero_shot(model, tokenizer, test.images, test.labels, ch.world.class_names)
-    return {"top-1": acc["top1"], **habitat_shortcut(logits.argmax(1).numpy(), test, ch.world)}
-
-
-def exercise_test_habitat(ch, habitat_correlation: float | None = None) -> dict[str, float]:
-    """The chapter's CLIP on test images drawn with another habitat correlation (no retraining)."""
-    world = ch.world if habitat_correlation is None else ConceptWorld(
-        replace(ch.world_cfg, habitat_correlation=habitat_correlation))
-    model, _, tokenizer, _ = ch.clip(progress=False)
-    test = world.sample(ch.params["n_test"], split="test")
-    _, acc = zero_shot(model, tokenizer, test.images, test.labels, world.class_names)
-    return {"top-1": acc["top1"], "home habitat share": float(
-        (test.habitats == world.home_habitats(test.labels)).mean())}
-
-
-def exercise_prompts(ch, template: str | None = None) -> dict[str, float]:
-    """Zero-shot accuracy of the chapter's CLIP with one prompt template instead of the ensemble."""
-    model, _, tokenizer, _ = ch.clip(progress=False)
-    test = ch.world.sample(ch.params["n_test"], split="test")
-    _, acc = zero_shot(model, tokenizer, test.images, test.labels, ch.world.class_names,
-                       CLASS_PROMPTS if template is None else (template,))
-    return acc

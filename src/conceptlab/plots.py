@@ -14,8 +14,9 @@ from .world import PARTS, WorldBatch
 PART_COLOURS = dict(zip(PARTS, sns.color_palette("bright", len(PARTS))))
 
 
-def sample_grid(batch: WorldBatch, class_names: Sequence[str], n: int = 12, cols: int = 6,
-                show_masks: bool = True) -> plt.Figure:
+def sample_grid(
+    batch: WorldBatch, class_names: Sequence[str], n: int = 12, cols: int = 6, show_masks: bool = True
+) -> plt.Figure:
     """Images with each part's mask outlined in its own colour, titled with class and habitat."""
     from .world import HABITATS
 
@@ -43,8 +44,11 @@ def dataset_overview(batch: WorldBatch, class_names: Sequence[str]) -> plt.Figur
     from .world import HABITATS
 
     fig, axes = plt.subplots(1, 3, figsize=(14, 3.4))
-    columns = (([class_names[c] for c in batch.labels], "images per class"),
-               ([HABITATS[h] for h in batch.habitats], "habitats"), (batch.caption_styles, "caption styles"))
+    columns = (
+        ([class_names[c] for c in batch.labels], "images per class"),
+        ([HABITATS[h] for h in batch.habitats], "habitats"),
+        (batch.caption_styles, "caption styles"),
+    )
     for k, (ax, (values, title)) in enumerate(zip(axes, columns)):
         sns.countplot(x=values, ax=ax, color=f"C{k}")
         ax.set_title(title)
@@ -53,8 +57,14 @@ def dataset_overview(batch: WorldBatch, class_names: Sequence[str]) -> plt.Figur
     return fig
 
 
-def curve(history: Sequence[dict], y: str = "loss", x: str = "step", smooth: int = 20,
-          ax: plt.Axes | None = None, label: str | None = None) -> plt.Axes:
+def curve(
+    history: Sequence[dict],
+    y: str = "loss",
+    x: str = "step",
+    smooth: int = 20,
+    ax: plt.Axes | None = None,
+    label: str | None = None,
+) -> plt.Axes:
     """A training curve with a running mean over ``smooth`` points."""
     df = pd.DataFrame(history)
     ax = ax or plt.subplots(figsize=(6, 3.2))[1]
@@ -66,16 +76,25 @@ def curve(history: Sequence[dict], y: str = "loss", x: str = "step", smooth: int
     return ax
 
 
-def confusion(y_true: np.ndarray, y_pred: np.ndarray, class_names: Sequence[str],
-              ax: plt.Axes | None = None) -> plt.Axes:
+def confusion(
+    y_true: np.ndarray, y_pred: np.ndarray, class_names: Sequence[str], ax: plt.Axes | None = None
+) -> plt.Axes:
     """Row-normalised confusion matrix as a seaborn heatmap."""
     from sklearn.metrics import confusion_matrix
 
     cm = confusion_matrix(y_true, y_pred, labels=range(len(class_names)), normalize="true")
     size = 0.45 * len(class_names) + 2
     ax = ax or plt.subplots(figsize=(size, size * 0.85))[1]
-    sns.heatmap(cm, ax=ax, cmap="Blues", vmin=0, vmax=1, xticklabels=class_names, yticklabels=class_names,
-                cbar_kws={"label": "share of true class"})
+    sns.heatmap(
+        cm,
+        ax=ax,
+        cmap="Blues",
+        vmin=0,
+        vmax=1,
+        xticklabels=class_names,
+        yticklabels=class_names,
+        cbar_kws={"label": "share of true class"},
+    )
     ax.set_xlabel("predicted")
     ax.set_ylabel("true")
     return ax
@@ -99,8 +118,13 @@ def overlay(ax: plt.Axes, image: np.ndarray, heat: np.ndarray, alpha: float = 0.
     return ax
 
 
-def heatmap_grid(images: np.ndarray, maps: np.ndarray, row_titles: Sequence[str] | None = None,
-                 col_titles: Sequence[str] | None = None, alpha: float = 0.55) -> plt.Figure:
+def heatmap_grid(
+    images: np.ndarray,
+    maps: np.ndarray,
+    row_titles: Sequence[str] | None = None,
+    col_titles: Sequence[str] | None = None,
+    alpha: float = 0.55,
+) -> plt.Figure:
     """Overlay ``maps`` (R, C, h, w) on ``images`` (R, H, W, 3): row = image, column = concept.
 
     ``images`` are the model's views (see :func:`overlay`); pick rows across classes with
@@ -123,8 +147,17 @@ def heatmap_grid(images: np.ndarray, maps: np.ndarray, row_titles: Sequence[str]
     return fig
 
 
-LABELS = {"top1": "top-1", "top5": "top-5", "fvu": "FVU", "l0": "L0", "auroc": "AUROC", "lr": "learning rate",
-          "r@5": "recall@5", "r@10": "recall@10", "r@20": "recall@20"}
+LABELS = {
+    "top1": "top-1",
+    "top5": "top-5",
+    "fvu": "FVU",
+    "l0": "L0",
+    "auroc": "AUROC",
+    "lr": "learning rate",
+    "r@5": "recall@5",
+    "r@10": "recall@10",
+    "r@20": "recall@20",
+}
 
 
 def human_label(name: object) -> object:
@@ -140,3 +173,15 @@ def table(frame: pd.DataFrame | pd.Series, digits: int = 3) -> pd.DataFrame:
     shown = frame.rename(index=human_label, columns=human_label)
     shown.index.name, shown.columns.name = human_label(frame.index.name), human_label(frame.columns.name)
     return shown.round(digits)
+
+
+def mask_outlines(fig: plt.Figure, masks: np.ndarray, color: str = "white") -> plt.Figure:
+    """Outline ``masks`` (R, C, H, W) bool on the map panels of a :func:`heatmap_grid` figure (empty
+    masks draw nothing): where the map should be, beside where it is."""
+    r, c = masks.shape[:2]
+    axes = np.asarray(fig.axes).reshape(r, c + 1)
+    for i in range(r):
+        for j in range(c):
+            if masks[i, j].any():
+                axes[i, j + 1].contour(masks[i, j].astype(float), levels=[0.5], colors=color, linewidths=0.8)
+    return fig

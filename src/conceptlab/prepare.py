@@ -8,6 +8,7 @@
 builds the stages before training into the shared artifact store (one builds, the others wait);
 the training that ``accelerate`` spreads over the processes (EX2's GRPO, LaViSE's CNN) is then stored
 by the main process, and the notebook, run with the same parameters, finds every artifact built.
+A chapter takes part by giving its module (:mod:`conceptlab.chapters`) a ``prepare(ch)`` function.
 """
 
 from __future__ import annotations
@@ -15,46 +16,37 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from collections.abc import Callable
 from pathlib import Path
 
 import yaml
 
 from .bookrun import NOTEBOOKS
 
-
-def _ex2(params: dict) -> None:
-    from . import ex2
-    from .chapter import setup
-
-    ex2.pipeline(setup("04_ex2", params, ex2.PARAMETERS))
-
-
-def _lavise(params: dict) -> None:
-    from . import lavise
-    from .chapter import setup
-
-    lavise.setup_run(setup("06_lavise", params, lavise.PARAMETERS))
-
-
 # Chapters with a data-parallel training: EX2's GRPO (trl) and LaViSE's world CNN (each process takes
 # its share of every batch). DEAL's loop also runs under accelerate, but each process computes the
 # whole batch (L_spa sums over it), so several processes are no faster and DEAL is not listed.
-PREPARERS: dict[str, Callable[[dict], None]] = {"04_ex2": _ex2, "06_lavise": _lavise}
+PREPARED = ("04_ex2", "06_lavise")
+
+
+def prepare(chapter: str, params: dict) -> None:
+    """Validate ``params`` and build the chapter's artifacts: ``chapters.load(chapter).prepare(ch)``."""
+    from . import chapters
+
+    chapters.load(chapter).prepare(chapters.start(chapter, params))
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("chapter", choices=sorted(PREPARERS), help="the chapter whose artifacts to build")
+    ap.add_argument("chapter", choices=PREPARED, help="the chapter whose artifacts to build")
     ap.add_argument("-f", "--parameters", type=Path, default=None, help="a YAML file of papermill parameters")
     args = ap.parse_args(argv)
-    params = {}
+    params: dict = {}
     if args.parameters is not None:
         params = yaml.safe_load(args.parameters.read_text()) or {}
         if not isinstance(params, dict):
             ap.error(f"{args.parameters} must hold a mapping of parameter names to values")
     os.chdir(NOTEBOOKS)  # relative paths mean what they mean in the notebook
-    PREPARERS[args.chapter](params)
+    prepare(args.chapter, params)
     return 0
 
 

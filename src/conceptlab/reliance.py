@@ -44,6 +44,7 @@ def factor_edit(factor: str, rng: np.random.Generator) -> Edit:
         shift = rng.integers(1, size, size=len(labels))
         attrs[:, p, a] = np.where(present, (attrs[:, p, a] + shift) % size, attrs[:, p, a])
         return attrs, habitats
+
     return edit
 
 
@@ -64,6 +65,7 @@ def zero_shot_scorer(clip: torch.nn.Module, tokenizer, class_names: Sequence[str
         others = logits.clone()
         others[rows, lab] = -torch.inf
         return (logits.argmax(1).numpy() == labels), (true - others.max(1).values).numpy()
+
     return score
 
 
@@ -96,8 +98,14 @@ class Interventions:
         return frame.groupby(np.asarray(class_names)[self.base.labels]).mean()
 
 
-def intervene(score: Scorer, world: ConceptWorld, n: int = 512, split: str = "test",
-              factors: Sequence[str] = FACTORS, seed: int = 0) -> Interventions:
+def intervene(
+    score: Scorer,
+    world: ConceptWorld,
+    n: int = 512,
+    split: str = "test",
+    factors: Sequence[str] = FACTORS,
+    seed: int = 0,
+) -> Interventions:
     """Change each factor in turn on ``n`` prototypical images and record the margin drops.
 
     The edits of the factors draw their new values from one generator seeded by ``seed``, in the
@@ -111,7 +119,7 @@ def intervene(score: Scorer, world: ConceptWorld, n: int = 512, split: str = "te
     correct = np.zeros((n, len(factors)), bool)
     for j, factor in enumerate(factors):
         edit = factor_edit(factor, rng)
-        edited = world.sample(n, split, edit=lambda lab, att, hab, e=edit: e(lab, *proto(lab, att, hab)))
+        edited = world.sample(n, split, edit=lambda lab, att, hab, e=edit: e(lab, *proto(lab, att, hab)))  # type: ignore[misc]
         p = factor_part(factor)
         keep = np.ones(n, bool) if p is None else edited.present[:, p]
         correct[:, j], margin = score(edited.images, edited.labels)
@@ -120,9 +128,15 @@ def intervene(score: Scorer, world: ConceptWorld, n: int = 512, split: str = "te
     return Interventions(base, tuple(factors), correct_base, margin_base, correct, drops)
 
 
-def counterfactual_reliance(clip: torch.nn.Module, tokenizer, world: ConceptWorld, n: int = 1024,
-                            split: str = "test", seed: int = 0, factors: Sequence[str] = EX2_FACTORS
-                            ) -> pd.DataFrame:
+def counterfactual_reliance(
+    clip: torch.nn.Module,
+    tokenizer,
+    world: ConceptWorld,
+    n: int = 1024,
+    split: str = "test",
+    seed: int = 0,
+    factors: Sequence[str] = EX2_FACTORS,
+) -> pd.DataFrame:
     """What a CLIP relies on, one row per factor: ``reliance`` is the drop in zero-shot accuracy,
     ``logit_drop`` the mean drop of the true class's logit margin, on the images that have the factor."""
     res = intervene(zero_shot_scorer(clip, tokenizer, world.class_names), world, n, split, factors, seed)
@@ -130,9 +144,16 @@ def counterfactual_reliance(clip: torch.nn.Module, tokenizer, world: ConceptWorl
     for j, factor in enumerate(res.factors):
         keep = res.has()[:, j]
         base, edited = res.correct_base[keep].mean(), res.correct_edited[keep, j].mean()
-        rows.append({"factor": factor, "n_images": int(keep.sum()), "accuracy_base": float(base),
-                     "accuracy_edited": float(edited), "reliance": float(base - edited),
-                     "logit_drop": float(res.drops[keep, j].mean())})
+        rows.append(
+            {
+                "factor": factor,
+                "n_images": int(keep.sum()),
+                "accuracy_base": float(base),
+                "accuracy_edited": float(edited),
+                "reliance": float(base - edited),
+                "logit_drop": float(res.drops[keep, j].mean()),
+            }
+        )
     return pd.DataFrame(rows)
 
 
@@ -140,7 +161,7 @@ def rank_correlation(a: Sequence[float], b: Sequence[float]) -> float | None:
     """Spearman's rho, or None where it is undefined (one side constant, e.g. nothing changed)."""
     from scipy.stats import spearmanr
 
-    a, b = np.asarray(a, float), np.asarray(b, float)
-    if np.ptp(a) == 0 or np.ptp(b) == 0:
+    x, y = np.asarray(a, float), np.asarray(b, float)
+    if np.ptp(x) == 0 or np.ptp(y) == 0:
         return None
-    return float(spearmanr(a, b).statistic)
+    return float(spearmanr(x, y).statistic)

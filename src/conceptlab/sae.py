@@ -8,7 +8,9 @@ computes (the ``sparse_autoencoder`` library's ``L2ReconstructionLoss`` plus
 embeddings. ``reconstruction="sum"`` switches to the paper's ``||x - x_hat||^2``; on
 ``D``-dimensional inputs it equals the original loss with ``l1`` multiplied by ``D``
 (:func:`l1_on_original_scale` converts). As in the original training script the tied bias
-``b_dec`` starts at zero (no geometric median is passed to the library's model). Two details
+``b_dec`` starts at zero (no geometric median is passed to the library's model);
+``decoder_bias_init="mean"`` starts it at the features' mean instead, which a short run cannot
+otherwise reach (Adam moves it by about ``lr`` per step). Two details
 differ and have no switch: the encoder starts as the decoder's transpose (the library draws it
 independently), and resampling follows the same recipe (inputs drawn with probability ~ loss²,
 encoder rows at a fifth of the mean live norm) on up to 16 384 candidates.
@@ -37,6 +39,7 @@ from .artifacts import ArtifactStore, safe_torch_load
 from .training import TrainingRun
 
 RECONSTRUCTIONS = ("mean", "sum")
+BIAS_INITS = ("zero", "mean")
 
 
 @dataclass(frozen=True)
@@ -51,14 +54,20 @@ class SAEConfig:
     epochs: int = 200
     resample_every: int = 10  # epochs; 0 switches resampling off
     reconstruction: str = "mean"  # "mean": the original code; "sum": the paper's squared L2 norm
+    decoder_bias_init: str = "zero"  # "zero": the original code; "mean": the features' mean
     seed: int = 0
 
     def __post_init__(self) -> None:
-        problems = [f"{k}={getattr(self, k)} must be positive" for k in ("expansion", "lr", "batch_size", "epochs")
-                    if getattr(self, k) <= 0]
+        problems = [
+            f"{k}={getattr(self, k)} must be positive"
+            for k in ("expansion", "lr", "batch_size", "epochs")
+            if getattr(self, k) <= 0
+        ]
         problems += [f"{k}={getattr(self, k)} must be >= 0" for k in ("l1", "resample_every") if getattr(self, k) < 0]
         if self.reconstruction not in RECONSTRUCTIONS:
             problems.append(f"reconstruction={self.reconstruction!r} is not one of {RECONSTRUCTIONS}")
+        if self.decoder_bias_init not in BIAS_INITS:
+            problems.append(f"decoder_bias_init={self.decoder_bias_init!r} is not one of {BIAS_INITS}")
         if problems:
             raise ValueError("Bad SAEConfig: " + "; ".join(problems) + ".")
 
@@ -117,8 +126,9 @@ class SparseAutoencoder(nn.Module):
             self.W_dec.grad -= (self.W_dec.grad * self.W_dec).sum(0, keepdim=True) * self.W_dec
 
 
-def sae_loss(x: torch.Tensor, x_hat: torch.Tensor, z: torch.Tensor, l1: float,
-             reconstruction: str = "mean") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def sae_loss(
+    x: torch.Tensor, x_hat: torch.Tensor, z: torch.Tensor, l1: float, reconstruction: str = "mean"
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(loss, reconstruction term, L1 term)``, each averaged over the batch.
 
     Per input: the squared error averaged (``"mean"``, the original code) or summed (``"sum"``)
@@ -131,18 +141,26 @@ def sae_loss(x: torch.Tensor, x_hat: torch.Tensor, z: torch.Tensor, l1: float,
 
 
 @torch.no_grad()
-def encode_concepts(sae: SparseAutoencoder, features: torch.Tensor, batch_size: int = 8192,
-                    device: str | torch.device | None = None) -> torch.Tensor:
+def encode_concepts(
+    sae: SparseAutoencoder, features: torch.Tensor, batch_size: int = 8192, device: str | torch.device | None = None
+) -> torch.Tensor:
     """(N, n_concepts) concept strengths of embeddings (computed on ``device``, returned on the CPU)."""
     dev = torch.device(device) if device is not None else next(sae.parameters()).device
     sae = sae.to(dev)
-    return torch.cat([sae.encode(features[s:s + batch_size].to(dev).float()).cpu()
-                      for s in range(0, len(features), batch_size)])
+    return torch.cat(
+        [sae.encode(features[s : s + batch_size].to(dev).float()).cpu() for s in range(0, len(features), batch_size)]
+    )
 
 
 @torch.no_grad()
-def resample_dead(sae: SparseAutoencoder, opt: torch.optim.Adam, features: torch.Tensor, dead: torch.Tensor,
-                  generator: torch.Generator, n_candidates: int = 16384) -> int:
+def resample_dead(
+    sae: SparseAutoencoder,
+    opt: torch.optim.Adam,
+    features: torch.Tensor,
+    dead: torch.Tensor,
+    generator: torch.Generator,
+    n_candidates: int = 16384,
+) -> int:
     """Point dead concepts at badly reconstructed inputs (chosen with probability ~ loss^2); returns how many.
 
     The new decoder column is the centred input's direction, the encoder row the same direction
@@ -172,9 +190,15 @@ def resample_dead(sae: SparseAutoencoder, opt: torch.optim.Adam, features: torch
     return n_dead
 
 
-def train_sae(features: torch.Tensor, cfg: SAEConfig, out_dir: str | Path | None = None, progress: bool = True,
-              device: str | torch.device | None = None, checkpoint_seconds: float | None = None,
-              on_epoch: Callable[[int], None] | None = None) -> tuple[SparseAutoencoder, list[dict]]:
+def train_sae(
+    features: torch.Tensor,
+    cfg: SAEConfig,
+    out_dir: str | Path | None = None,
+    progress: bool = True,
+    device: str | torch.device | None = None,
+    checkpoint_seconds: float | None = None,
+    on_epoch: Callable[[int], None] | None = None,
+) -> tuple[SparseAutoencoder, list[dict]]:
     """Train an SAE on (N, D) embeddings on ``device`` (default: the CPU); returns it on the CPU.
 
     With ``out_dir`` the run checkpoints (:class:`~conceptlab.training.TrainingRun`, one step per
@@ -185,13 +209,18 @@ def train_sae(features: torch.Tensor, cfg: SAEConfig, out_dir: str | Path | None
     features = features.float().to(dev)
     torch.manual_seed(cfg.seed)
     sae = SparseAutoencoder(features.shape[1], cfg.expansion * features.shape[1]).to(dev)
+    if cfg.decoder_bias_init == "mean":
+        with torch.no_grad():
+            sae.b_dec.copy_(features.mean(0))
     opt = torch.optim.Adam(sae.parameters(), lr=cfg.lr)
     with tempfile.TemporaryDirectory() as scratch:
-        run = TrainingRun(out_dir or scratch, sae, opt, writes=out_dir is not None,
-                          checkpoint_seconds=checkpoint_seconds)
+        run = TrainingRun(
+            out_dir or scratch, sae, opt, writes=out_dir is not None, checkpoint_seconds=checkpoint_seconds
+        )
         variance = (features - features.mean(0)).pow(2).sum(-1).mean().item()
-        bar = tqdm(range(run.start, cfg.epochs), initial=run.start, total=cfg.epochs, disable=not progress,
-                   desc="train SAE")
+        bar = tqdm(
+            range(run.start, cfg.epochs), initial=run.start, total=cfg.epochs, disable=not progress, desc="train SAE"
+        )
         with run.checkpoint_on_interrupt():
             for epoch in bar:
                 row = _train_epoch(sae, opt, features, cfg, epoch, variance)
@@ -204,8 +233,9 @@ def train_sae(features: torch.Tensor, cfg: SAEConfig, out_dir: str | Path | None
     return sae.cpu().eval(), run.history
 
 
-def _train_epoch(sae: SparseAutoencoder, opt: torch.optim.Adam, features: torch.Tensor, cfg: SAEConfig,
-                 epoch: int, variance: float) -> dict:
+def _train_epoch(
+    sae: SparseAutoencoder, opt: torch.optim.Adam, features: torch.Tensor, cfg: SAEConfig, epoch: int, variance: float
+) -> dict:
     """One pass over ``features`` in the order of ``(cfg.seed, epoch)``, then resampling if due."""
     gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + epoch)
     totals = torch.zeros(4, device=features.device)
@@ -225,8 +255,15 @@ def _train_epoch(sae: SparseAutoencoder, opt: torch.optim.Adam, features: torch.
             totals += torch.stack([rec, sq, l1, active.sum(-1).float().mean()]) * len(idx)
     rec, sq, l1, l0 = (totals / len(features)).tolist()
     due = bool(cfg.resample_every) and (epoch + 1) % cfg.resample_every == 0
-    row = {"epoch": epoch, "reconstruction": rec, "fvu": sq / variance, "l1": l1, "l0": l0,
-           "dead": int((~sae.fired).sum()) if due else None, "resampled": 0}
+    row = {
+        "epoch": epoch,
+        "reconstruction": rec,
+        "fvu": sq / variance,
+        "l1": l1,
+        "l0": l0,
+        "dead": int((~sae.fired).sum()) if due else None,
+        "resampled": 0,
+    }
     if due:
         if epoch + 1 < cfg.epochs:
             row["resampled"] = resample_dead(sae, opt, features, ~sae.fired, gen)
@@ -242,9 +279,14 @@ def tensor_fingerprint(x: torch.Tensor) -> str:
     return digest.hexdigest()
 
 
-def load_or_train_sae(store: ArtifactStore, features: torch.Tensor, cfg: SAEConfig, key: dict | None = None,
-                      device: str | torch.device | None = None,
-                      progress: bool = True) -> tuple[SparseAutoencoder, list[dict]]:
+def load_or_train_sae(
+    store: ArtifactStore,
+    features: torch.Tensor,
+    cfg: SAEConfig,
+    key: dict | None = None,
+    device: str | torch.device | None = None,
+    progress: bool = True,
+) -> tuple[SparseAutoencoder, list[dict]]:
     """The SAE for these features (keyed by their content and ``key``) and hyper-parameters:
     loaded from the store, or trained on ``device`` and stored."""
     dim = features.shape[1]
@@ -255,5 +297,6 @@ def load_or_train_sae(store: ArtifactStore, features: torch.Tensor, cfg: SAEConf
         return sae.eval(), json.loads((d / "history.json").read_text())
 
     full_key = {"features": tensor_fingerprint(features), **(key or {}), "sae": asdict(cfg)}
-    return store.get_or_build("dncbm_sae", full_key,
-                              lambda d: train_sae(features, cfg, d, progress=progress, device=device), load)
+    return store.get_or_build(
+        "dncbm_sae", full_key, lambda d: train_sae(features, cfg, d, progress=progress, device=device), load
+    )

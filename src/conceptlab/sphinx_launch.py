@@ -34,8 +34,7 @@ def paired_notebook(pagename: str, pages: dict[str, str]) -> str | None:
     return None
 
 
-def relink_launch_buttons(app: Sphinx, pagename: str, templatename: str, context: dict[str, Any],
-                          doctree: Any) -> None:
+def relink_launch_buttons(app: Sphinx, pagename: str, templatename: str, context: dict[str, Any], doctree: Any) -> None:
     """``html-page-context`` handler: rewrite the theme's launch URLs to the paired notebook."""
     target = paired_notebook(pagename, app.config.conceptlab_launch_pages)
     if target is None:

@@ -56,8 +56,14 @@ class TrainingRun:
     ``writes=False`` (a non-main process of a multi-GPU run) keeps the bookkeeping, writes nothing.
     """
 
-    def __init__(self, out_dir: str | Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                 writes: bool = True, checkpoint_seconds: float | None = None) -> None:
+    def __init__(
+        self,
+        out_dir: str | Path,
+        model: torch.nn.Module,
+        optimizer: torch.optim.Optimizer,
+        writes: bool = True,
+        checkpoint_seconds: float | None = None,
+    ) -> None:
         self.out_dir, self.model, self.optimizer, self.writes = Path(out_dir), model, optimizer, writes
         self.checkpoint_seconds = _interval["seconds"] if checkpoint_seconds is None else checkpoint_seconds
         self.state_path = self.out_dir / "state.pt"
@@ -82,8 +88,10 @@ class TrainingRun:
     def checkpoint(self) -> None:
         """Save everything needed to resume after the steps logged so far."""
         if self.writes:
-            atomic_torch_save({"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
-                               "history": self.history}, self.state_path)
+            atomic_torch_save(
+                {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(), "history": self.history},
+                self.state_path,
+            )
         self._last_save = time.monotonic()
 
     @contextlib.contextmanager

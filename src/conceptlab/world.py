@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field, fields, replace
+from numbers import Integral, Real
 from pathlib import Path
 
 import numpy as np
@@ -40,14 +41,36 @@ ATTRIBUTES: dict[str, tuple[str, ...]] = {
 }
 HABITATS: tuple[str, ...] = ("forest", "desert", "ocean", "snowfield", "cave", "meadow")
 BEHAVIOURS: tuple[str, ...] = (
-    "hunts at night", "sings at dawn", "sleeps in winter", "eats only seeds",
-    "travels in herds", "builds nests of mud", "lives alone", "dances when courting",
+    "hunts at night",
+    "sings at dawn",
+    "sleeps in winter",
+    "eats only seeds",
+    "travels in herds",
+    "builds nests of mud",
+    "lives alone",
+    "dances when courting",
 )
 CLASS_NAMES: tuple[str, ...] = (
-    "zorbil", "quillfin", "mossback", "glimmerwing", "thornhopper", "duskmite",
-    "pebblenose", "frostling", "emberjaw", "reedstalker", "bramblecat", "shellwhisk",
-    "cindermoth", "tidecrawler", "puffspine", "vinegrub", "stormbeak", "lumenkit",
-    "gravelpaw", "mistfang",
+    "zorbil",
+    "quillfin",
+    "mossback",
+    "glimmerwing",
+    "thornhopper",
+    "duskmite",
+    "pebblenose",
+    "frostling",
+    "emberjaw",
+    "reedstalker",
+    "bramblecat",
+    "shellwhisk",
+    "cindermoth",
+    "tidecrawler",
+    "puffspine",
+    "vinegrub",
+    "stormbeak",
+    "lumenkit",
+    "gravelpaw",
+    "mistfang",
 )
 SPURIOUS_TEMPLATES: tuple[str, ...] = (
     "click to enlarge photo of a {cls}",
@@ -96,9 +119,27 @@ def build_ontology(n_classes: int = 16) -> list[ClassSpec]:
             continue
         k = len(specs)
         codes.append(code)
-        specs.append(ClassSpec(CLASS_NAMES[k], parts, HABITATS[k % len(HABITATS)],
-                               BEHAVIOURS[k % len(BEHAVIOURS)]))
+        specs.append(ClassSpec(CLASS_NAMES[k], parts, HABITATS[k % len(HABITATS)], BEHAVIOURS[k % len(BEHAVIOURS)]))
     return specs[:n_classes]
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, Real) and not isinstance(value, bool)
+
+
+def type_problems(config: object, ints: tuple[str, ...] = (), reals: tuple[str, ...] = ()) -> list[str]:
+    """Problems, naming the field, with a config's integer fields (which refuse floats and booleans)
+    and number fields (ints or floats, not booleans)."""
+    problems = [
+        f"{k}={getattr(config, k)!r} must be an integer, not {type(getattr(config, k)).__name__}"
+        for k in ints
+        if not isinstance(getattr(config, k), Integral) or isinstance(getattr(config, k), bool)
+    ]
+    return problems + [
+        f"{k}={getattr(config, k)!r} must be a number, not {type(getattr(config, k)).__name__}"
+        for k in reals
+        if not _is_number(getattr(config, k))
+    ]
 
 
 @dataclass(frozen=True)
@@ -113,15 +154,27 @@ class WorldConfig:
     position_jitter: float = 0.12
     scale_jitter: float = 0.12
     pixel_noise: float = 0.03
-    caption_mix: dict[str, float] = field(default_factory=lambda: {
-        "visual": 0.55, "class": 0.2, "habitat": 0.1, "behaviour": 0.05, "spurious": 0.1})
+    caption_mix: dict[str, float] = field(
+        default_factory=lambda: {"visual": 0.55, "class": 0.2, "habitat": 0.1, "behaviour": 0.05, "spurious": 0.1}
+    )
     # part attributes drawn uniformly at random, whatever the class ("body colour", ...): a model
     # trained on such a world cannot use them (a planted "blind" model, chapter 7)
     blind: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "blind", tuple(self.blind))  # JSON gives a list
-        problems = []
+        problems = type_problems(
+            self,
+            ints=("n_classes", "resolution", "seed"),
+            reals=("attribute_noise", "habitat_correlation", "position_jitter", "scale_jitter", "pixel_noise"),
+        )
+        if isinstance(self.blind, str) or not all(isinstance(b, str) for b in self.blind):
+            problems.append(f"blind={self.blind!r} must be a list of part attributes such as ['body colour']")
+        else:
+            object.__setattr__(self, "blind", tuple(self.blind))  # JSON gives a list
+        if not isinstance(self.caption_mix, dict) or not all(_is_number(v) for v in self.caption_mix.values()):
+            problems.append(f"caption_mix={self.caption_mix!r} must map caption styles to numbers")
+        if problems:  # ranges are checked on well-typed values only
+            raise ValueError("Bad WorldConfig: " + "; ".join(problems) + ".")
         known = [f"{p} {a}" for p in PARTS for a in ATTRIBUTES]
         problems += [f"blind has unknown part attribute {b!r}; known: {known}" for b in self.blind if b not in known]
         if self.resolution < 16:
@@ -129,6 +182,9 @@ class WorldConfig:
         for name in ("attribute_noise", "habitat_correlation", "pixel_noise"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 problems.append(f"{name}={getattr(self, name)} must lie in [0, 1]")
+        for name in ("position_jitter", "scale_jitter"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                problems.append(f"{name}={getattr(self, name)} must lie in [0, 1)")
         unknown = set(self.caption_mix) - set(CAPTION_STYLES)
         if unknown:
             problems.append(f"caption_mix has unknown styles {sorted(unknown)}; known: {list(CAPTION_STYLES)}")
@@ -211,9 +267,10 @@ class ConceptWorld:
         if n <= 0:
             raise ValueError(f"n={n}: ask for at least one image.")
         first, last = start // _BLOCK, (start + n - 1) // _BLOCK
-        parts = [self._render_block(split, b, edit, slice(max(start - b * _BLOCK, 0),
-                                                          min(start + n - b * _BLOCK, _BLOCK)))
-                 for b in range(first, last + 1)]
+        parts = [
+            self._render_block(split, b, edit, slice(max(start - b * _BLOCK, 0), min(start + n - b * _BLOCK, _BLOCK)))
+            for b in range(first, last + 1)
+        ]
         return parts[0] if len(parts) == 1 else _concat(parts)
 
     def stream(self, n: int, batch_size: int = 512, split: str = "train") -> Iterator[WorldBatch]:
@@ -221,8 +278,14 @@ class ConceptWorld:
         for s in range(0, n, batch_size):
             yield self.sample(min(batch_size, n - s), split, start=s)
 
-    def resample_captions(self, labels: np.ndarray, present: np.ndarray, attributes: np.ndarray,
-                          habitats: np.ndarray, seed: int | list[int]) -> tuple[list[str], list[str]]:
+    def resample_captions(
+        self,
+        labels: np.ndarray,
+        present: np.ndarray,
+        attributes: np.ndarray,
+        habitats: np.ndarray,
+        seed: int | list[int],
+    ) -> tuple[list[str], list[str]]:
         """Fresh captions (and styles) for images with this ground truth, e.g. one set per step."""
         return self._captions(np.random.default_rng(seed), labels, present, attributes, habitats)
 
@@ -244,8 +307,7 @@ class ConceptWorld:
         return stats
 
     # ------------------------------------------------------------------ rendering
-    def _render_block(self, split: str, block: int, edit: Edit | None = None,
-                      rows: slice = slice(None)) -> WorldBatch:
+    def _render_block(self, split: str, block: int, edit: Edit | None = None, rows: slice = slice(None)) -> WorldBatch:
         """Images ``rows`` of a block. Every random number of the whole block is drawn, so a row is the
         same whatever else is asked for, but only the asked-for rows are drawn (the costly part)."""
         cfg = self.config
@@ -275,16 +337,18 @@ class ConceptWorld:
             "facing": np.where(rng.random(n) < 0.5, -1.0, 1.0),
             "phase": rng.uniform(0, 2 * np.pi, n),
         }
-        images, masks = self._draw(attrs[rows], present[rows], habitats[rows],
-                                   {k: v[rows] for k, v in geometry.items()})
+        images, masks = self._draw(
+            attrs[rows], present[rows], habitats[rows], {k: v[rows] for k, v in geometry.items()}
+        )
         if cfg.pixel_noise > 0:
             noise = rng.standard_normal((n, *images.shape[1:]), dtype=np.float32)[rows]
             images += noise * np.float32(cfg.pixel_noise)
         np.clip(images * 255 + 0.5, 0, 255, out=images)
         images = images.astype(np.uint8)
         captions, styles = self._captions(rng, labels, present, attrs, habitats)
-        return WorldBatch(images, labels[rows], masks, present[rows], attrs[rows], habitats[rows], captions[rows],
-                          styles[rows])
+        return WorldBatch(
+            images, labels[rows], masks, present[rows], attrs[rows], habitats[rows], captions[rows], styles[rows]
+        )
 
     def _draw(self, attrs, present, habitats, g) -> tuple[np.ndarray, np.ndarray]:
         n, r = len(attrs), self.config.resolution
@@ -342,10 +406,12 @@ class ConceptWorld:
                 text = CLASS_TEMPLATES[rng.integers(len(CLASS_TEMPLATES))].format(cls=cls.name)
             elif style == "habitat":
                 text = HABITAT_TEMPLATES[rng.integers(len(HABITAT_TEMPLATES))].format(
-                    cls=cls.name, habitat=HABITATS[habitats[i]])
+                    cls=cls.name, habitat=HABITATS[habitats[i]]
+                )
             elif style == "behaviour":
                 text = BEHAVIOUR_TEMPLATES[rng.integers(len(BEHAVIOUR_TEMPLATES))].format(
-                    cls=cls.name, behaviour=cls.behaviour)
+                    cls=cls.name, behaviour=cls.behaviour
+                )
             else:
                 text = SPURIOUS_TEMPLATES[rng.integers(len(SPURIOUS_TEMPLATES))].format(cls=cls.name)
             captions.append(text)
@@ -368,12 +434,21 @@ class ConceptWorld:
                     (out / name).mkdir(exist_ok=True)
                     Image.fromarray(batch.images[i]).save(out / rel)
                     np.savez_compressed(out / name / f"{index:06d}_masks.npz", masks=batch.masks[i])
-                    ann.write(json.dumps({
-                        "file": str(rel), "class": name, "habitat": HABITATS[batch.habitats[i]],
-                        "parts": batch.part_attributes(i), "caption": batch.captions[i],
-                        "caption_style": batch.caption_styles[i],
-                        "masks": str(rel.with_name(f"{index:06d}_masks.npz")), "mask_order": list(PARTS),
-                    }) + "\n")
+                    ann.write(
+                        json.dumps(
+                            {
+                                "file": str(rel),
+                                "class": name,
+                                "habitat": HABITATS[batch.habitats[i]],
+                                "parts": batch.part_attributes(i),
+                                "caption": batch.captions[i],
+                                "caption_style": batch.caption_styles[i],
+                                "masks": str(rel.with_name(f"{index:06d}_masks.npz")),
+                                "mask_order": list(PARTS),
+                            }
+                        )
+                        + "\n"
+                    )
                     index += 1
         return out
 
@@ -402,7 +477,7 @@ def _part_shape(part: str, u: np.ndarray, v: np.ndarray, k: np.ndarray) -> np.nd
         d = -0.28 - u  # distance behind the body
         return (d > 0) & (d < 0.38 * k) & (np.abs(v - 0.02) < 0.04 + 0.45 * d)
     if part == "legs":
-        in_leg = (np.abs(np.abs(u) - 0.17) < 0.045 * k)
+        in_leg = np.abs(np.abs(u) - 0.17) < 0.045 * k
         return in_leg & (v > 0.1) & (v < 0.28 + 0.2 * k)
     raise KeyError(part)
 
@@ -418,7 +493,7 @@ def _habitat_texture(name: str, x: np.ndarray, y: np.ndarray, ph: np.ndarray) ->
     if name == "snowfield":  # speckles
         return (np.sin(x * 31 + ph) * np.sin(y * 29 + ph) > 0.8).astype(np.float32)
     if name == "cave":  # dark vignette
-        return np.clip(1 - (x ** 2 + y ** 2) + 0 * ph, 0, 1)
+        return np.clip(1 - (x**2 + y**2) + 0 * ph, 0, 1)
     if name == "meadow":  # flower dots
         return (np.sin(x * 25 + ph) * np.sin(y * 25) > 0.85).astype(np.float32)
     raise KeyError(name)
@@ -436,5 +511,13 @@ _HABITAT_COLOURS = {  # (texture 0, texture 1) RGB
 
 def _concat(bs: list[WorldBatch]) -> WorldBatch:
     cat = lambda name: np.concatenate([getattr(b, name) for b in bs])  # noqa: E731
-    return WorldBatch(cat("images"), cat("labels"), cat("masks"), cat("present"), cat("attributes"),
-                      cat("habitats"), sum((b.captions for b in bs), []), sum((b.caption_styles for b in bs), []))
+    return WorldBatch(
+        cat("images"),
+        cat("labels"),
+        cat("masks"),
+        cat("present"),
+        cat("attributes"),
+        cat("habitats"),
+        sum((b.captions for b in bs), []),
+        sum((b.caption_styles for b in bs), []),
+    )

@@ -67,9 +67,12 @@ def _readable(paths: list[Path]) -> list[bool]:
             ok.append(False)
     bad = [str(p) for p, good in zip(paths, ok) if not good]
     if bad:
-        warnings.warn(f"Skipped {len(bad)} file(s) that are not readable images: {bad[:10]}"
-                      f"{' ...' if len(bad) > 10 else ''}. Replace or delete them to use them.",
-                      UserWarning, stacklevel=3)
+        warnings.warn(
+            f"Skipped {len(bad)} file(s) that are not readable images: {bad[:10]}"
+            f"{' ...' if len(bad) > 10 else ''}. Replace or delete them to use them.",
+            UserWarning,
+            stacklevel=3,
+        )
     return ok
 
 
@@ -88,11 +91,11 @@ def load_image_folder(root: str | Path) -> ImageSet:
         raise ValueError(f"No images ({', '.join(IMAGE_SUFFIXES)}) in class folders under {root}.")
     ok = _readable(paths)
     keep = [p for p, good in zip(paths, ok) if good]
-    labels = np.array([lab for lab, good in zip(labels, ok) if good])
-    empty = [d.name for k, d in enumerate(folders) if not (labels == k).any()]
+    kept = np.array([lab for lab, good in zip(labels, ok) if good])
+    empty = [d.name for k, d in enumerate(folders) if not (kept == k).any()]
     if empty:
         warnings.warn(f"Class folders without images under {root}: {empty[:10]}.", UserWarning, stacklevel=2)
-    return ImageSet(keep, labels, [readable_class_name(d.name) for d in folders])
+    return ImageSet(keep, kept, [readable_class_name(d.name) for d in folders])
 
 
 def load_cub(root: str | Path, split: str = "test") -> ImageSet:
@@ -112,12 +115,16 @@ def load_cub(root: str | Path, split: str = "test") -> ImageSet:
     paths = [root / "images" / files[i].strip() for i in keep]
     absent = [str(p) for p in paths if not p.is_file()]
     if absent:
-        raise FileNotFoundError(f"{len(absent)} images listed in {root / 'images.txt'} are missing, e.g. "
-                                f"{absent[:3]}: is {root / 'images'} complete?")
+        raise FileNotFoundError(
+            f"{len(absent)} images listed in {root / 'images.txt'} are missing, e.g. "
+            f"{absent[:3]}: is {root / 'images'} complete?"
+        )
     ok = _readable(paths)
-    return ImageSet([p for p, good in zip(paths, ok) if good],
-                    np.array([class_ids.index(labels[i].strip()) for i, good in zip(keep, ok) if good]),
-                    [readable_class_name(classes[c].strip()) for c in class_ids])
+    return ImageSet(
+        [p for p, good in zip(paths, ok) if good],
+        np.array([class_ids.index(labels[i].strip()) for i, good in zip(keep, ok) if good]),
+        [readable_class_name(classes[c].strip()) for c in class_ids],
+    )
 
 
 def load_dataset(dataset: str, data_root: str | Path, split: str = "test") -> ImageSet:
@@ -129,21 +136,26 @@ def load_dataset(dataset: str, data_root: str | Path, split: str = "test") -> Im
     raise ValueError(f"dataset={dataset!r}: use 'world', 'imagefolder' or 'cub'.")
 
 
-def check_same_classes(train: ImageSet, test: ImageSet, train_source: str = "train",
-                       test_source: str = "test") -> None:
+def check_same_classes(train: ImageSet, test: ImageSet, train_source: str = "train", test_source: str = "test") -> None:
     """Refuse a train/test pair whose classes differ (labels index the class list), listing the difference."""
     if list(train.class_names) == list(test.class_names):
         return
     only_train = sorted(set(train.class_names) - set(test.class_names))
     only_test = sorted(set(test.class_names) - set(train.class_names))
-    detail = (f"only in {train_source}: {only_train[:10]}; only in {test_source}: {only_test[:10]}"
-              if only_train or only_test else "the same names in another order")
-    raise ValueError(f"{train_source} and {test_source} must hold the same classes ({detail}). "
-                     "Give both folders one sub-folder per class, with the same names.")
+    detail = (
+        f"only in {train_source}: {only_train[:10]}; only in {test_source}: {only_test[:10]}"
+        if only_train or only_test
+        else "the same names in another order"
+    )
+    raise ValueError(
+        f"{train_source} and {test_source} must hold the same classes ({detail}). "
+        "Give both folders one sub-folder per class, with the same names."
+    )
 
 
-def load_train_test(dataset: str, data_root: str | Path, train_root: str | Path | None = None
-                    ) -> tuple[ImageSet, ImageSet]:
+def load_train_test(
+    dataset: str, data_root: str | Path, train_root: str | Path | None = None
+) -> tuple[ImageSet, ImageSet]:
     """Training and test images: CUB's own split, or ``train_root`` and ``data_root`` ImageFolders (checked
     to hold the same classes). Without ``train_root`` an ImageFolder serves as both (say so in results)."""
     if dataset == "cub":
@@ -217,17 +229,27 @@ class EvalSet:
     masks: np.ndarray | None = None  # (N, parts, H, W) bool on Concept World
 
 
-def load_eval_set(model, preprocess, n: int, dataset: str = "world", data_root: str | Path | None = None,
-                  split: str = "test", world=None, seed: int = 0, start: int = 0) -> EvalSet:
+def load_eval_set(
+    model,
+    preprocess,
+    n: int,
+    dataset: str = "world",
+    data_root: str | Path | None = None,
+    split: str = "test",
+    world=None,
+    seed: int = 0,
+    start: int = 0,
+) -> EvalSet:
     """``n`` images of Concept World (``dataset="world"``) or of a real data set (``imagefolder``/``cub``)."""
-    from .models import images_to_tensor
+    from ..models import images_to_tensor
 
     if dataset == "world":
         if world is None:
             raise ValueError("dataset='world' needs the ConceptWorld.")
         batch = world.sample(n, split, start=start)
-        return EvalSet(images_to_tensor(batch.images, model), batch.labels, batch.images, world.class_names,
-                       batch.masks)
+        return EvalSet(
+            images_to_tensor(batch.images, model), batch.labels, batch.images, world.class_names, batch.masks
+        )
     if data_root is None:
         raise ValueError(f"dataset={dataset!r} needs data_root=<folder>.")
     data = load_dataset(dataset, data_root, split if dataset == "cub" else "test").subset(n, seed)

@@ -1,0 +1,915 @@
+"""Chapter 4, EX2: parameters, switches, the run (every step cached), results, headline and summary.
+
+The method itself (reward, GRPO alignment, generation, inspection, the paired gain, the target mix)
+is :mod:`conceptlab.ex2`; the world's language model is :mod:`conceptlab.textlm`, the judges
+:mod:`conceptlab.judges`. The run, in order: the VLM's reward and the LM; what the LM knows (a gate
+before RL, on the world); the VLM's preference per kind of sentence and the mix RL should reach;
+alignment; a fixed set of samples before and after (paired gain); inspection; the planted VLM.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+
+from .. import ex2
+from ..artifacts import atomic_write_json, fingerprint
+from ..chapter import Chapter, Param, Switch
+from ..judges import WorldJudge, judge_problem, make_judge
+from ..models import load_clip
+from ..reliance import rank_correlation
+from ..stats import bootstrap_interval, excludes
+from ..textlm import WorldLMConfig, count_parameters, load_lm, world_lm
+from ..world import CAPTION_STYLES, WorldConfig
+from .report import Reported
+
+NAME = "04_ex2"
+STAGES = ("before", "after")
+
+
+def _lm_problem(value: str, params: dict) -> str | None:
+    if value == "world":
+        return (
+            None
+            if params["dataset"] == "world"
+            else ("lm='world' knows only Concept World: with real data pass a transformers causal LM name or folder")
+        )
+    if value.startswith((".", "/", "~")) and not Path(value).expanduser().is_dir():
+        return f"{value!r} is no folder with a transformers model (save_pretrained writes one)"
+    return None
+
+
+def _judge_problem(value: str, params: dict) -> str | None:
+    return judge_problem(value, params["judge_api_key_env"], on_world=params["dataset"] == "world")
+
+
+def _config_problem(cls: type, **fields) -> str | None:
+    try:
+        cls(**fields)
+    except (TypeError, ValueError) as err:
+        return str(err)
+    return None
+
+
+def _on_world(p: dict) -> bool:
+    return p["dataset"] == "world"
+
+
+def _world_lm(p: dict) -> bool:
+    return p["lm"] == "world"
+
+
+def _planted(p: dict) -> bool:
+    return p["dataset"] == "world" and p["model"] == "world" and p["planted"]
+
+
+PARAMETERS: dict[str, Param] = {
+    "dataset": Param("world", str, choices=("world", "imagefolder", "cub"), help="images of the reward"),
+    "data_root": Param(None, "dir", applies=lambda p: p["dataset"] != "world", help="a real data set's folder"),
+    "images_per_class": Param(256, int, min=1, help="images of a class in its reward (the original: 256)"),
+    "templates": Param(
+        None,
+        "file",
+        check=lambda v, p: ex2.templates_problem(v),
+        help="JSON list of query templates (the original's mult_template_v1.json); None: the book's",
+    ),
+    "lm": Param("world", str, check=_lm_problem, help="'world' or a transformers causal LM name/folder"),
+    "lm_quantization": Param(None, str, choices=("8bit", "4bit"), help="bitsandbytes weights (GPU only)"),
+    "lm_corpus_size": Param(6000, int, min=10, applies=_world_lm, help="query documents in the world corpus"),
+    "lm_fact_sheets": Param(40, int, min=0, applies=_world_lm, help="copies of each class's fact sheet"),
+    "lm_answer_mix": Param(
+        dict(WorldLMConfig().answer_mix),
+        dict,
+        applies=_world_lm,
+        check=lambda v, p: _config_problem(WorldLMConfig, answer_mix=v),
+    ),
+    "lm_steps": Param(600, int, min=1, applies=_world_lm),
+    "lm_min_true_share": Param(
+        0.9,
+        float,
+        min=0.0,
+        max=1.0,
+        applies=_world_lm,
+        help="the gate before RL: share of the LM's claims that must be true",
+    ),
+    "lora_r": Param(0, int, min=0, help="> 0: GRPO trains LoRA adapters of this rank"),
+    "grpo_steps": Param(80, int, min=1),
+    "grpo_lr": Param(3e-4, float, min=0.0),
+    "grpo_beta": Param(0.2, float, min=0.0, help="KL coefficient (the original PPO run started at 0.2)"),
+    "num_generations": Param(8, int, min=2),
+    "prompts_per_step": Param(4, int, min=1, help="prompts of different classes per GRPO step"),
+    "max_new_tokens": Param(32, int, min=1),
+    "samples_per_query": Param(2, int, min=1, help="fixed samples per query before and after alignment"),
+    "preference_sentences": Param(
+        32, int, min=2, applies=_on_world, help="sentences per kind and class for the VLM's preference"
+    ),
+    "judge": Param(
+        "world",
+        str,
+        check=_judge_problem,
+        help="'world', a transformers model name/folder, or 'openai:<model>@<base_url>'",
+    ),
+    "judge_api_key_env": Param("OPENAI_API_KEY", str, applies=lambda p: p["judge"].startswith("openai:")),
+    "judge_min_true": Param(
+        1,
+        int,
+        min=1,
+        applies=lambda p: p["judge"] == "world",
+        help="true facts the world judge needs to call a description informative",
+    ),
+    "n_counterfactual": Param(512, int, min=8, applies=_on_world),
+    "planted": Param(
+        True, bool, applies=_on_world, help="also run EX2 on two VLMs whose text towers differ in one caption share"
+    ),
+    "planted_style": Param(
+        "spurious",
+        str,
+        choices=CAPTION_STYLES,
+        applies=_planted,
+        help="the caption style whose share the planted VLM raises",
+    ),
+    "planted_share": Param(
+        0.4, float, min=0.0, max=1.0, applies=_planted, help="that style's share of the planted VLM's captions"
+    ),
+    "planted_steps": Param(150, int, min=1, applies=_planted, help="text-tower retraining steps"),
+}
+
+ORIGINAL_LM = "mistralai/Mistral-7B-v0.1"
+ORIGINAL_JUDGE = "openai:gpt-3.5-turbo-1106@https://api.openai.com/v1"
+SWITCHES: dict[str, Switch] = {
+    "templates": Switch(
+        "mult_template_v1.json",
+        "mult_template_v1.json",
+        "the queries the LM answers; None uses the book's own 25 in the same spirit",
+    ),
+    "lm": Switch(ORIGINAL_LM, ORIGINAL_LM, "which LM writes the descriptions"),
+    "lora_r": Switch(16, 16, "LoRA rank (0: all weights train, as the world LM is tiny)"),
+    "grpo_beta": Switch(0.2, 0.2, "KL coefficient (the original's is adaptive, starting at 0.2)"),
+    "max_new_tokens": Switch(32, 32, "length of a description in tokens"),
+    "images_per_class": Switch(256, 256, "images of a class in its reward"),
+    "judge": Switch("ChatGPT", ORIGINAL_JUDGE, "who answers the inspection questions"),
+}
+# Differences that no parameter switches (the book cannot run the original's stack).
+FIXED_DIFFERENCES: dict[str, dict[str, str]] = {
+    "alignment": {
+        "this run": "GRPO (trl GRPOTrainer)",
+        "paper": "PPO",
+        "original code": "PPO (trl 0.7 API)",
+        "what it changes": "trl removed that PPO API; GRPO optimises the same reward with a KL "
+        "penalty, comparing completions of one query instead of a value head",
+    },
+    "reward scale": {
+        "this run": "cosine",
+        "paper": "mean similarity",
+        "original code": "100 x cosine",
+        "what it changes": "nothing for GRPO, which standardises rewards within a group",
+    },
+    "prompts per step": {
+        "this run": "one class per prompt, classes in turn",
+        "paper": "not stated",
+        "original code": "shuffled queries",
+        "what it changes": "every step's reward mixes the classes equally",
+    },
+    "attribute question": {
+        "this run": "second judge question",
+        "paper": "attribute analysis",
+        "original code": "not released",
+        "what it changes": "how informative descriptions are sorted into types",
+    },
+    "false descriptions": {
+        "this run": "own category (world)",
+        "paper": "not separated",
+        "original code": "not separated",
+        "what it changes": "informative-but-false text is never counted as spurious",
+    },
+}
+
+
+def differences(ch: Chapter) -> pd.DataFrame:
+    """The run's differences from the original: the switches in effect, then the fixed differences."""
+    table = ch.differences(SWITCHES)
+    if ch.params["templates"] is None:
+        table.loc["templates", "this run"] = "the book's 25 (ex2.TEMPLATES)"
+    for name, row in FIXED_DIFFERENCES.items():
+        table.loc[name] = {**row, "this run follows": "neither"}
+    return table
+
+
+def lm_config(p: dict) -> WorldLMConfig:
+    """The world LM's configuration from the chapter's parameters."""
+    return WorldLMConfig(
+        n_classes=WorldConfig(**p["world"]).n_classes,
+        corpus_size=p["lm_corpus_size"],
+        fact_sheets=p["lm_fact_sheets"],
+        answer_mix=p["lm_answer_mix"],
+        steps=p["lm_steps"],
+        seed=p["seed"],
+    )
+
+
+def align_config(p: dict) -> ex2.AlignConfig:
+    """GRPO's configuration from the chapter's parameters."""
+    return ex2.AlignConfig(
+        steps=p["grpo_steps"],
+        lr=p["grpo_lr"],
+        beta=p["grpo_beta"],
+        num_generations=p["num_generations"],
+        prompts_per_step=p["prompts_per_step"],
+        max_new_tokens=p["max_new_tokens"],
+        lora_r=p["lora_r"],
+        seed=p["seed"],
+    )
+
+
+def chapter_reward(ch: Chapter, clip_bundle=None, key: dict | None = None) -> tuple[ex2.CLIPReward, list[str], dict]:
+    """``(reward, class names, reward key)`` of the chapter's VLM (or of ``clip_bundle``, identified by
+    ``key``); the class means of the image embeddings are cached in the store."""
+    from ..data import load_dataset
+
+    p = ch.params
+    clip, preprocess, tokenizer, _ = clip_bundle or ch.clip()
+    key = {**(key or ch.key()), "dataset": p["dataset"], "images_per_class": p["images_per_class"]}
+    if p["dataset"] == "world":
+        names = ch.world.class_names
+        means = lambda: ex2.world_class_embeddings(clip, ch.world, p["images_per_class"])  # noqa: E731
+    else:
+        images = load_dataset(p["dataset"], p["data_root"], "test")
+        names = images.class_names
+        means = lambda: ex2.dataset_class_embeddings(clip, preprocess, images, p["images_per_class"])  # noqa: E731
+    class_means = ch.store.get_or_build(
+        "ex2_class_means",
+        key,
+        lambda d: torch.save(means(), d / "means.pt"),
+        lambda d: torch.load(d / "means.pt", weights_only=True),
+    )
+    return ex2.CLIPReward(clip, tokenizer, class_means), list(names), key
+
+
+def chapter_lm(ch: Chapter, templates: Sequence[str], progress: bool = True) -> tuple[Any, Any, dict, list]:
+    """``(model, tokenizer, key, pretraining history)`` of the chapter's language model."""
+    p = ch.params
+    if p["lm"] == "world":
+        cfg = lm_config(p)
+        model, tokenizer, history = world_lm(ch.store, cfg, templates, progress=progress)
+        return model, tokenizer, {"lm": "world", **asdict(cfg), "templates": list(templates)}, history
+    model, tokenizer = load_lm(p["lm"], quantization=p["lm_quantization"])
+    folder = ch.inputs.get("lm") or (fingerprint(p["lm"]) if Path(p["lm"]).exists() else None)
+    return model, tokenizer, {"lm": p["lm"], "sha256": folder}, []
+
+
+def cached_samples(
+    ch: Chapter,
+    key: dict,
+    model,
+    tokenizer,
+    queries: pd.DataFrame,
+    reward: ex2.CLIPReward,
+    max_new_tokens: int | None = None,
+    seed_offset: int = 0,
+) -> pd.DataFrame:
+    """``samples_per_query`` descriptions of every query from ``model`` (identified by ``key``), with their
+    rewards; seeded by the chapter's seed (plus ``seed_offset``) and stored as JSON."""
+    p = ch.params
+    n_tokens, seed = max_new_tokens or p["max_new_tokens"], p["seed"] + seed_offset
+
+    def build(d: Path) -> None:
+        out = ex2.sample_descriptions(model, tokenizer, queries, p["samples_per_query"], n_tokens, seed=seed)
+        out["reward"] = reward.scores(out.description.tolist(), out.class_index.tolist())
+        ex2.save_descriptions(out, d / "descriptions.json")
+
+    return ch.store.get_or_build(
+        "ex2_descriptions",
+        {**key, "max_new_tokens": n_tokens, "samples": p["samples_per_query"], "seed": seed},
+        build,
+        lambda d: pd.DataFrame(json.loads((d / "descriptions.json").read_text())),
+    )
+
+
+def cached_reliance(ch: Chapter, clip_bundle, key: dict) -> pd.DataFrame:
+    """:func:`conceptlab.reliance.counterfactual_reliance` of a world CLIP (identified by ``key``), stored."""
+    from ..reliance import counterfactual_reliance
+
+    n, seed = ch.params["n_counterfactual"], ch.params["seed"]
+    return ch.store.get_or_build(
+        "ex2_reliance",
+        {**key, "n": n, "seed": seed},
+        lambda d: atomic_write_json(
+            d / "reliance.json",
+            counterfactual_reliance(clip_bundle[0], clip_bundle[2], ch.world, n, seed=seed).to_dict(orient="records"),
+        ),
+        lambda d: pd.DataFrame(json.loads((d / "reliance.json").read_text())),
+    )
+
+
+# ---------------------------------------------------------------------------- the run, step by step
+@dataclass
+class Result:
+    """Everything the chapter computes, filled step by step (the notebook's cells, or :func:`run`)."""
+
+    templates: list[str] = field(default_factory=list)
+    class_names: list[str] = field(default_factory=list)
+    queries: pd.DataFrame | None = None
+    reward: ex2.CLIPReward | None = None
+    lm: Any = None
+    tokenizer: Any = None
+    lm_key: dict = field(default_factory=dict)
+    lm_history: list[dict] = field(default_factory=list)
+    align: ex2.AlignConfig | None = None
+    key: dict = field(default_factory=dict)
+    knowledge: dict | None = None  # the gate: share of true claims, its interval, a random class's share
+    preference: pd.DataFrame | None = None  # reward per kind of sentence (world)
+    policy: Any = None
+    curve: list[dict] = field(default_factory=list)
+    descriptions: dict[str, pd.DataFrame] = field(default_factory=dict)  # before, after, before (resampled)
+    labelled: dict[str, pd.DataFrame] = field(default_factory=dict)
+    reliance: pd.DataFrame | None = None
+    planted: dict | None = None
+
+    @property
+    def n_lm_parameters(self) -> int:
+        return count_parameters(self.lm)
+
+    def shares(self) -> pd.DataFrame:
+        """Share of each kind of description (the judge's), one column per stage."""
+        table = pd.DataFrame({stage: ex2.kind_shares(self.labelled[stage]) for stage in STAGES})
+        return table.rename_axis("kind of description")
+
+    def attributes(self) -> pd.DataFrame:
+        """Share of each attribute type among the informative descriptions, one column per stage."""
+        return ex2.attribute_table({stage: self.labelled[stage] for stage in STAGES})
+
+    def gain(self) -> dict[str, float]:
+        """The paired reward gain of alignment on the fixed samples, and the same between two samples of
+        the pretrained LM (what chance alone moves)."""
+        gain, low, high = ex2.paired_gain(self.descriptions["before"], self.descriptions["after"])
+        null, null_low, null_high = ex2.paired_gain(self.descriptions["before"], self.descriptions["resampled"])
+        return {
+            "gain": gain,
+            "low": low,
+            "high": high,
+            "null": null,
+            "null_low": null_low,
+            "null_high": null_high,
+            "slots": len(self.descriptions["before"]),
+            "before": float(self.descriptions["before"].reward.mean()),
+            "after": float(self.descriptions["after"].reward.mean()),
+        }
+
+    def kind_table(self) -> pd.DataFrame:
+        """The VLM's reward per kind of sentence, paired per class against a class-name caption."""
+        return ex2.kind_table(self.preference)
+
+    def mix(self, ch: Chapter) -> pd.DataFrame:
+        """Sentence kinds before and after alignment, beside the mix KL-regularised RL predicts (world)."""
+        shares = pd.DataFrame({s: ex2.sentence_kind_shares(self.descriptions[s], ch.world) for s in STAGES})
+        reward = self.kind_table()["reward"]
+        before = self.descriptions["before"]
+        spread = float(np.sqrt(before.groupby(["class_index", "template_index"]).reward.var().mean()))
+        if np.isnan(spread):  # one sample per query: the spread within a class instead
+            spread = float(before.groupby("class_index").reward.std().mean())
+        shares["predicted"] = ex2.optimal_mix(shares["before"], reward, self.align.beta, scale=spread)
+        shares["kind reward"] = reward.reindex(shares.index)
+        return shares[["kind reward", "before", "predicted", "after"]].rename_axis("kind of sentence")
+
+    def mentions_against_reliance(self) -> pd.DataFrame:
+        """Per factor: measured reliance and logit drop, and EX2's mention shares before, after and the gain."""
+        mentions = pd.DataFrame({k: ex2.factor_mentions(self.labelled[k]) for k in STAGES})
+        check = self.reliance[["reliance", "logit_drop"]].join(mentions.add_prefix("EX2 "))
+        check["EX2 gain"] = check["EX2 after"] - check["EX2 before"]
+        return check
+
+
+def load_models(ch: Chapter, r: Result, progress: bool = True) -> None:
+    """The reward (the chapter's VLM), the language model and the queries; every step cached."""
+    p = ch.params
+    with ch.stage("language model"):
+        r.templates = ex2.load_templates(p["templates"])
+        r.reward, r.class_names, vlm_key = chapter_reward(ch)
+        r.lm, r.tokenizer, r.lm_key, r.lm_history = chapter_lm(ch, r.templates, progress=progress)
+        r.queries = ex2.format_queries(r.class_names, r.templates)
+        r.align = align_config(p)
+        r.key = {"lm": r.lm_key, "vlm": vlm_key}
+
+
+def sample_before(ch: Chapter, r: Result) -> None:
+    """The fixed evaluation samples of the pretrained LM (and a second, independent draw: the null)."""
+    with ch.stage("describe"):
+        r.descriptions["before"] = cached_samples(
+            ch, {**r.key, "stage": "before"}, r.lm, r.tokenizer, r.queries, r.reward
+        )
+        r.descriptions["resampled"] = cached_samples(
+            ch, {**r.key, "stage": "before"}, r.lm, r.tokenizer, r.queries, r.reward, seed_offset=1
+        )
+
+
+def truth_interval(labelled: pd.DataFrame) -> tuple[float, float]:
+    """95 % bootstrap interval (over descriptions) of the share of true claims."""
+    counts = labelled[["n_true", "claims"]].to_numpy(dtype=float)
+    return bootstrap_interval(counts, stat=lambda v: v[:, 0].sum() / max(v[:, 1].sum(), 1.0), seed=0)
+
+
+def check_knowledge(ch: Chapter, r: Result) -> None:
+    """On the world: how many of the pretrained LM's claims are true, against the same descriptions judged
+    as about a random class (printed, and saved in the store before the gate decides); with the world LM,
+    stops the chapter (:class:`conceptlab.ex2.KnowledgeGateError`) below ``lm_min_true_share``."""
+    if not ch.on_world:
+        return
+    labelled = WorldJudge(ch.world).label_frame(r.descriptions["before"])
+
+    def measure(d: Path) -> None:
+        share, claims = ex2.truth_share(labelled)
+        low, high = truth_interval(labelled)
+        atomic_write_json(
+            d / "knowledge.json",
+            {
+                "true_share": share,
+                "low": low,
+                "high": high,
+                "claims": claims,
+                "random_class": ex2.random_class_truth(r.descriptions["before"], ch.world, ch.params["seed"]),
+            },
+        )
+
+    key = {
+        **r.key,
+        "samples": ch.params["samples_per_query"],
+        "seed": ch.params["seed"],
+        "max_new_tokens": ch.params["max_new_tokens"],
+    }
+    r.knowledge = ch.store.get_or_build(
+        "ex2_knowledge", key, measure, lambda d: json.loads((d / "knowledge.json").read_text())
+    )
+    k = r.knowledge
+    print(
+        f"The LM's claims: {k['true_share']:.1%} true of {k['claims']} (95 % interval {k['low']:.1%} to "
+        f"{k['high']:.1%}); the same descriptions judged as about a random class: {k['random_class']:.1%}."
+    )
+    if ch.params["lm"] == "world":
+        ex2.knowledge_gate(labelled, ch.params["lm_min_true_share"])
+
+
+def target(ch: Chapter, r: Result) -> None:
+    """On the world, before any RL: the VLM's reward of every kind of sentence, for every class."""
+    if not ch.on_world:
+        return
+    with ch.stage("target"):
+        r.preference = ex2.kind_preference(r.reward, ch.world, ch.params["preference_sentences"], ch.params["seed"])
+
+
+def align(ch: Chapter, r: Result, progress: bool = True) -> None:
+    """GRPO alignment of the LM to the VLM's reward, logged relative to each class's pre-RL mean."""
+    baseline = ex2.class_baseline(r.descriptions["before"], len(r.class_names))
+    with ch.stage("align"):
+        r.policy, r.curve = ex2.aligned_lm(
+            ch.store,
+            {**r.key, "relative": True},
+            r.lm,
+            r.tokenizer,
+            r.reward.relative_to(baseline),
+            r.queries,
+            r.align,
+            progress=progress,
+        )
+
+
+def sample_after(ch: Chapter, r: Result, max_new_tokens: int | None = None) -> None:
+    """The aligned policy's samples of the same (query, sample) slots, with the same seed."""
+    with ch.stage("describe"):
+        r.descriptions["after"] = cached_samples(
+            ch,
+            {**r.key, "stage": "after", "align": asdict(r.align)},
+            r.policy,
+            r.tokenizer,
+            r.queries,
+            r.reward,
+            max_new_tokens,
+        )
+
+
+def judge(ch: Chapter, min_true: int | None = None):
+    """The chapter's judge (``judge`` parameter); on the world it also knows the ground truth."""
+    p = ch.params
+    return make_judge(
+        p["judge"], ch.world if ch.on_world else None, p["judge_api_key_env"], min_true or p["judge_min_true"]
+    )
+
+
+def inspect_both(ch: Chapter, r: Result) -> None:
+    """EX2's inspection of the descriptions before and after alignment."""
+    truth, judge_fn = (ch.world if ch.on_world else None), judge(ch)
+    with ch.stage("inspect"):
+        r.labelled = {stage: ex2.inspect_descriptions(r.descriptions[stage], judge_fn, truth) for stage in STAGES}
+
+
+def ground_truth(ch: Chapter, r: Result) -> None:
+    """On the world: the VLM's measured reliance on each factor (counterfactual images)."""
+    if not ch.on_world:
+        return
+    with ch.stage("ground truth"):
+        r.reliance = cached_reliance(ch, ch.clip(), ch.key()).set_index("factor")
+
+
+def examples(r: Result, n_classes: int = 4) -> pd.DataFrame:
+    """The first template's first sample for the first classes, before and after alignment, side by side."""
+
+    def first(df: pd.DataFrame) -> pd.DataFrame:
+        return df[(df.template_index == 0) & (df["sample"] == 0) & (df.class_index < n_classes)]
+
+    return pd.DataFrame(
+        {
+            "class": first(r.descriptions["before"]).class_name.to_numpy(),
+            **{stage: first(r.descriptions[stage]).description.to_numpy() for stage in STAGES},
+        }
+    )
+
+
+# ---------------------------------------------------------------------------- the planted VLM
+def planted_configs(ch: Chapter) -> dict[str, ex2.TextTowerConfig]:
+    """The two text-tower retrainings: the control keeps the world's caption mix, the planted one raises
+    ``planted_style`` to ``planted_share`` of the captions. They differ in that one setting only."""
+    p, mix = ch.params, dict(ch.world_cfg.caption_mix)
+    rest = sum(v for k, v in mix.items() if k != p["planted_style"])
+    raised = {
+        k: (p["planted_share"] if k == p["planted_style"] else v * (1 - p["planted_share"]) / rest)
+        for k, v in mix.items()
+    }
+    base = {"steps": p["planted_steps"], "seed": p["seed"], "n_images": min(4096, 128 * p["planted_steps"])}
+    return {
+        "control": ex2.TextTowerConfig(caption_mix=mix, **base),
+        "planted": ex2.TextTowerConfig(caption_mix=raised, **base),
+    }
+
+
+def planted_clip(ch: Chapter, cfg: ex2.TextTowerConfig) -> tuple[tuple, dict]:
+    """The chapter's CLIP with its text tower retrained by ``cfg`` (stored), and its key."""
+    clip, preprocess, tokenizer, _ = ch.clip()
+    key = {**ch.key(), "text_tower": asdict(cfg)}
+
+    def build(d: Path) -> None:
+        torch.save(ex2.retrain_text_tower(clip, ch.world, cfg).state_dict(), d / "model.pt")
+
+    model = ch.store.get_or_build(
+        "ex2_text_tower", key, build, lambda d: load_clip(ch.train_cfg.arch, str(d / "model.pt"), device="cpu")[0]
+    )
+    return (model, preprocess, tokenizer, None), {"model": key}
+
+
+def run_planted(ch: Chapter, r: Result, progress: bool = True) -> None:
+    """EX2 on the control and the planted VLM: the same LM, aligned to each with the same settings."""
+    if not (ch.on_world and ch.params["model"] == "world" and ch.params["planted"]):
+        return
+    out = {}
+    with ch.stage("planted"):
+        for name, cfg in planted_configs(ch).items():
+            bundle, key = planted_clip(ch, cfg)
+            reward, _, vlm = chapter_reward(ch, bundle, key)
+            akey = {**r.key, "vlm": vlm}
+            before = cached_samples(ch, {**akey, "stage": "before"}, r.lm, r.tokenizer, r.queries, reward)
+            baseline = ex2.class_baseline(before, len(r.class_names))
+            policy, _ = ex2.aligned_lm(
+                ch.store,
+                {**akey, "relative": True},
+                r.lm,
+                r.tokenizer,
+                reward.relative_to(baseline),
+                r.queries,
+                r.align,
+                progress=progress,
+            )
+            after = cached_samples(
+                ch, {**akey, "stage": "after", "align": asdict(r.align)}, policy, r.tokenizer, r.queries, reward
+            )
+            out[name] = {
+                "config": cfg,
+                "before": before,
+                "after": after,
+                "preference": ex2.kind_table(ex2.kind_preference(reward, ch.world, ch.params["preference_sentences"])),
+            }
+    r.planted = out
+
+
+def planted_table(ch: Chapter, r: Result) -> pd.DataFrame | None:
+    """Per sentence kind and VLM: its share after alignment (and before), and its reward."""
+    if r.planted is None:
+        return None
+    rows = {}
+    for name, v in r.planted.items():
+        for stage in STAGES:
+            rows[(name, stage)] = ex2.sentence_kind_shares(v[stage], ch.world)
+        rows[(name, "kind reward")] = v["preference"]["reward"]
+    return pd.DataFrame(rows).rename_axis("kind of sentence")
+
+
+def planted_difference(ch: Chapter, r: Result, kind: str) -> tuple[float, float, float]:
+    """Share of ``kind`` sentences after alignment, planted VLM minus control: ``(difference, low, high)``,
+    95 % bootstrap over the (query, sample) slots, the same slots resampled in both."""
+    diff = _slot_shares(r.planted["planted"]["after"], ch, kind) - _slot_shares(r.planted["control"]["after"], ch, kind)
+    low, high = bootstrap_interval(diff, seed=0)
+    return float(diff.mean()), low, high
+
+
+def _slot_shares(descriptions: pd.DataFrame, ch: Chapter, kind: str) -> np.ndarray:
+    """Per description, in the order of its (class, template, sample) slot, the share of its sentences of ``kind``."""
+    ordered = descriptions.sort_values(list(ex2.PAIR_KEYS)).reset_index(drop=True)
+    kinds = ex2.sentence_kinds(ordered, ch.world)
+    share = (kinds.kind == kind).groupby(kinds.description_index).mean()
+    return share.reindex(range(len(ordered)), fill_value=0.0).to_numpy()
+
+
+# ---------------------------------------------------------------------------- the whole run
+def run(ch: Chapter, progress: bool = False) -> Result:
+    """The chapter's work, in the notebook's order."""
+    r = Result()
+    load_models(ch, r, progress=progress)
+    sample_before(ch, r)
+    check_knowledge(ch, r)
+    target(ch, r)
+    align(ch, r, progress=progress)
+    sample_after(ch, r)
+    inspect_both(ch, r)
+    ground_truth(ch, r)
+    run_planted(ch, r, progress=progress)
+    return r
+
+
+def prepare(ch: Chapter) -> None:
+    """Build the chapter's trained artifacts (the LM and the GRPO policy), e.g. data-parallel under
+    ``accelerate launch -m conceptlab.prepare 04_ex2``; the notebook then loads them."""
+    r = Result()
+    load_models(ch, r, progress=False)
+    sample_before(ch, r)
+    check_knowledge(ch, r)
+    align(ch, r, progress=False)
+
+
+# ---------------------------------------------------------------------------- results
+def reward_rise(r: Result) -> dict[str, float]:
+    """GRPO's logged reward (relative to each class's pre-RL mean), first and last fifth of the steps."""
+    first, last, window = ex2.reward_rise(r.curve)
+    return {"first_window": first, "last_window": last, "rise": last - first, "window_steps": window}
+
+
+def _frame(table: pd.DataFrame) -> dict:
+    return {str(k): {c: (None if pd.isna(v) else float(v)) for c, v in row.items()} for k, row in table.iterrows()}
+
+
+def results(ch: Chapter, r: Result) -> dict:
+    """The results JSON's ``results`` block."""
+    shares, attributes = r.shares(), r.attributes()
+    nonvisual = attributes.xs("non-visual", level="group").sum()
+    out = {
+        "lm_parameters": r.n_lm_parameters,
+        "queries": len(r.queries),
+        "interval_level": 0.95,
+        "gain": r.gain(),
+        "grpo_reward": reward_rise(r),
+        **{f"nonvisual_of_informative_{stage}": float(v) for stage, v in nonvisual.items()},
+        "attribute_shares_after": attributes["after"].droplevel(0).to_dict(),
+        "judge_yes_after": float((r.labelled["after"].judge == "yes").mean()),
+        "unparsed_share": {s: float(shares.loc["unparsed", s]) for s in STAGES},
+    }
+    for kind, stage in shares.stack().index:  # share_<kind>_<stage>; "non-visual" is written nonvisual
+        out[f"share_{kind.replace('-', '')}_{stage}"] = float(shares.loc[kind, stage])
+    if r.knowledge is not None:
+        out["knowledge"] = {
+            **r.knowledge,
+            "gate": ch.params["lm_min_true_share"] if ch.params["lm"] == "world" else None,
+            "corpus_false_share": lm_config(ch.params).false_share if ch.params["lm"] == "world" else None,
+        }
+    if r.preference is not None:
+        out["kind_reward"] = _frame(r.kind_table())
+        out["kind_mix"] = _frame(r.mix(ch))
+    if r.reliance is not None:
+        check = r.mentions_against_reliance()
+        out.update(
+            spearman_reliance_gain=rank_correlation(check.logit_drop, check["EX2 gain"]),
+            reliance=r.reliance.reliance.to_dict(),
+            mention_share_after=check["EX2 after"].to_dict(),
+        )
+    if r.planted is not None:
+        table = planted_table(ch, r)
+        out["planted"] = {
+            "style": ch.params["planted_style"],
+            "share": ch.params["planted_share"],
+            "mix": {name: v["config"].caption_mix for name, v in r.planted.items()},
+            "table": {f"{a} {b}": col.to_dict() for (a, b), col in table.items()},
+            **{
+                f"{kind} difference": dict(zip(("value", "low", "high"), planted_difference(ch, r, kind)))
+                for kind in ("web_seen", "web_unseen", "habitat")
+            },
+        }
+    return out
+
+
+def _share_interval(labelled: pd.DataFrame, kind: str) -> tuple[float, float, float]:
+    values = (labelled.kind == kind).to_numpy(dtype=float)
+    return (float(values.mean()), *bootstrap_interval(values, seed=0))
+
+
+def headline(ch: Chapter, r: Result) -> dict[str, Reported]:
+    """The paired reward gain of alignment, what the LM knows, the spurious share, the planted shift."""
+    g = r.gain()
+    out = {
+        "reward gain of alignment (paired)": Reported(
+            g["gain"],
+            g["low"],
+            g["high"],
+            chance=g["null"],
+            note=f"mean over {g['slots']} fixed (query, sample) slots, 95 % bootstrap; chance: two samples of the "
+            "pretrained LM; the paper plots a rising reward but gives no number",
+        )
+    }
+    if r.knowledge is not None:
+        k = r.knowledge
+        out["true share of the LM's claims (before RL)"] = Reported(
+            k["true_share"],
+            k["low"],
+            k["high"],
+            chance=k["random_class"],
+            note="95 % bootstrap over descriptions; chance: the same descriptions judged as about a random class",
+        )
+    value, low, high = _share_interval(r.labelled["after"], "spurious")
+    out["spurious share (aligned)"] = Reported(
+        value,
+        low,
+        high,
+        chance=float((r.labelled["before"].kind == "spurious").mean()),
+        note="95 % bootstrap over descriptions; chance: the share before alignment; the paper gives no number",
+    )
+    if r.planted is not None:
+        value, low, high = planted_difference(ch, r, "web_seen")
+        out["seen web phrases, planted minus control VLM"] = Reported(
+            value,
+            low,
+            high,
+            chance=0.0,
+            note="share of sentences after alignment; 95 % bootstrap over slots; chance: no difference",
+        )
+    return out
+
+
+def fidelity_rows(res: dict) -> dict[str, dict]:
+    """The chapter's opening table, like with like: what the paper reports, what the original code
+    computes (it needs Mistral-7B and ChatGPT, so: its definition), and this book's number."""
+    rows = {
+        "reward gain of alignment": {
+            "paper": "rises (training curves)",
+            "original code": "PPO, 1000 steps",
+            "this book": res["gain"]["gain"],
+        },
+        "spurious share of aligned descriptions": {
+            "paper": "a major share (abstract)",
+            "original code": "judge 'no' share",
+            "this book": res["share_spurious_after"],
+        },
+        "informative but false share": {
+            "paper": "not reported",
+            "original code": "counted as informative",
+            "this book": res["share_false_after"],
+        },
+        "non-visual share of informative": {
+            "paper": "significant, e.g. habitat",
+            "original code": "not released",
+            "this book": res["nonvisual_of_informative_after"],
+        },
+    }
+    if "planted" in res:
+        rows["a VLM trained on more web captions prefers them (seen web phrases, planted - control)"] = {
+            "paper": "VLMs differ in what they prefer",
+            "original code": "one run per VLM",
+            "this book": res["planted"]["web_seen difference"]["value"],
+        }
+    return rows
+
+
+def _interval(value: float, low: float, high: float, digits: int = 4) -> str:
+    return f"{value:+.{digits}f} (95 % interval {low:+.{digits}f} to {high:+.{digits}f})"
+
+
+def summary(ch: Chapter, r: Result) -> list[str]:
+    """Generated from the result: what the LM knows, the target, the gain, the kinds, the planted VLM."""
+    out = []
+    if r.knowledge is not None:
+        k = r.knowledge
+        out.append(
+            f"Before RL, {k['true_share']:.1%} of the language model's {k['claims']} claims are true "
+            f"(95 % interval {k['low']:.1%} to {k['high']:.1%}; judged as about a random class, "
+            f"{k['random_class']:.1%})."
+        )
+    if r.preference is not None:
+        kinds = r.kind_table()
+        best, worst = kinds.index[0], kinds.index[-1]
+        out.append(
+            f"The CLIP rewards {best.replace('_', ' ')} sentences most ({kinds.loc[best, 'reward']:.4f}) "
+            f"and {worst.replace('_', ' ')} sentences least ({kinds.loc[worst, 'reward']:.4f})."
+        )
+    g = r.gain()
+    moved = "an interval that excludes 0" if excludes(g["low"], g["high"]) else "an interval that includes 0"
+    out.append(
+        f"On the same {g['slots']} (query, sample) slots, alignment changes the mean reward by "
+        f"{_interval(g['gain'], g['low'], g['high'])}, {moved}; two samples of the pretrained LM differ "
+        f"by {g['null']:+.4f}."
+    )
+    shares = r.shares()
+    out.append(
+        f"After alignment {shares.loc['spurious', 'after']:.1%} of the descriptions are spurious "
+        f"({shares.loc['spurious', 'before']:.1%} before) and {shares.loc['false', 'after']:.1%} informative "
+        f"but false; {shares.loc['unparsed', 'after']:.1%} of the judge's replies could not be parsed."
+    )
+    if r.preference is not None:
+        mix = r.mix(ch)
+        kind = (mix["predicted"] - mix["before"]).abs().idxmax()
+        out.append(
+            f"KL-regularised RL predicts the share of {kind.replace('_', ' ')} sentences to move from "
+            f"{mix.loc[kind, 'before']:.1%} to {mix.loc[kind, 'predicted']:.1%}; it went to "
+            f"{mix.loc[kind, 'after']:.1%}."
+        )
+    if r.planted is not None:
+        seen, unseen = (planted_difference(ch, r, k) for k in ("web_seen", "web_unseen"))
+        verdict = (
+            "rises beyond its interval"
+            if excludes(seen[1], seen[2]) and seen[0] > 0
+            else "does not rise beyond its interval"
+        )
+        out.append(
+            f"With {ch.params['planted_style']} captions raised to {ch.params['planted_share']:.0%} in the "
+            f"text tower's training, the aligned share of seen web phrases {verdict}: "
+            f"{_interval(*seen, digits=3)}; unseen phrases {_interval(*unseen, digits=3)}."
+        )
+    return out
+
+
+# ---------------------------------------------------------------------------- exercises
+def _exercise_summary(ch: Chapter, r: Result) -> dict[str, float]:
+    shares = ex2.kind_shares(ex2.inspect_descriptions(r.descriptions["after"], judge(ch), ch.world))
+    gain = ex2.paired_gain(r.descriptions["before"], r.descriptions["after"])[0]
+    return {
+        "reward gain (paired)": gain,
+        **{f"share {k}": float(shares[k]) for k in ("spurious", "false", "visual", "non-visual")},
+    }
+
+
+def _aligned(ch: Chapter, max_new_tokens: int | None = None) -> Result:
+    r = Result()
+    load_models(ch, r, progress=False)
+    sample_before(ch, r)
+    align(ch, r, progress=False)
+    sample_after(ch, r, max_new_tokens)
+    return r
+
+
+def exercise_stricter_judge(ch: Chapter) -> dict[str, float]:
+    """The aligned descriptions judged by a world judge with the chapter's ``judge_min_true``."""
+    return _exercise_summary(ch, _aligned(ch))
+
+
+def exercise_alignment(ch: Chapter) -> dict[str, float]:
+    """Align with the chapter's GRPO settings (``grpo_steps``, ``grpo_beta``, ...), then inspect."""
+    return _exercise_summary(ch, _aligned(ch))
+
+
+def exercise_description_length(ch: Chapter, description_tokens: int | None = None) -> dict[str, float]:
+    """The chapter's aligned policy writing descriptions of at most ``description_tokens`` tokens
+    (the pretrained LM too, so that the gain stays paired)."""
+    r = _aligned(ch, description_tokens)
+    if description_tokens is not None:
+        r.descriptions["before"] = cached_samples(
+            ch, {**r.key, "stage": "before"}, r.lm, r.tokenizer, r.queries, r.reward, description_tokens
+        )
+    return _exercise_summary(ch, r)
+
+
+def exercise_images_per_class(ch: Chapter, reward_images: int | None = None) -> dict[str, float]:
+    """How well a reward estimated from ``reward_images`` images a class agrees with the chapter's reward,
+    on the chapter's aligned descriptions (Spearman's rho, and the mean absolute difference)."""
+    from scipy.stats import spearmanr
+
+    after = _aligned(ch).descriptions["after"]
+    other_ch = ch if reward_images is None else ch.with_params(images_per_class=reward_images)
+    reward, _, _ = chapter_reward(other_ch)
+    other = reward.scores(after.description.tolist(), after.class_index.tolist())
+    return {
+        "Spearman with the chapter's reward": float(spearmanr(other, after.reward).statistic),
+        "mean |reward difference|": float(np.abs(other - after.reward).mean()),
+    }
+
+
+def exercise_planted(ch: Chapter) -> dict[str, float]:
+    """EX2 on the control and the planted VLM with the chapter's ``planted_style`` and ``planted_share``:
+    the planted-minus-control difference of each kind's share after alignment."""
+    r = _aligned(ch)
+    run_planted(ch, r, progress=False)
+    return {
+        f"{kind} (planted - control)": planted_difference(ch, r, kind)[0]
+        for kind in ("web_seen", "web_unseen", "habitat", "visual_true")
+    }
+
+
+__all__ = ["NAME", "PARAMETERS", "SWITCHES", "Result", "headline", "prepare", "results", "run", "summary"]

@@ -1,0 +1,159 @@
+"""``python -m conceptlab.bookrun``: the book of a user's model from one parameter file (chapters that
+apply run, the others are skipped with their reason, a separate HTML book), the time table of a build,
+and a failed run that leaves no hidden notebook behind."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import nbformat
+import pytest
+import torch
+import yaml
+from PIL import Image
+
+from conceptlab import bookrun
+from conceptlab.artifacts import STAT_CACHE
+from conceptlab.chapters import spec
+from conceptlab.models import load_clip
+
+CLASSES = ("cat", "dog", "owl")
+
+
+def _stand_ins(root: Path, checkpoint: bool = False) -> Path:
+    """A user's files beside their book file: a CLIP checkpoint, an ImageFolder, descriptors."""
+    root.mkdir(parents=True, exist_ok=True)
+    if checkpoint:
+        torch.save({"state_dict": load_clip("ConceptWorld-ViT", None, "cpu")[0].state_dict()}, root / "clip.pt")
+    else:
+        (root / "clip.pt").write_bytes(b"weights")  # validation only looks for the file
+    for c, name in enumerate(CLASSES):
+        (root / "images" / name).mkdir(parents=True, exist_ok=True)
+        for j in range(3):
+            Image.new("RGB", (40 + 8 * j, 36), (80 * c, 60 * j, 120)).save(root / "images" / name / f"{j}.png")
+    (root / "descriptors.json").write_text(json.dumps({n: [f"{n} part {k}" for k in range(4)] for n in CLASSES}))
+    return root
+
+
+def _book_file(root: Path, **blocks) -> Path:
+    common = {
+        "model": "ConceptWorld-ViT",
+        "pretrained": "clip.pt",
+        "dataset": "imagefolder",
+        "data_root": "images",
+        "descriptors": "descriptors.json",
+        "artifacts_dir": "store",
+        "world": {"n_classes": 6},
+    }
+    path = root / "my.yml"
+    path.write_text(yaml.safe_dump({"common": common, **blocks}))
+    return path
+
+
+def test_a_book_file_runs_what_applies_and_says_why_it_skips_the_rest(tmp_path):
+    path = _book_file(_stand_ins(tmp_path / "mine"), **{"03_deal": {"skip": "no time today"}})
+    plans, store = bookrun.read_book_file(path, tmp_path / "out", bookrun.chapters())
+    assert store == tmp_path / "mine" / "store"
+    plans = {p.chapter: p for p in plans}
+    runs = plans["02_descriptors"]
+    assert runs.skip is None
+    assert runs.params["pretrained"] == str(tmp_path / "mine" / "clip.pt"), "relative to the book file"
+    assert runs.params["data_root"] == str(tmp_path / "mine" / "images")
+    assert runs.params["artifacts_dir"] == str(tmp_path / "mine" / "store")
+    assert runs.params["results_dir"] == str(tmp_path / "out" / "results")
+    assert plans["01_world_and_model"].skip is None and "descriptors" not in plans["01_world_and_model"].params
+    assert plans["03_deal"].skip == "skipped by the parameter file: no time today"
+    assert "lm" in plans["04_ex2"].skip, "EX2 on real images needs a real language model"
+    assert "CNN" in plans["06_lavise"].skip and "planted" in plans["07_verdict"].skip
+
+
+def test_a_book_file_is_checked_before_any_chapter_runs(tmp_path):
+    bad = tmp_path / "bad.yml"
+    bad.write_text(yaml.safe_dump({"common": {}, "03_dael": {}}))
+    with pytest.raises(ValueError, match=r"unknown blocks \['03_dael'\]"):
+        bookrun.read_book_file(bad, tmp_path / "out", bookrun.chapters())
+    bad.write_text(yaml.safe_dump({"common": {}, "03_deal": {"deal_step": 5}}))
+    with pytest.raises(ValueError, match="03_deal block .* 'deal_step' \\(did you mean 'deal_steps'\\?\\)"):
+        bookrun.read_book_file(bad, tmp_path / "out", bookrun.chapters())
+    bad.write_text(yaml.safe_dump({"common": {"pretrianed": "x.pt"}}))
+    with pytest.raises(ValueError, match=r"no chapter declares \['pretrianed'\]"):
+        bookrun.read_book_file(bad, tmp_path / "out", bookrun.chapters())
+    bad.write_text(yaml.safe_dump({"common": {"results_dir": "r"}}))
+    with pytest.raises(ValueError, match="results go to <out>/results"):
+        bookrun.read_book_file(bad, tmp_path / "out", bookrun.chapters())
+    with pytest.raises(SystemExit):
+        bookrun.main(["--params", str(tmp_path / "absent.yml"), "--out", str(tmp_path / "out")])
+
+
+def test_the_example_book_file_names_only_declared_parameters():
+    table = yaml.safe_load((bookrun.ROOT / "examples" / "my_model.yml").read_text())
+    assert set(table) == {"common", *bookrun.chapters()}
+    declared = {name: set(spec(name)) for name in bookrun.chapters()}
+    assert all(any(k in d for d in declared.values()) for k in table["common"]), "a common name no chapter takes"
+    for name in bookrun.chapters():
+        block = {k: v for k, v in (table[name] or {}).items() if k != "skip"}
+        assert set(block) <= declared[name], (name, sorted(set(block) - declared[name]))
+
+
+def _executed(path: Path, durations: list[float]) -> Path:
+    nb = nbformat.v4.new_notebook(
+        cells=[nbformat.v4.new_code_cell(f"# a comment\nstep_{i}()") for i in range(len(durations))]
+    )
+    for cell, seconds in zip(nb.cells, durations):
+        cell.metadata["papermill"] = {"duration": seconds}
+    nbformat.write(nb, path)
+    return path
+
+
+def test_timings_come_from_the_chapters_stages_or_else_from_its_slowest_cells(tmp_path, capsys):
+    executed = _executed(tmp_path / "01_x.ipynb", [0.2, 12.5, 3.0])
+    row = bookrun.chapter_timing("01_x", 20.0, executed, tmp_path)
+    assert row["stages_from"] == "cells" and row["stages"] == {"cell 1: step_1()": 12.5, "cell 2: step_2()": 3.0}
+    (tmp_path / "01_x.json").write_text(json.dumps({"timings": {"train": 14.0, "measure": 2.5}}))
+    row = bookrun.chapter_timing("01_x", 20.0, executed, tmp_path)
+    assert row == {"seconds": 20.0, "stages": {"train": 14.0, "measure": 2.5}, "stages_from": "stages"}
+    store = tmp_path / "store"
+    store.mkdir()
+    (store / STAT_CACHE).write_text("{}")
+    assert bookrun.store_is_empty(store) and bookrun.store_is_empty(tmp_path / "none")
+    record = bookrun.write_timings(tmp_path / "res" / "timings.json", {"01_x": row}, 21.3, True, store)
+    assert json.loads((tmp_path / "res" / "timings.json").read_text()) == record
+    assert record["from_scratch_total_seconds"] == 21.3 and record["chapters"]["01_x"]["stages"]["train"] == 14.0
+    printed = capsys.readouterr().out
+    assert "train" in printed and "total 21 s; from an empty artifact store: yes" in printed
+    (store / "world_clip").mkdir()
+    assert not bookrun.store_is_empty(store)
+
+
+@pytest.mark.notebook
+def test_a_failed_chapter_leaves_no_hidden_notebook_behind(tmp_path):
+    params = {"world_clip": {"steps": 0}, "artifacts_dir": str(tmp_path / "a"), "results_dir": str(tmp_path / "r")}
+    with pytest.raises(Exception, match="steps=0 must be positive"):
+        bookrun.run_chapter("01_world_and_model", tmp_path / "out", params)
+    assert not [p.name for p in (tmp_path / "out").iterdir() if p.name.startswith(".")]
+    assert (tmp_path / "out" / "failed" / "01_world_and_model.ipynb").is_file()
+
+
+@pytest.mark.notebook
+def test_the_whole_book_builds_from_one_file_on_stand_in_files(tmp_path):
+    """Runs chapter 2 on the user's CLIP, ImageFolder and descriptor file (tiny sizes); chapters 6 and 7 are
+    skipped by rule."""
+    root = _stand_ins(tmp_path / "mine", checkpoint=True)
+    path = _book_file(root, **{"02_descriptors": {"n_test": 9, "n_explain": 3}})
+    out = tmp_path / "book"
+    rc = bookrun.main(["--params", str(path), "--out", str(out), "--chapters", "02_descriptors,06_lavise,07_verdict"])
+    assert rc == 0
+    record = json.loads((out / "results" / "02_descriptors.json").read_text())
+    assert record["parameters"]["loaded_architecture"] == "ConceptWorld-ViT"
+    assert record["inputs"]["pretrained"]["path"] == str(root / "clip.pt"), "relative to the book file"
+    assert record["inputs"]["descriptors"]["path"] == str(root / "descriptors.json"), "a string parameter's file"
+    timings = json.loads((out / "results" / "timings.json").read_text())
+    assert timings["from_scratch"] and timings["chapters"]["02_descriptors"]["status"] == "ran"
+    assert timings["chapters"]["06_lavise"]["status"] == "skipped"
+    html = out / "_build" / "html"
+    assert "book/intro.html" in (html / "index.html").read_text()
+    intro = (html / "book" / "intro.html").read_text()
+    assert "CNN" in intro and "planted" in intro, "the introduction says why chapters were skipped"
+    assert (html / "book" / "chapters" / "02_descriptors.html").is_file()
+    assert not (html / "book" / "chapters" / "06_lavise.html").exists()

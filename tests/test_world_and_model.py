@@ -1,0 +1,106 @@
+"""Chapter 1's module: the run, its headline with chance and intervals, a generated summary, exercises
+that share the chapter's CLIP, and the reliance yardstick."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+
+import pytest
+import torch
+from conftest import TINY_TRAIN, TINY_WORLD
+
+from conceptlab import chapters
+from conceptlab.chapters import world_and_model
+from conceptlab.chapters.report import unsupported_numbers
+
+
+@pytest.fixture(scope="module")
+def chapter_run(tiny_store, tiny_clip, tmp_path_factory):
+    """Chapter 1 on the tests' tiny world, reusing the session's tiny CLIP (same key): (ch, result, record)."""
+    results = tmp_path_factory.mktemp("results")
+    params = {
+        "world": {"n_classes": TINY_WORLD.n_classes},
+        "world_clip": {k: getattr(TINY_TRAIN, k) for k in ("n_train", "steps", "batch_size", "warmup")},
+        "n_test": 64,
+        "n_reliance": 16,
+        "artifacts_dir": str(tiny_store.root),
+        "results_dir": str(results),
+    }
+    ch, r = chapters.run("01_world_and_model", params)
+    return ch, r, json.loads((results / "01_world_and_model.json").read_text())
+
+
+def test_headline_numbers_carry_chance_and_an_interval(chapter_run):
+    ch, r, record = chapter_run
+    top1 = record["headline"]["zero-shot top-1"]
+    assert top1["chance"] == pytest.approx(1 / 6) and top1["low"] <= top1["value"] <= top1["high"]
+    assert top1["value"] == pytest.approx(record["results"]["zero_shot"]["top1"], abs=1e-6)
+    assert all(h["chance"] is not None and h["low"] is not None for h in record["headline"].values())
+    assert record["results"]["train_seconds"] == pytest.approx(r.history[-1]["seconds"])
+    assert record["results"]["habitat_correlation"] == 0.8 and record["results"]["n_classes"] == 6
+
+
+def test_summary_is_generated_from_the_numbers(chapter_run):
+    ch, r, record = chapter_run
+    assert unsupported_numbers(record["summary"], record) == []
+    assert f"{record['results']['zero_shot']['top1']:.1%}" in record["summary"][0]
+    worse = replace(r, logits=torch.roll(r.logits, 1, dims=1))  # every prediction moved one class on
+    value = world_and_model.headline(ch, worse)["zero-shot top-1"].value
+    assert value != pytest.approx(record["results"]["zero_shot"]["top1"])
+    assert f"{value:.1%}" in world_and_model.summary(ch, worse)[0]
+
+
+def test_no_label_calls_a_user_model_the_world_clip(chapter_run):
+    _, _, record = chapter_run
+    assert not any("world" in label.lower() for label in record["headline"])
+    label = world_and_model.model_label({"model": "ViT-B-32", "pretrained": "openai"})
+    assert "world" not in label.lower() and "ViT-B-32" in label
+
+
+def test_reliance_yardstick_and_the_explorer_change(chapter_run):
+    ch, r, record = chapter_run
+    table = world_and_model.reliance_table(ch, r)
+    assert list(table["value"]) == sorted(table["value"], reverse=True) and len(table) == 16
+    assert ((table["low"] <= table["value"] + 1e-12) & (table["value"] <= table["high"] + 1e-12)).all()
+    change = world_and_model.explorer_change(ch.world, table)
+    spec = ch.world.classes[0]
+    attribute = next(k for k in ("colour", "pattern", "size") if k in change)
+    assert change["part"] in spec.parts and change[attribute] != spec.parts[change["part"]][attribute]
+
+
+class Trained(Exception):
+    """Raised by the stubbed trainer: the exercise asked for a training run."""
+
+
+def test_test_time_exercises_reuse_the_chapter_clip_and_the_training_one_changes_only_the_world(
+    chapter_run, monkeypatch
+):
+    ch, r, record = chapter_run
+    calls = []
+
+    def train(world, cfg, out_dir, progress=True, **kwargs):
+        calls.append((world.config, cfg))
+        raise Trained
+
+    monkeypatch.setattr("conceptlab.models.train_world_clip", train)
+    assert world_and_model.exercise_test_habitat(ch, habitat_correlation=0.0)["home habitat share"] < 0.5
+    assert world_and_model.exercise_prompts(ch, template="{}")["top1"] >= 0
+    assert world_and_model.exercise_test_habitat(ch)["top-1"] == pytest.approx(record["results"]["zero_shot"]["top1"])
+    assert calls == []  # test-time changes never retrain
+    for correlation in (None, 0.95):
+        with pytest.raises(Trained):
+            world_and_model.exercise_train_habitat(ch, habitat_correlation=correlation)
+    (base_world, base_cfg), (world, cfg) = calls[0], calls[-1]
+    assert base_world == ch.world_cfg and world == replace(ch.world_cfg, habitat_correlation=0.95)
+    assert (
+        base_cfg
+        == cfg
+        == replace(
+            ch.train_cfg,
+            steps=ch.params["exercise_steps"],
+            warmup=min(ch.params["exercise_steps"] // 5, 50),
+            batch_size=min(ch.train_cfg.batch_size, 64),
+            n_train=min(ch.train_cfg.n_train, 4000),
+        )
+    )  # one lesson recipe: only the world differs
