@@ -54,7 +54,7 @@ format: install
 
 ## The quick check before a commit (<= 2 min): the guardrails and every test that executes no notebook.
 check: lint
-	$(PY) -m pytest -q -m "not notebook"
+	$(PY) -m pytest -q -n 2 --dist worksteal -m "not notebook"
 
 ## Re-pair notebooks after editing either twin.
 sync: install

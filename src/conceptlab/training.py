@@ -74,6 +74,7 @@ class TrainingRun:
             optimizer.load_state_dict(state["optimizer"])
             self.history = state["history"]
         self._last_save = time.monotonic()
+        self._signal: int | None = None
 
     @property
     def start(self) -> int:
@@ -82,6 +83,9 @@ class TrainingRun:
     def log(self, record: dict[str, Any]) -> None:
         """Record a finished step; checkpoint when ``checkpoint_seconds`` have passed since the last one."""
         self.history.append(record)
+        if self._signal is not None:  # a signal arrived during the step: stop at its end, consistently
+            self.checkpoint()
+            raise KeyboardInterrupt(f"signal {self._signal}")
         if time.monotonic() - self._last_save >= self.checkpoint_seconds:
             self.checkpoint()
 
@@ -96,22 +100,25 @@ class TrainingRun:
 
     @contextlib.contextmanager
     def checkpoint_on_interrupt(self) -> Iterator[None]:
-        """Keep the finished steps when the run is interrupted: Ctrl-C, a stopped kernel, or SIGTERM
-        (which is turned into ``KeyboardInterrupt`` while the loop runs)."""
+        """Keep the finished steps when the run is interrupted: Ctrl-C, a stopped kernel, or SIGTERM.
 
-        def on_sigterm(signum, frame):
-            raise KeyboardInterrupt(f"signal {signum}")
+        A signal (SIGINT, SIGTERM) is held until the running step is logged, then the run checkpoints
+        and raises ``KeyboardInterrupt``: raising mid-step would save weights one update ahead of the
+        history, and the resumed run would differ from an uninterrupted one."""
+
+        def on_signal(signum, frame):
+            self._signal = signum
 
         main = threading.current_thread() is threading.main_thread()
-        previous = signal.signal(signal.SIGTERM, on_sigterm) if main else None
+        previous = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)} if main else {}
         try:
             yield
         except KeyboardInterrupt:
             self.checkpoint()
             raise
         finally:
-            if main:
-                signal.signal(signal.SIGTERM, previous)
+            for s, handler in previous.items():
+                signal.signal(s, handler)
 
     def finish(self, **extra_json: Any) -> None:
         """Write ``model.pt``, ``history.json`` (and any ``name=object`` as ``name.json``); drop ``state.pt``."""
