@@ -177,28 +177,23 @@ def classify(
     return rows, hits
 
 
+def _map_scores(
+    ch: Chapter, test: EvalSet, ds: DescriptorSet, rows: np.ndarray, text: str, start_layer: int
+) -> tuple[dict[str, float], torch.Tensor, pd.DataFrame | None]:
+    """Map scores, maps and per-descriptor table of the chosen test images for one concept text and layer."""
+    clip, _, tokenizer, _ = ch.clip()
+    k = min(5, min(len(v) for v in ds.descriptors.values()))
+    masks = test.masks[rows] if test.masks is not None else None
+    return desc.map_scores(
+        clip, tokenizer, test.images[rows], test.labels[rows], test.class_names, ds, k, masks, text, start_layer
+    )
+
+
 def explain_maps(
     ch: Chapter, test: EvalSet, ds: DescriptorSet, rows: np.ndarray
 ) -> dict[str, tuple[dict[str, float], torch.Tensor, pd.DataFrame | None]]:
     """Map scores, maps and per-descriptor table of the chosen test images, for both concept texts."""
-    clip, _, tokenizer, _ = ch.clip()
-    k = min(5, min(len(v) for v in ds.descriptors.values()))
-    masks = test.masks[rows] if test.masks is not None else None
-    return {
-        t: desc.map_scores(
-            clip,
-            tokenizer,
-            test.images[rows],
-            test.labels[rows],
-            test.class_names,
-            ds,
-            k,
-            masks,
-            t,
-            ch.params["start_layer"],
-        )
-        for t in CONCEPT_TEXTS
-    }
+    return {t: _map_scores(ch, test, ds, rows, t, ch.params["start_layer"]) for t in CONCEPT_TEXTS}
 
 
 def every_block(ch: Chapter, test: EvalSet, ds: DescriptorSet, rows: np.ndarray) -> dict[str, float]:
@@ -206,21 +201,7 @@ def every_block(ch: Chapter, test: EvalSet, ds: DescriptorSet, rows: np.ndarray)
     (``start_layer=0``) instead of ``start_layer``; empty when the chapter already starts there."""
     if ch.params["start_layer"] == 0:
         return {}
-    clip, _, tokenizer, _ = ch.clip()
-    k = min(5, min(len(v) for v in ds.descriptors.values()))
-    masks = test.masks[rows] if test.masks is not None else None
-    return desc.map_scores(
-        clip,
-        tokenizer,
-        test.images[rows],
-        test.labels[rows],
-        test.class_names,
-        ds,
-        k,
-        masks,
-        ch.params["concept_text"],
-        0,
-    )[0]
+    return _map_scores(ch, test, ds, rows, ch.params["concept_text"], 0)[0]
 
 
 def explained_rows(ch: Chapter, test: EvalSet) -> np.ndarray:
