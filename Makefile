@@ -52,9 +52,10 @@ format: install
 	$(VENV)/bin/ruff format src tests notebooks benchmarks
 	$(VENV)/bin/jupytext --sync notebooks/*.py
 
-## The quick check before a commit (<= 2 min): the guardrails and every test that executes no notebook.
+## The quick check before a commit (<= 2 min): the guardrails and every test that is neither a notebook
+## run nor marked slow (several processes, a whole chapter in-process). `make test` runs them all.
 check: lint
-	$(PY) -m pytest -q -n 2 --dist worksteal -m "not notebook"
+	$(PY) -m pytest -q -n 2 --dist worksteal -m "not notebook and not slow"
 
 ## Re-pair notebooks after editing either twin.
 sync: install

@@ -40,7 +40,7 @@ device = None  # None: CUDA when available, else CPU
 checkpoint_seconds = 30.0  # training checkpoints at most this many seconds apart
 artifacts_dir = "../artifacts"
 results_dir = "../book/results"
-# This chapter (declared, with types and ranges, in conceptlab.chapters.world_and_model.PARAMETERS)
+# This chapter (declared, with types and ranges, in conceptlab.chapters.chapter.PARAMETERS)
 n_test = 2000  # held-out test images
 n_reliance = 512  # prototypical test creatures changed one factor at a time
 exercise_steps = 100  # training steps of the lesson-sized CLIPs that exercise 1 trains
@@ -55,11 +55,12 @@ if importlib.util.find_spec("conceptlab") is None:  # outside a checkout (Colab,
 import pandas as pd
 import torch
 
-from conceptlab import chapter, chapters, explore, models, plots, reliance
-from conceptlab.chapters import world_and_model
+from conceptlab import chapters, explore, models, plots, reliance
+from conceptlab.chapter import setup, show_source
+from conceptlab.chapters import world_and_model as chapter  # this chapter's code
 
-ch = chapter.setup("01_world_and_model", globals(), world_and_model.PARAMETERS)
-r = world_and_model.Result()
+ch = setup(chapter.NAME, globals(), chapter.PARAMETERS)
+r = chapter.Result()
 
 # %% [markdown]
 # ## The classes
@@ -73,7 +74,7 @@ print(
     f"{len(ch.world.class_names)} classes: a classifier that guesses is right "
     f"{1 / len(ch.world.class_names):.2%} of the time (chance)."
 )
-world_and_model.ontology_table(ch.world)
+chapter.ontology_table(ch.world)
 
 # %% [markdown]
 # ## A sample, with the ground truth drawn on
@@ -82,7 +83,7 @@ world_and_model.ontology_table(ch.world)
 # head drawn over the body removes those pixels from the body's mask.
 
 # %%
-world_and_model.look(ch, r)
+chapter.look(ch, r)
 fig = plots.sample_grid(r.sample, ch.world.class_names, n=12)
 
 # %% [markdown]
@@ -119,9 +120,9 @@ pd.Series(r.statistics).round(3).to_frame("measured")
 # and an interrupted run resumes from its last checkpoint.
 
 # %%
-world_and_model.train(ch, r)
+chapter.train(ch, r)
 if r.history:
-    ax = world_and_model.training_curve(r.history)
+    ax = chapter.training_curve(r.history)
 else:
     print(f"Using {model} / {pretrained}: no training curve.")
 
@@ -132,10 +133,10 @@ else:
 # over the prompts below; an image goes to the class whose classifier is nearest.
 
 # %% tags=["remove-input"]
-chapter.show_source(models.class_text_weights)
+show_source(models.class_text_weights)
 
 # %% tags=["remove-input"]
-chapter.show_source(models.average_prompts)
+show_source(models.average_prompts)
 
 # %% [markdown]
 # A toy check by hand: two classes, two prompts each, in two dimensions. Class 0's prompts
@@ -152,7 +153,7 @@ print(models.CLASS_PROMPTS, weights, torch.tensor([[1.0, 0.0]]) @ weights.T, sep
 # On the held-out test images:
 
 # %%
-world_and_model.classify(ch, r)
+chapter.classify(ch, r)
 print(
     f"zero-shot accuracy on {len(r.sample)} test images:",
     ", ".join(f"{plots.human_label(k)} {v:.1%}" for k, v in r.accuracy.items()),
@@ -183,7 +184,7 @@ plots.table(pd.Series(r.shortcut, name="top-1 accuracy").to_frame())
 # (its logit minus the best other class's) drops. A factor the model ignores drops by 0.
 
 # %% tags=["remove-input"]
-chapter.show_source(reliance.intervene)
+show_source(reliance.intervene)
 
 # %% [markdown]
 # The bars are the mean drop over the creatures that have the factor, with 95 % bootstrap
@@ -192,9 +193,9 @@ chapter.show_source(reliance.intervene)
 # against exactly this measurement.
 
 # %%
-world_and_model.measure_reliance(ch, r)
-reliance_per_factor = world_and_model.reliance_table(ch, r)
-ax = world_and_model.reliance_figure(reliance_per_factor)
+chapter.measure_reliance(ch, r)
+reliance_per_factor = chapter.reliance_table(ch, r)
+ax = chapter.reliance_figure(reliance_per_factor)
 
 # %% [markdown]
 # ## Explore by hand
@@ -206,7 +207,7 @@ ax = world_and_model.reliance_figure(reliance_per_factor)
 
 # %%
 clip, _, tokenizer, _ = ch.clip()
-change = world_and_model.explorer_change(ch.world, reliance_per_factor)
+change = chapter.explorer_change(ch.world, reliance_per_factor)
 explore.world_explorer(ch.world, clip, tokenizer, **change)
 
 # %% [markdown]
@@ -215,7 +216,7 @@ explore.world_explorer(ch.world, clip, tokenizer, **change)
 # planted captions, and against counterfactual images that change one factor at a time.
 
 # %% tags=["remove-input"]
-chapters.finish(ch, r, world_and_model)
+chapters.finish(ch, r, chapter)
 
 # %% [markdown]
 # ## Exercises
@@ -230,7 +231,7 @@ chapters.finish(ch, r, world_and_model)
 # steps), so compare the two rows with each other, not with the chapter's model.
 
 # %% tags=["hide-cell"]
-ch.exercise("stronger shortcut", world_and_model.exercise_train_habitat, habitat_correlation=0.95)
+ch.exercise("stronger shortcut", chapter.exercise_train_habitat, habitat_correlation=0.95)
 
 # %% [markdown]
 # **2. Break the habitat cue at test time.** Without retraining, test the chapter's CLIP on
@@ -239,7 +240,7 @@ ch.exercise("stronger shortcut", world_and_model.exercise_train_habitat, habitat
 # new accuracy approach?
 
 # %% tags=["hide-cell"]
-ch.exercise("no home habitats at test time", world_and_model.exercise_test_habitat, habitat_correlation=0.0)
+ch.exercise("no home habitats at test time", chapter.exercise_test_habitat, habitat_correlation=0.0)
 
 # %% [markdown]
 # **3. One prompt instead of an ensemble.** Zero-shot classification averages the prompts
@@ -248,4 +249,4 @@ ch.exercise("no home habitats at test time", world_and_model.exercise_test_habit
 # and "a picture of a {}.", and every other caption style puts the name in a sentence.
 
 # %% tags=["hide-cell"]
-ch.exercise("bare class-name prompt", world_and_model.exercise_prompts, template="{}")
+ch.exercise("bare class-name prompt", chapter.exercise_prompts, template="{}")

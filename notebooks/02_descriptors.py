@@ -60,10 +60,11 @@ if importlib.util.find_spec("conceptlab") is None:  # outside a checkout (Colab,
     get_ipython().run_line_magic(  # noqa: F821
         "pip", "install -q 'conceptlab @ git+https://github.com/conceptlab/conceptlab'"
     )
-from conceptlab import chapter, chapters, plots
+from conceptlab import chapters, plots
+from conceptlab.chapter import setup, show_source
+from conceptlab.chapters import descriptors as chapter  # this chapter's code
 
-story = chapters.load("02_descriptors")  # the chapter module (`descriptors` is a parameter here)
-ch = chapter.setup("02_descriptors", globals(), story.PARAMETERS)
+ch = setup(chapter.NAME, globals(), chapter.PARAMETERS)
 
 # %% [markdown]
 # **Real path.** `-p model ViT-B-32 -p pretrained <tag or checkpoint>`, `-p dataset
@@ -82,7 +83,7 @@ from conceptlab import explain
 from conceptlab.chapters.report import reported_table
 from conceptlab.models import encode_images
 
-r = story.Result(test=story.load_test(ch))
+r = chapter.Result(test=chapter.load_test(ch))
 print(
     f"{len(r.test.labels)} test images, {len(r.test.class_names)} classes "
     f"(chance {1 / len(r.test.class_names):.3f}), model {model} / {pretrained}"
@@ -102,7 +103,7 @@ print(desc.few_shot_prompt(r.test.class_names[0], n_descriptors)[-420:])
 # numbered lines, cleaned and de-duplicated) and where it stops (a continued `Q:`):
 
 # %% tags=["remove-input"]
-chapter.show_source(desc.parse_bullets)
+show_source(desc.parse_bullets)
 
 # %%
 desc.parse_bullets(" **Red** head\n- blue wings.\n2) blue wings\nQ: next question", limit=5)
@@ -116,7 +117,7 @@ desc.parse_bullets(" **Red** head\n- blue wings.\n2) blue wings\nQ: next questio
 # mistakes LLM-written lists make.
 
 # %%
-r.descriptors = story.descriptor_set(ch, r.test)
+r.descriptors = chapter.descriptor_set(ch, r.test)
 plots.table(
     pd.DataFrame(
         [
@@ -136,7 +137,7 @@ plots.table(
 # {descriptor}":
 
 # %% tags=["remove-input"]
-chapter.show_source(desc.description_logits)
+show_source(desc.description_logits)
 
 # %% [markdown]
 # A toy check by hand: one image embedding $x = (1, 0)$, two classes with two descriptor
@@ -155,7 +156,7 @@ print({c: (x @ e.T).mean(1).item() for c, e in d.items()})
 
 # %%
 r.features = encode_images(ch.clip()[0], r.test.images)
-r.accuracy, r.hits = story.classify(ch, r.test, r.features, story.sweep(ch, r.descriptors))
+r.accuracy, r.hits = chapter.classify(ch, r.test, r.features, chapter.sweep(ch, r.descriptors))
 plots.table(
     pd.DataFrame(r.accuracy).T.rename(
         columns={"description_top1": "top-1", "description_top1_descriptors_only": "top-1, descriptors only"}
@@ -167,7 +168,7 @@ plots.table(
 # as faults grow, and the by-description curve against the zero-shot line (dashed).
 
 # %%
-fig = story.accuracy_figure(ch, r)
+fig = chapter.accuracy_figure(ch, r)
 
 # %% [markdown]
 # ## Explanation maps
@@ -178,7 +179,7 @@ fig = story.accuracy_figure(ch, r)
 # \overline{(\nabla A \odot A)^+}\, R$ (mean over heads):
 
 # %% tags=["remove-input"]
-chapter.show_source(explain.relevance_step)
+show_source(explain.relevance_step)
 
 # %%
 A = torch.tensor([[[[0.5, 0.5], [0.0, 1.0]]]])  # 1 head, 2 tokens: the class token and one patch
@@ -199,8 +200,8 @@ print(explain.relevance_step(torch.eye(2)[None], A, G)[0].tolist())
 # the image, which is what a uniform map would score on both.
 
 # %%
-r.explained = story.explained_rows(ch, r.test)
-r.maps = story.explain_maps(ch, r.test, r.descriptors, r.explained)
+r.explained = chapter.explained_rows(ch, r.test)
+r.maps = chapter.explain_maps(ch, r.test, r.descriptors, r.explained)
 plots.table(pd.DataFrame({t: s for t, (s, _, _) in r.maps.items()}).T)
 
 # %% [markdown]
@@ -210,7 +211,7 @@ plots.table(pd.DataFrame({t: s for t, (s, _, _) in r.maps.items()}).T)
 # inside the outline.
 
 # %%
-fig = story.example_maps(ch, r)
+fig = chapter.example_maps(ch, r)
 for c in [r.test.class_names[r.test.labels[i]] for i in r.explained[:4]]:
     print(f"{c}: {r.descriptors.descriptors[c][:5]}")
 
@@ -220,7 +221,7 @@ for c in [r.test.class_names[r.test.labels[i]] for i in r.explained[:4]]:
 # block:
 
 # %%
-r.every_block = story.every_block(ch, r.test, r.descriptors, r.explained)
+r.every_block = chapter.every_block(ch, r.test, r.descriptors, r.explained)
 plots.table(pd.Series(r.every_block, name="relevance from block 0"))
 
 # %% [markdown]
@@ -251,13 +252,13 @@ else:
 # ## Summary
 
 # %%
-chapters.finish(ch, r, story)
+chapters.finish(ch, r, chapter)
 
 # %% [markdown]
 # Every headline number with its 95 % interval and chance:
 
 # %%
-plots.table(reported_table(story.headline(ch, r)))
+plots.table(reported_table(chapter.headline(ch, r)))
 
 # %% [markdown]
 # ## Exercises
@@ -271,7 +272,7 @@ plots.table(reported_table(story.headline(ch, r)))
 #    the oracle: a descriptor file has no fault rate.)
 
 # %% tags=["hide-cell"]
-story.faults_exercise(ch, fault_rate=0.75)
+chapter.faults_exercise(ch, fault_rate=0.75)
 
 # %% [markdown]
 # 2. **The sentence concept text.** Explain "{class}, which has {descriptor}" instead of
@@ -279,11 +280,11 @@ story.faults_exercise(ch, fault_rate=0.75)
 #    disentanglability, and to the pointing game?
 
 # %% tags=["hide-cell"]
-ch.exercise("sentence concept text", story.exercise, concept_text="sentence")
+ch.exercise("sentence concept text", chapter.exercise, concept_text="sentence")
 
 # %% [markdown]
 # 3. **Relevance from every block.** Start the relevance rule at the first attention block
 #    (`start_layer=0`) instead of the last one only. Sharper or blurrier maps?
 
 # %% tags=["hide-cell"]
-ch.exercise("relevance from every block", story.exercise, start_layer=0)
+ch.exercise("relevance from every block", chapter.exercise, start_layer=0)

@@ -50,7 +50,7 @@ device = None  # None: CUDA when available, else CPU
 checkpoint_seconds = 30.0  # training checkpoints at most this many seconds apart
 artifacts_dir = "../artifacts"
 results_dir = "../book/results"
-# This chapter (declared with types and ranges in conceptlab.chapters.deal.PARAMETERS)
+# This chapter (declared with types and ranges in conceptlab.chapters.chapter.PARAMETERS)
 dataset = "world"  # "world", or "imagefolder" / "cub" with data_root
 data_root = None
 train_root = None  # imagefolder: training images (default: data_root)
@@ -62,7 +62,7 @@ fault_rate = 0.0
 llm_base_url = None
 llm_api_key_env = "OPENAI_API_KEY"
 n_concepts = 5
-# Fidelity switches (conceptlab.deal.SWITCHES): paper's method by default
+# Fidelity switches (conceptlab.chapter.SWITCHES): paper's method by default
 concept_text = "bare"  # "bare" descriptor (original code) or "sentence"
 detach_maps = False  # True: the original code's detached maps
 contrastive = "per_class"  # "per_image": same-class texts are negatives (original code)
@@ -96,10 +96,11 @@ if importlib.util.find_spec("conceptlab") is None:  # outside a checkout (Colab,
     get_ipython().run_line_magic(  # noqa: F821
         "pip", "install -q 'conceptlab @ git+https://github.com/conceptlab/conceptlab'"
     )
-from conceptlab import chapter, chapters, plots
-from conceptlab.chapters import deal
+from conceptlab import chapters, plots
+from conceptlab.chapter import fidelity_table, setup, show_source
+from conceptlab.chapters import deal as chapter  # this chapter's code
 
-ch = chapter.setup("03_deal", globals(), deal.PARAMETERS)
+ch = setup(chapter.NAME, globals(), chapter.PARAMETERS)
 
 # %% [markdown]
 # **Real path.** `-p model ViT-B-32 -p pretrained <checkpoint or tag>`, `-p dataset cub
@@ -120,7 +121,7 @@ from conceptlab import explain, metrics
 from conceptlab.chapters.report import reported_table
 
 pd.set_option("display.max_colwidth", None)  # switch tables in full
-r = deal.Result(data=deal.load_data(ch))
+r = chapter.Result(data=chapter.load_data(ch))
 print(
     f"{len(r.data.train.labels)} training and {len(r.data.test.labels)} test images, "
     f"{len(r.data.test.class_names)} classes (chance {1 / len(r.data.test.class_names):.3f}), "
@@ -134,7 +135,7 @@ print(
 # each (the maps arrive min–max normalised):
 
 # %% tags=["remove-input"]
-chapter.show_source(metrics.separation_loss)
+show_source(metrics.separation_loss)
 
 # %% [markdown]
 # Check by hand: two 2×2 maps that share one pixel overlap by $1 \cdot 1 = 1$; the
@@ -155,7 +156,7 @@ print(
 # summed (not averaged) over the batch.
 
 # %% tags=["remove-input"]
-chapter.show_source(metrics.sparsity_loss)
+show_source(metrics.sparsity_loss)
 
 # %%
 raw = torch.tensor([[[[2.0, 0.0], [0.0, 0.0]], [[4.0, 4.0], [0.0, 0.0]]]])  # one image, two raw maps
@@ -171,7 +172,7 @@ print("L_spa, each map min-max normalised:", explain.minmax(raw).sum().item())
 # identity, with the mean over heads; the map is the class token's row of $R$.
 
 # %% tags=["remove-input"]
-chapter.show_source(explain.relevance_step)
+show_source(explain.relevance_step)
 
 # %%
 A = torch.tensor([[[[0.5, 0.5, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0]]]])  # 1 head, 3 tokens
@@ -210,7 +211,7 @@ print("class-token row of R:", R[0, 0].tolist(), "-> map over the two patches:",
 # images; here the descriptors are fault-free (`fault_rate` 0) on this chapter's test set.
 
 # %%
-r.evals["CLIP"], r.clip_per_image = deal.evaluate_clip(ch, r.data)
+r.evals["CLIP"], r.clip_per_image = chapter.evaluate_clip(ch, r.data)
 plots.table(pd.DataFrame(r.evals["CLIP"]).T.dropna(axis=1))
 
 # %% [markdown]
@@ -223,13 +224,13 @@ plots.table(pd.DataFrame(r.evals["CLIP"]).T.dropna(axis=1))
 # hash of all its inputs.
 
 # %%
-r.runs = deal.fine_tune_runs(ch, r.data, progress=True)
+r.runs = chapter.fine_tune_runs(ch, r.data, progress=True)
 for name, (_, history) in r.runs.items():
     if history:
-        fig = deal.plot_losses(history, name)
+        fig = chapter.plot_losses(history, name)
 
 # %% tags=["hide-cell"]
-r.evals.update({name: deal.evaluate_both_texts(ch, tuned, r.data) for name, (tuned, _) in r.runs.items()})
+r.evals.update({name: chapter.evaluate_both_texts(ch, tuned, r.data) for name, (tuned, _) in r.runs.items()})
 
 # %% [markdown]
 # ## Results
@@ -239,15 +240,15 @@ r.evals.update({name: deal.evaluate_both_texts(ch, tuned, r.data) for name, (tun
 # (the paper's method), each as before → after on the model at hand:
 
 # %%
-if deal.PAPER_RUN in r.evals and deal.DETACHED_RUN in r.evals:
-    rows = deal.fidelity_rows(
+if chapter.PAPER_RUN in r.evals and chapter.DETACHED_RUN in r.evals:
+    rows = chapter.fidelity_rows(
         r.evals["CLIP"][concept_text],
-        r.evals[deal.PAPER_RUN][concept_text],
-        r.evals[deal.DETACHED_RUN][concept_text],
+        r.evals[chapter.PAPER_RUN][concept_text],
+        r.evals[chapter.DETACHED_RUN][concept_text],
         localizability_headline,
     )
-    display(plots.table(chapter.fidelity_table(rows)))
-    display(deal.switch_steps(r, concept_text))
+    display(plots.table(fidelity_table(rows)))
+    display(chapter.switch_steps(r, concept_text))
 
 # %% [markdown]
 # The second table goes from this book's run to the original code's one switch at a time,
@@ -256,7 +257,7 @@ if deal.PAPER_RUN in r.evals and deal.DETACHED_RUN in r.evals:
 # from the original code:
 
 # %%
-ch.differences(deal.switches(ch.params)).astype(str)
+ch.differences(chapter.switches(ch.params)).astype(str)
 
 # %% [markdown]
 # All models, all measures (localizability on the first `n_localize` test images, every
@@ -301,11 +302,11 @@ plots.table(pd.DataFrame({name: {c: e[concept_text][c] for c in loc_cols} for na
 # single run would be, so that three seeds of three runs fit the chapter's time budget.)
 
 # %%
-r.seeds = deal.seed_runs(ch, r.data, r.evals)
-parts = deal.breakdown(ch, r)
+r.seeds = chapter.seed_runs(ch, r.data, r.evals)
+parts = chapter.breakdown(ch, r)
 if parts:
     display(plots.table(pd.DataFrame({(m, k): v for m, p in parts.items() for k, v in p.items()}).T))
-    fig = deal.breakdown_figure(ch, r)
+    fig = chapter.breakdown_figure(ch, r)
 
 # %% [markdown]
 # Note what the pointing game can and cannot reward: the oracle's descriptors of one class
@@ -320,7 +321,7 @@ if parts:
 # chapter-sized run.
 
 # %%
-r.learning_rates = deal.learning_rates(ch, r.data, r.evals["CLIP"][concept_text])
+r.learning_rates = chapter.learning_rates(ch, r.data, r.evals["CLIP"][concept_text])
 plots.table(r.learning_rates)
 
 # %% [markdown]
@@ -333,10 +334,10 @@ plots.table(r.learning_rates)
 # come from $L_{sep}$.
 
 # %%
-r.ablation = deal.ablation(ch, r.data)
+r.ablation = chapter.ablation(ch, r.data)
 if r.ablation:
     display(plots.table(pd.DataFrame(r.ablation)))
-    fig = deal.ablation_figure(ch, r)
+    fig = chapter.ablation_figure(ch, r)
 
 # %% [markdown]
 # ## The same images before and after
@@ -346,8 +347,8 @@ if r.ablation:
 # in white: look for maps that move inside the outline after fine-tuning.
 
 # %%
-figs = deal.example_maps(ch, r)
-for c in deal.shown_classes(ch, r):
+figs = chapter.example_maps(ch, r)
+for c in chapter.shown_classes(ch, r):
     print(f"{c}: {r.data.descriptors.descriptors[c]}")
 
 # %% [markdown]
@@ -357,13 +358,13 @@ for c in deal.shown_classes(ch, r):
 # JupyterLab; the book shows the first image).
 
 # %%
-deal.map_explorer(ch, r)
+chapter.map_explorer(ch, r)
 
 # %% [markdown]
 # ## Summary
 
 # %%
-chapters.finish(ch, r, deal)
+chapters.finish(ch, r, chapter)
 
 # %% [markdown]
 # Every headline number with its 95 % interval (the CLIP's over test images, DEAL's over
@@ -371,7 +372,7 @@ chapters.finish(ch, r, deal)
 # model and data set: compare the direction of the change, not the values):
 
 # %%
-plots.table(reported_table(deal.headline(ch, r)))
+plots.table(reported_table(chapter.headline(ch, r)))
 
 # %% [markdown]
 # ## Exercises
@@ -385,14 +386,14 @@ plots.table(reported_table(deal.headline(ch, r)))
 #    pointing game, accuracy?
 
 # %% tags=["hide-cell"]
-ch.exercise("detached maps", deal.exercise, detach_maps=True)
+ch.exercise("detached maps", chapter.exercise, detach_maps=True)
 
 # %% [markdown]
 # 2. **No separation loss.** Set $\lambda_{sep} = 0$. Does disentanglability still rise? Does
 #    the pointing game?
 
 # %% tags=["hide-cell"]
-ch.exercise("no separation loss", deal.exercise, lambda_sep=0.0)
+ch.exercise("no separation loss", chapter.exercise, lambda_sep=0.0)
 
 # %% [markdown]
 # 3. **The sentence concept text.** Explain and train "{class}, which has {descriptor}"
@@ -400,7 +401,7 @@ ch.exercise("no separation loss", deal.exercise, lambda_sep=0.0)
 #    happens to disentanglability before you look.
 
 # %% tags=["hide-cell"]
-ch.exercise("sentence concept text", deal.exercise, concept_text="sentence")
+ch.exercise("sentence concept text", chapter.exercise, concept_text="sentence")
 
 # %% [markdown]
 # 4. **Worse descriptors.** Raise the oracle's `fault_rate` to 0.5: half the descriptors
@@ -408,4 +409,4 @@ ch.exercise("sentence concept text", deal.exercise, concept_text="sentence")
 #    on the descriptors that still name a part?
 
 # %% tags=["hide-cell"]
-ch.exercise("faulty descriptors", deal.exercise, fault_rate=0.5)
+ch.exercise("faulty descriptors", chapter.exercise, fault_rate=0.5)

@@ -92,12 +92,13 @@ import pandas as pd
 import torch
 from IPython.display import display
 
-from conceptlab import chapter, chapters, ex2, judges, plots, textlm
+from conceptlab import chapters, ex2, judges, plots, textlm
+from conceptlab.chapter import fidelity_table, setup, show_source
+from conceptlab.chapters import ex2 as chapter  # this chapter's code
 from conceptlab.chapters.report import reported_table
 
-chapter4 = chapters.load("04_ex2")
-ch = chapter.setup("04_ex2", globals(), chapter4.PARAMETERS)
-r = chapter4.Result()
+ch = setup(chapter.NAME, globals(), chapter.PARAMETERS)
+r = chapter.Result()
 
 # %% [markdown]
 # ## The method on the page
@@ -108,7 +109,7 @@ r = chapter4.Result()
 # means $\bar f_c$ are computed once and a batch of descriptions costs one text encoding:
 
 # %% tags=["remove-input"]
-chapter.show_source(ex2.mean_cosine_reward)
+show_source(ex2.mean_cosine_reward)
 
 # %% [markdown]
 # A toy run you can check by hand: class 0's images all point along $(1, 0)$; class 1 has two
@@ -124,7 +125,7 @@ ex2.mean_cosine_reward(text, class_means=torch.tensor([[1.0, 0.0], [0.0, 0.8]]),
 # one worked example with a JSON answer and a short explanation, then the question.
 
 # %% tags=["remove-input"]
-chapter.show_source(judges.judge_messages)
+show_source(judges.judge_messages)
 
 # %%
 conversation = judges.judge_messages(judges.INFORMATIVE, "zorbil", "click to enlarge a zorbil")
@@ -146,7 +147,7 @@ print(judges.parse_answer('{"explanation": "It names no detail.", "answer": "No"
 # One fact sheet:
 
 # %%
-chapter4.load_models(ch, r)
+chapter.load_models(ch, r)
 print(textlm.fact_sheet(ch.world.classes[0]) if ch.on_world else f"LM: {lm}")
 print(
     f"{len(r.queries)} queries ({len(r.templates)} templates x {len(r.class_names)} classes); "
@@ -162,8 +163,8 @@ print(
 # claims are true: aligning a model that does not know the world shows nothing about EX2.
 
 # %%
-chapter4.sample_before(ch, r)
-chapter4.check_knowledge(ch, r)
+chapter.sample_before(ch, r)
+chapter.check_knowledge(ch, r)
 
 # %% [markdown]
 # ## The target before the run
@@ -174,7 +175,7 @@ chapter4.check_knowledge(ch, r)
 # paired per class, with a 95 % interval over classes.
 
 # %%
-chapter4.target(ch, r)
+chapter.target(ch, r)
 r.kind_table().round(4) if r.preference is not None else None
 
 # %% [markdown]
@@ -183,7 +184,7 @@ r.kind_table().round(4) if r.preference is not None else None
 # rewards by their spread within a group, so the reward is measured in that unit:
 
 # %% tags=["remove-input"]
-chapter.show_source(ex2.optimal_mix)
+show_source(ex2.optimal_mix)
 
 # %% [markdown]
 # By hand: two kinds written half the time each, rewards 0 and 0.1, $\beta = 0.1$: the second
@@ -202,8 +203,8 @@ ex2.optimal_mix(pd.Series({"a": 0.5, "b": 0.5}), pd.Series({"a": 0.0, "b": 0.1})
 # before RL, so that steps with different classes can be compared. Everything is cached.
 
 # %%
-chapter4.align(ch, r)
-ax = plots.curve(r.curve, "reward", smooth=chapter4.reward_rise(r)["window_steps"])
+chapter.align(ch, r)
+ax = plots.curve(r.curve, "reward", smooth=chapter.reward_rise(r)["window_steps"])
 ax.set_title("GRPO: reward of the sampled completions, relative to the class's pre-RL mean")
 
 # %% [markdown]
@@ -214,9 +215,9 @@ ax.set_title("GRPO: reward of the sampled completions, relative to the class's p
 # beside it, the same difference between two independent samples of the pretrained LM.
 
 # %%
-chapter4.sample_after(ch, r)
+chapter.sample_after(ch, r)
 display(pd.Series(r.gain()).round(4).to_frame("reward"))
-chapter4.examples(r).style.hide(axis="index")
+chapter.examples(r).style.hide(axis="index")
 
 # %% [markdown]
 # ## Inspection
@@ -229,7 +230,7 @@ chapter4.examples(r).style.hide(axis="index")
 # truth itself.
 
 # %%
-chapter4.inspect_both(ch, r)
+chapter.inspect_both(ch, r)
 display(r.shares().round(3).rename(columns=str.capitalize))
 r.attributes().round(3).rename(columns=str.capitalize)
 
@@ -251,7 +252,7 @@ r.mix(ch).round(3) if ch.on_world else None
 # counterfactuals measure which *pixels* decide between classes. The two need not agree.
 
 # %%
-chapter4.ground_truth(ch, r)
+chapter.ground_truth(ch, r)
 r.mentions_against_reliance().round(3) if r.reliance is not None else None
 
 # %% [markdown]
@@ -265,8 +266,8 @@ r.mentions_against_reliance().round(3) if r.reliance is not None else None
 # while web phrases it never saw stay where they were.
 
 # %%
-chapter4.run_planted(ch, r)
-chapter4.planted_table(ch, r).round(3) if r.planted is not None else None
+chapter.run_planted(ch, r)
+chapter.planted_table(ch, r).round(3) if r.planted is not None else None
 
 # %% [markdown]
 # ## Results
@@ -276,12 +277,12 @@ chapter4.planted_table(ch, r).round(3) if r.planted is not None else None
 # and the original, from the switches in effect.
 
 # %% tags=["hide-input"]
-display(reported_table(chapter4.headline(ch, r)))
-display(chapter.fidelity_table(chapter4.fidelity_rows(chapter4.results(ch, r))))
-chapter4.differences(ch)
+display(reported_table(chapter.headline(ch, r)))
+display(fidelity_table(chapter.fidelity_rows(chapter.results(ch, r))))
+chapter.differences(ch)
 
 # %% tags=["remove-input"]
-chapters.finish(ch, r, chapter4)
+chapters.finish(ch, r, chapter)
 
 # %% [markdown]
 # ## Exercises
@@ -295,7 +296,7 @@ chapters.finish(ch, r, chapter4)
 
 # %% tags=["hide-cell"]
 if ch.on_world:  # the solutions are judged against the world's ground truth
-    display(ch.exercise("stricter judge", chapter4.exercise_stricter_judge, judge_min_true=2))
+    display(ch.exercise("stricter judge", chapter.exercise_stricter_judge, judge_min_true=2))
 
 # %% [markdown]
 # **2. A weaker leash.** Divide the KL coefficient by ten (`grpo_beta`). Does the policy move
@@ -303,7 +304,7 @@ if ch.on_world:  # the solutions are judged against the world's ground truth
 
 # %% tags=["hide-cell"]
 if ch.on_world:  # the solutions are judged against the world's ground truth
-    display(ch.exercise("weaker KL penalty", chapter4.exercise_alignment, grpo_beta=grpo_beta / 10))
+    display(ch.exercise("weaker KL penalty", chapter.exercise_alignment, grpo_beta=grpo_beta / 10))
 
 # %% [markdown]
 # **3. Shorter descriptions.** Let both models write at most 8 tokens. Does a shorter
@@ -311,7 +312,7 @@ if ch.on_world:  # the solutions are judged against the world's ground truth
 
 # %% tags=["hide-cell"]
 if ch.on_world:  # the solutions are judged against the world's ground truth
-    display(ch.exercise("shorter descriptions", chapter4.exercise_description_length, description_tokens=8))
+    display(ch.exercise("shorter descriptions", chapter.exercise_description_length, description_tokens=8))
 
 # %% [markdown]
 # **4. A cheaper reward.** The original averages over 256 images of a class. Estimate the
@@ -319,7 +320,7 @@ if ch.on_world:  # the solutions are judged against the world's ground truth
 
 # %% tags=["hide-cell"]
 if ch.on_world:  # the solutions are judged against the world's ground truth
-    display(ch.exercise("reward from 8 images", chapter4.exercise_images_per_class, reward_images=8))
+    display(ch.exercise("reward from 8 images", chapter.exercise_images_per_class, reward_images=8))
 
 # %% [markdown]
 # **5. A positive control.** Plant habitat captions instead of web phrases
@@ -327,4 +328,4 @@ if ch.on_world:  # the solutions are judged against the world's ground truth
 
 # %% tags=["hide-cell"]
 if ch.on_world and planted:  # the planted VLMs need the world CLIP
-    display(ch.exercise("planted habitat captions", chapter4.exercise_planted, planted_style="habitat"))
+    display(ch.exercise("planted habitat captions", chapter.exercise_planted, planted_style="habitat"))

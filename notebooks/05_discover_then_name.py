@@ -58,7 +58,7 @@ device = None  # None: CUDA when available, else CPU
 checkpoint_seconds = 30.0  # training checkpoints at most this many seconds apart
 artifacts_dir = "../artifacts"
 results_dir = "../book/results"
-# This chapter (every name below is declared, with its type and range, in dncbm.PARAMETERS)
+# This chapter (every name below is declared, with its type and range, in chapter.PARAMETERS)
 dataset = "world"  # "world", or a real data set ("imagefolder" | "cub") under data_root
 data_root = None
 vocabulary = None  # a word-list file, one word per line (CLIP-Dissect's 20k.txt); None: the world's
@@ -100,12 +100,12 @@ from IPython.display import display
 
 from conceptlab import chapters, explore, plots
 from conceptlab.chapter import fidelity_table, setup, show_source
-from conceptlab.chapters import dncbm, report
+from conceptlab.chapters import dncbm as chapter  # this chapter's code
+from conceptlab.chapters import report
 from conceptlab.dncbm import feature_scale, name_concepts
 from conceptlab.sae import SparseAutoencoder, sae_loss
 
-ch = setup(dncbm.NAME, globals(), dncbm.PARAMETERS)
-r = dncbm.Result()
+ch = setup(chapter.NAME, globals(), chapter.PARAMETERS)
 
 # %% [markdown]
 # ## Discover: embeddings of an unlabeled corpus
@@ -117,7 +117,8 @@ r = dncbm.Result()
 # under the CLIP's content hash and the world's parameters.
 
 # %%
-dncbm.embed(ch, r)
+r = chapter.Result()
+chapter.embed(ch, r)
 corpus, train, test, class_names = r.data
 norms = corpus["features"].norm(dim=-1)
 print(
@@ -194,8 +195,8 @@ print(
 # not converged (the summary says so when it happens).
 
 # %%
-dncbm.discover(ch, r)
-fig = dncbm.training_curves(r.history)
+chapter.discover(ch, r)
+fig = chapter.training_curves(r.history)
 
 # %% [markdown]
 # ### Choosing λ₁: a sweep
@@ -213,8 +214,8 @@ fig = dncbm.training_curves(r.history)
 # direction typically picks up from an embedding.
 
 # %%
-dncbm.sweep_l1(ch, r)
-fig = dncbm.l1_sweep_figure(r.l1_table, sae_l1)
+chapter.sweep_l1(ch, r)
+fig = chapter.l1_sweep_figure(r.l1_table, sae_l1)
 plots.table(r.l1_table.astype(float))
 
 # %% [markdown]
@@ -241,7 +242,7 @@ toy_text = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]])
 name_concepts(torch.tensor([[2.0, 0.0], [1.0, 1.0]]), toy_text, toy_words).round(2)
 
 # %%
-dncbm.name(ch, r)
+chapter.name(ch, r)
 print(f"{len(r.words)} words, {r.sae.n_concepts} concepts, {r.names['name'].nunique()} distinct names")
 fires = (r.strengths["test"] > 0).float().mean(0).numpy()
 plots.table(r.names.assign(fires=fires).sort_values("fires", ascending=False).head(12))
@@ -264,9 +265,9 @@ plots.table(r.names.assign(fires=fires).sort_values("fires", ascending=False).he
 # and a gap whose interval holds 0 is not a finding.
 
 # %%
-dncbm.bottleneck(ch, r)
+chapter.bottleneck(ch, r)
 display(plots.table(pd.Series({**r.base, **r.book}).to_frame("value")))
-report.reported_table(dncbm.accuracy_reported(ch, r))
+report.reported_table(chapter.accuracy_reported(ch, r))
 
 # %% [markdown]
 # ### Choosing the probe's λ
@@ -278,8 +279,8 @@ report.reported_table(dncbm.accuracy_reported(ch, r))
 # rule as for λ₁ is applied in the summary.
 
 # %%
-dncbm.sweep_probe(ch, r)
-ax = dncbm.probe_sweep_figure(r.probe_table, r.base["accuracy_raw_probe"], probe_lambda)
+chapter.sweep_probe(ch, r)
+ax = chapter.probe_sweep_figure(r.probe_table, r.base["accuracy_raw_probe"], probe_lambda)
 plots.table(r.probe_table.astype(float))
 
 # %% [markdown]
@@ -293,10 +294,10 @@ plots.table(r.probe_table.astype(float))
 # switches in effect.
 
 # %%
-dncbm.compare_original(ch, r)
-rows = dncbm.fidelity_rows({**r.book, **r.base}, {**r.original, **r.base})
+chapter.compare_original(ch, r)
+rows = chapter.fidelity_rows({**r.book, **r.base}, {**r.original, **r.base})
 display(plots.table(fidelity_table(rows).astype(float)))
-plots.table(ch.differences(dncbm.SWITCHES))
+plots.table(ch.differences(chapter.SWITCHES))
 
 # %% [markdown]
 # ## Are the names right?
@@ -322,10 +323,10 @@ plots.table(ch.differences(dncbm.SWITCHES))
 # its null is well above what "AUROC ≥ 0.75" suggests.
 
 # %%
-dncbm.check_names(ch, r)
+chapter.check_names(ch, r)
 if ch.on_world:
-    display(plots.table(dncbm.names_by_kind(r.scores)))
-    display(report.reported_table(dncbm.names_reported(ch, r)))
+    display(plots.table(chapter.names_by_kind(r.scores)))
+    display(report.reported_table(chapter.names_reported(ch, r)))
 else:
     print("No ground truth on a real data set: names are shown, not scored.")
 
@@ -336,7 +337,7 @@ else:
 
 # %%
 if ch.on_world:
-    ax = dncbm.names_against_oracle(r.scores)
+    ax = chapter.names_against_oracle(r.scores)
 
 # %% [markdown]
 # ## Explore a concept
@@ -347,10 +348,10 @@ if ch.on_world:
 
 # %%
 if ch.on_world:
-    options = dncbm.most_used_concepts(r)
+    options = chapter.most_used_concepts(r)
 
     def draw(concept: int = options[0][1]):
-        return dncbm.concept_view(ch, r, concept)
+        return chapter.concept_view(ch, r, concept)
 
     display(explore.explorer(draw, concept=options))
 
@@ -364,7 +365,7 @@ if ch.on_world:
 # that does not: read the table as a check that nothing is lost, not as evidence of more.
 
 # %%
-dncbm.task_agnosticity(ch, r)
+chapter.task_agnosticity(ch, r)
 if ch.on_world:
     display(plots.table(r.tasks))
 
@@ -379,7 +380,7 @@ if ch.on_world:
 # checks the same names against another, randomly paired, image.
 
 # %%
-fig = dncbm.local_explanations(ch, r)
+fig = chapter.local_explanations(ch, r)
 
 # %% [markdown]
 # ## Global explanations, ranked two ways
@@ -394,9 +395,9 @@ fig = dncbm.local_explanations(ch, r)
 # same table.
 
 # %%
-dncbm.explain(ch, r)
+chapter.explain(ch, r)
 display(plots.table(r.rankings))
-report.reported_table(dncbm.explanations_reported(ch, r))
+report.reported_table(chapter.explanations_reported(ch, r))
 
 # %% [markdown]
 # ## Summary
@@ -405,8 +406,8 @@ report.reported_table(dncbm.explanations_reported(ch, r))
 # where the paper has one; the summary below is generated from them.
 
 # %%
-display(report.reported_table(dncbm.headline(ch, r)))
-chapters.finish(ch, r, dncbm)
+display(report.reported_table(chapter.headline(ch, r)))
+chapters.finish(ch, r, chapter)
 
 # %% [markdown]
 # ## Exercises
@@ -418,14 +419,14 @@ chapters.finish(ch, r, dncbm)
 #    down? The unexplained variance (FVU)? The share of right names?
 
 # %% tags=["hide-cell"]
-plots.table(ch.exercise("halve_l1", dncbm.exercise_sae, sae_l1=sae_l1 / 2))
+plots.table(ch.exercise("halve_l1", chapter.exercise_sae, sae_l1=sae_l1 / 2))
 
 # %% [markdown]
 # 2. **Half the concepts.** With `sae_expansion` halved (half as many concepts), what
 #    happens to dead concepts, L0 and the probe's accuracy?
 
 # %% tags=["hide-cell"]
-plots.table(ch.exercise("expansion", dncbm.exercise_sae, sae_expansion=sae_expansion // 2))
+plots.table(ch.exercise("expansion", chapter.exercise_sae, sae_expansion=sae_expansion // 2))
 
 # %% [markdown]
 # 3. **The paper's probe penalty.** `probe_l1 = "sum"` puts the paper's $\lVert W\rVert_1$ in
@@ -433,7 +434,7 @@ plots.table(ch.exercise("expansion", dncbm.exercise_sae, sae_expansion=sae_expan
 #    concepts per decision.
 
 # %% tags=["hide-cell"]
-plots.table(ch.exercise("probe_l1", dncbm.exercise_probe, probe_l1="sum"))
+plots.table(ch.exercise("probe_l1", chapter.exercise_probe, probe_l1="sum"))
 
 # %% [markdown]
 # 4. **The original's scale.** `sae_scale = "raw"` trains on the embeddings as the CLIP gives
@@ -441,4 +442,4 @@ plots.table(ch.exercise("probe_l1", dncbm.exercise_probe, probe_l1="sum"))
 #    will the code be sparser or denser, and by how much should λ₁ change to compensate?
 
 # %% tags=["hide-cell"]
-plots.table(ch.exercise("scale", dncbm.exercise_sae, sae_scale="raw"))
+plots.table(ch.exercise("scale", chapter.exercise_sae, sae_scale="raw"))

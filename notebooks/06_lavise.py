@@ -90,20 +90,20 @@ import pandas as pd
 import torch
 from IPython.display import Markdown
 
-from conceptlab import chapter, chapters, lavise, plots
-from conceptlab.chapter import show_source
+from conceptlab import chapters, lavise, plots
+from conceptlab.chapter import fidelity_table, setup, show_source
+from conceptlab.chapters import lavise as chapter  # this chapter's code
 from conceptlab.chapters.report import reported_table
 
-chapter6 = chapters.load("06_lavise")
-ch = chapter.setup("06_lavise", globals(), chapter6.PARAMETERS)
-r = chapter6.Result()
+ch = setup(chapter.NAME, globals(), chapter.PARAMETERS)
+r = chapter.Result()
 
 # %% tags=["hide-cell"]
-chapter6.build(ch, r)  # target CNN (trained once, then stored), images, concepts, words, feature maps
-chapter6.train(ch, r)  # the explainer head, once per head seed (stored)
-chapter6.explain_all(ch, r)  # every filter, both maskings, every head seed
-chapter6.references(ch, r)  # original code's switches, random words, dissection, random-weight CNN
-table = chapter6.recall(ch, r)
+chapter.build(ch, r)  # target CNN (trained once, then stored), images, concepts, words, feature maps
+chapter.train(ch, r)  # the explainer head, once per head seed (stored)
+chapter.explain_all(ch, r)  # every filter, both maskings, every head seed
+chapter.references(ch, r)  # original code's switches, random words, dissection, random-weight CNN
+table = chapter.recall(ch, r)
 
 # %% [markdown]
 # ## Results at a glance
@@ -116,7 +116,7 @@ table = chapter6.recall(ch, r)
 # `n_head_seeds` explainer heads); "above chance" means the whole interval is above it.
 
 # %% tags=["remove-input"]
-reported_table(chapter6.headline(ch, r))
+reported_table(chapter.headline(ch, r))
 
 # %% [markdown]
 # The same recall for the paper, the original code's choices (every switch below at the
@@ -124,17 +124,17 @@ reported_table(chapter6.headline(ch, r))
 # in this project, so that column is empty rather than typed in by hand.
 
 # %% tags=["remove-input"]
-chapter.fidelity_table(chapter6.fidelity_rows(r, masking)).astype(float).round(3)
+fidelity_table(chapter.fidelity_rows(r, masking)).astype(float).round(3)
 
 # %% [markdown]
 # Where this run departs from the paper and from the original code, switch by switch (with
 # the file and line of the original code {cite}`yang2022lavise`), and what else differs:
 
 # %% tags=["remove-input"]
-ch.differences(chapter6.SWITCHES)
+ch.differences(chapter.SWITCHES)
 
 # %% tags=["remove-input"]
-Markdown("\n".join(f"- {line}" for line in chapter6.setting_differences(ch.params)))
+Markdown("\n".join(f"- {line}" for line in chapter.setting_differences(ch.params)))
 
 # %% [markdown]
 # ## The target CNN
@@ -162,7 +162,7 @@ print(f"target CNN {target_model} ({target_init}), test top-1: {r.cnn_top1}")
 # embedding space lets the explainer name what it never saw.
 
 # %%
-chapter6.vocabulary(r)
+chapter.vocabulary(r)
 
 # %% [markdown]
 # ## The method on the page
@@ -254,8 +254,8 @@ print(
 # dissection finds most clearly, one per dissection concept.
 
 # %%
-rows, titles = chapter6.shown_filters(r.labels)
-fig = chapter6.filter_figure(r.expl[masking], r.features, r.run.eval_data, rows, titles)
+rows, titles = chapter.shown_filters(r.labels)
+fig = chapter.filter_figure(r.expl[masking], r.features, r.run.eval_data, rows, titles)
 
 # %% [markdown]
 # ## Recall of the ground-truth concepts
@@ -287,7 +287,7 @@ table.round(3)
 # bars beside the explainer's.
 
 # %%
-fig = chapter6.recall_figure(ch, r)
+fig = chapter.recall_figure(ch, r)
 
 # %% [markdown]
 # The comparisons that carry the chapter's findings, each a difference in recall@10 with its
@@ -295,7 +295,7 @@ fig = chapter6.recall_figure(ch, r)
 # difference whose interval holds zero is not a finding.
 
 # %%
-chapter6.findings(ch, r).round(3)
+chapter.findings(ch, r).round(3)
 
 # %% [markdown]
 # Which concepts make up the ground truth matters for reading these numbers. A filter's
@@ -304,7 +304,7 @@ chapter6.findings(ch, r).round(3)
 # pairs of the creature do.
 
 # %%
-chapter6.ground_truth_share(ch, r)
+chapter.ground_truth_share(ch, r)
 
 # %% [markdown]
 # ## Where the explainer and dissection agree and disagree
@@ -314,7 +314,7 @@ chapter6.ground_truth_share(ch, r)
 # concept:
 
 # %%
-chapter6.agreement(r).round(3)
+chapter.agreement(r).round(3)
 
 # %% [markdown]
 # Dissection answers "which annotated mask does this filter's region overlap most, over the
@@ -327,7 +327,7 @@ chapter6.agreement(r).round(3)
 # ## Summary
 
 # %% tags=["remove-input"]
-chapters.finish(ch, r, chapter6)
+chapters.finish(ch, r, chapter)
 
 # %% [markdown]
 # ## Exercises
@@ -340,7 +340,7 @@ chapters.finish(ch, r, chapter6)
 #    seen and on unseen concepts? Compare unseen recall with chance, $k/K$.
 
 # %% tags=["hide-cell"]
-ch.exercise("explainer recall", chapter6.exercise, annotation_rate=0.2).round(3)
+ch.exercise("explainer recall", chapter.exercise, annotation_rate=0.2).round(3)
 
 # %% [markdown]
 # 2. **BatchNorm in training mode.** Train the head with `bn_eval=False`, the usual PyTorch
@@ -348,18 +348,18 @@ ch.exercise("explainer recall", chapter6.exercise, annotation_rate=0.2).round(3)
 #    head whose inputs are pooled features of very different scales?
 
 # %% tags=["hide-cell"]
-ch.exercise("explainer recall", chapter6.exercise, bn_eval=False).round(3)
+ch.exercise("explainer recall", chapter.exercise, bn_eval=False).round(3)
 
 # %% [markdown]
 # 3. **A coarser layer.** Explain `layer4` (a 4×4 map) instead of `layer3`. A filter's region
 #    can then only be a few large cells: which concepts can still reach the IoU threshold?
 
 # %% tags=["hide-cell"]
-ch.exercise("explainer recall", chapter6.exercise, target_layer="layer4").round(3)
+ch.exercise("explainer recall", chapter.exercise, target_layer="layer4").round(3)
 
 # %% [markdown]
 # 4. **Bigger regions.** Lower `act_q` from 0.99 to 0.9. Which concept groups can now reach
 #    the IoU threshold, and what happens to recall?
 
 # %% tags=["hide-cell"]
-ch.exercise("explainer recall", chapter6.exercise, act_q=0.9).round(3)
+ch.exercise("explainer recall", chapter.exercise, act_q=0.9).round(3)

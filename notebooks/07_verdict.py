@@ -38,6 +38,11 @@
 #    planted habitat shortcut, and with the blinded attribute?; (c) the model randomisation
 #    check {cite}`adebayo2018sanity`, in the same currency for every method. Intervals come
 #    from one bootstrap over seeds and images, so differences are paired.
+#
+# Before the planted models, the chapter runs the checks that need no ground truth on the
+# model under study itself: chapter 1's world CLIP by default, or *your* CLIP and images
+# (`model`, `pretrained`, `dataset`, `data_root`). With `planted=False` the chapter stops there:
+# the planted-model sections cost minutes and do not depend on the model under study.
 
 # %% tags=["parameters", "hide-cell"]
 # Shared by every chapter: defaults live in WorldConfig / TrainConfig (conceptlab.world, conceptlab.models)
@@ -51,6 +56,9 @@ checkpoint_seconds = 30.0  # training checkpoints at most this many seconds apar
 artifacts_dir = "../artifacts"
 results_dir = "../book/results"
 # This chapter (every name below is declared, with its type and range, in chapters.verdict.PARAMETERS)
+planted = True  # False: only the model-only sanity checks (the planted-model sections are skipped)
+dataset = "world"  # images of the sanity checks: "world", "imagefolder" or "cub"
+data_root = None  # folder of a real data set
 conditions = ["shortcut", "no-shortcut", "blind"]
 n_seeds = 3
 blind_factor = "head colour"
@@ -82,17 +90,53 @@ if importlib.util.find_spec("conceptlab") is None:  # outside a checkout (Colab,
     )
 import numpy as np
 import pandas as pd
-from IPython.display import Markdown
+from IPython.display import Markdown, display
 
 from conceptlab import chapters, explainers, plots, reliance, verdict
 from conceptlab.chapter import setup, show_source
-from conceptlab.chapters import verdict as chapter
+from conceptlab.chapters import verdict as chapter  # this chapter's code
 
 ch = setup(chapter.NAME, globals(), chapter.PARAMETERS)
 r = chapter.Result()
 
 # %% [markdown]
+# ## Sanity checks on the model under study
+#
+# Two checks need no planted model and no ground truth, so they run on any CLIP: the chapter's
+# `model` on `n_random_images` images of `dataset`, each explained by its own class text. The
+# **model randomisation cascade** {cite}`adebayo2018sanity` re-initialises the top `k` stages of
+# the vision tower (`k` from `cascade`, then every stage; the text tower is kept) and compares
+# each explainer's maps with the trained model's: Spearman's $\rho$ over the map's pixels, per
+# image, averaged, with a bootstrap interval over images. The **null band** is the same
+# similarity between the maps of two *different* images: what "no relation" looks like. A map
+# that explains the model must fall into it (or below) once the weights are gone. The **input
+# null** is the explainer's maps of noise images: if they resemble its maps of real images,
+# part of every map comes from the explainer, not from the image. A randomised copy never
+# touches the model under study.
+
+# %% tags=["remove-input"]
+show_source(verdict.model_only_check)
+
+# %% [markdown]
+# By hand: a map against itself scores 1, against its negative −1 (every rank reversed), and
+# against a copy with its pixels shuffled about 0 (the shuffled band below).
+
+# %%
+toy_map = np.arange(16.0).reshape(1, 4, 4)
+verdict.map_similarity(toy_map, toy_map), verdict.map_similarity(toy_map, -toy_map)
+
+# %%
+sanity = chapter.sanity(ch, r)
+chapter.sanity_figure(r)
+plots.table(sanity)
+
+# %% tags=["hide-input"]
+Markdown("\n\n".join(chapter.sanity_sentences(r)))
+
+# %% [markdown]
 # ## Planted models
+#
+# With `planted=False` this section and every one after it print why they are skipped.
 #
 # Six classes, because Concept World has six habitats: with one home habitat per class and
 # `habitat_correlation` 1, the background decides the class. The world and the CLIP are the
@@ -100,7 +144,8 @@ r = chapter.Result()
 # (`planted_steps` at learning rate `planted_lr`). Each condition gets `n_seeds` models.
 
 # %%
-plots.table(chapter.plant(ch, r))
+if chapter.section(ch, "Planted models"):
+    display(plots.table(chapter.plant(ch, r)))
 
 # %% [markdown]
 # ## Truth of use, by measurement
@@ -126,8 +171,9 @@ edited, _ = edit(labels, typical.copy(), ch.world.home_habitats(labels))
 (edited != typical).sum(axis=(1, 2)), (edited != typical)[:, 4, 1]
 
 # %%
-measured = chapter.measure_truths(ch, r)
-plots.table(measured)
+if chapter.section(ch, "Truth of use, by measurement"):
+    measured = chapter.measure_truths(ch, r)
+    display(plots.table(measured))
 
 # %% [markdown]
 # Before any method is judged, the measurement must recover what was planted: every shortcut
@@ -137,8 +183,9 @@ plots.table(measured)
 # test–retest agreement: the reliance measured on the even images against the odd ones.
 
 # %%
-print(r.recovered, "test–retest rho:", r.retest)
-plots.table(r.check)
+if chapter.section(ch):
+    print(r.recovered, "test–retest rho:", r.retest)
+    display(plots.table(r.check))
 
 # %% [markdown]
 # ## Scores at the granularity a method states
@@ -159,10 +206,11 @@ show_source(verdict.map_region_scores)
 # on the background and the same on every part (the inverse of the creature's share of the image).
 
 # %%
-toy = r.truths[r.subjects[0].name].base.first(2)
-uniform = verdict.map_region_scores(np.ones((2, 8, 8)), toy)
-silhouette = verdict.map_region_scores(verdict.silhouette_maps(toy), toy)
-print(dict(zip(verdict.REGIONS, uniform[0].round(2))), dict(zip(verdict.REGIONS, silhouette[0].round(2))))
+if chapter.section(ch, "Scores at the granularity a method states"):
+    toy = r.truths[r.subjects[0].name].base.first(2)
+    uniform = verdict.map_region_scores(np.ones((2, 8, 8)), toy)
+    silhouette = verdict.map_region_scores(verdict.silhouette_maps(toy), toy)
+    print(dict(zip(verdict.REGIONS, uniform[0].round(2))), dict(zip(verdict.REGIONS, silhouette[0].round(2))))
 
 # %% [markdown]
 # **Named concepts** (DN-CBM {cite}`rao2024dncbm`: SAE concepts named from the world's
@@ -177,9 +225,10 @@ print(dict(zip(verdict.REGIONS, uniform[0].round(2))), dict(zip(verdict.REGIONS,
 show_source(verdict.vocabulary_prior)
 
 # %%
-vocabulary = explainers.lavise_vocabulary(r.subjects[0])
-prior = verdict.vocabulary_prior(vocabulary, toy.labels, r.subjects[0].world)
-plots.table(pd.Series(np.nanmean(prior, 0), index=reliance.FACTORS, name="LaViSE's vocabulary prior"))
+if chapter.section(ch):
+    vocabulary = explainers.lavise_vocabulary(r.subjects[0])
+    prior = verdict.vocabulary_prior(vocabulary, toy.labels, r.subjects[0].world)
+    display(plots.table(pd.Series(np.nanmean(prior, 0), index=reliance.FACTORS, name="LaViSE's vocabulary prior")))
 
 # %% [markdown]
 # LaViSE explains CNN filters; on a ResNet world CLIP these are `layer4`'s filters. On a ViT (the
@@ -206,9 +255,10 @@ show_source(explainers.tower_maps)
 # (`chapter.rows(ch, r, yours={"mine": explainers.map_method(mine, "...")})`).
 
 # %%
-chapter.tune(ch, r)
-print(list(chapter.rows(ch, r)))
-chapter.explain(ch, r, progress=True)
+if chapter.section(ch, "Every explainer, on every model"):
+    chapter.tune(ch, r)
+    print(list(chapter.rows(ch, r)))
+    chapter.explain(ch, r, progress=True)
 
 # %% [markdown]
 # ## The tests
@@ -232,8 +282,9 @@ show_source(verdict.agreement)
 show_source(verdict.paired_test)
 
 # %%
-chapter.score(ch, r)
-cascade_table = chapter.randomise(ch, r)
+if chapter.section(ch, "The tests"):
+    chapter.score(ch, r)
+    cascade_table = chapter.randomise(ch, r)
 
 # %% [markdown]
 # ## The scoreboard
@@ -245,21 +296,25 @@ cascade_table = chapter.randomise(ch, r)
 # follows the weights.
 
 # %% tags=["hide-input"]
-chapter.scoreboard_figure(r)
-plots.table(chapter.scoreboard(r))
+if chapter.section(ch, "The scoreboard"):
+    chapter.scoreboard_figure(r)
+    display(plots.table(chapter.scoreboard(r)))
 
 # %% tags=["hide-input"]
-plots.table(chapter.what_is_explained(r))
+if chapter.section(ch):
+    display(plots.table(chapter.what_is_explained(r)))
 
 # %% tags=["hide-input"]
-Markdown("\n\n".join(chapter.conclusion(r)))
+if chapter.section(ch):
+    display(Markdown("\n\n".join(chapter.conclusion(r))))
 
 # %% [markdown]
 # How each row's explanation changes along the cascade (similarity to the trained model's
 # explanation; 1 = unchanged; LaViSE's rows start at the first stage that reaches its layer):
 
 # %% tags=["hide-input"]
-plots.table(cascade_table.set_index(["row", "model", "stages re-initialised"]))
+if chapter.section(ch):
+    display(plots.table(cascade_table.set_index(["row", "model", "stages re-initialised"])))
 
 # %% [markdown]
 # ## Summary
@@ -275,7 +330,8 @@ chapters.finish(ch, r, chapter)
 #    its interval still exclude 0?
 
 # %% tags=["hide-cell"]
-ch.exercise("area", chapter.exercise_area, area_normalised=False)
+if chapter.section(ch, "Exercises (they use the planted models)"):
+    display(ch.exercise("area", chapter.exercise_area, area_normalised=False))
 
 # %% [markdown]
 # 2. **How good is good enough?** Add noise to the measured reliance itself and use it as an
@@ -283,11 +339,13 @@ ch.exercise("area", chapter.exercise_area, area_normalised=False)
 #    agreement falls to the level of the best method on the scoreboard.
 
 # %% tags=["hide-cell"]
-ch.exercise("noisy_truth", chapter.exercise_noisy_truth, noise_level=3.0)
+if chapter.section(ch):
+    display(ch.exercise("noisy_truth", chapter.exercise_noisy_truth, noise_level=3.0))
 
 # %% [markdown]
 # 3. **Fewer images.** Measure and explain every model on a quarter of the images. Predict
 #    how much wider the intervals of the CLIP class map's tests become.
 
 # %% tags=["hide-cell"]
-ch.exercise("fewer_images", chapter.exercise_fewer_images, n_images=max(8, n_images // 4))
+if chapter.section(ch):
+    display(ch.exercise("fewer_images", chapter.exercise_fewer_images, n_images=max(8, n_images // 4)))

@@ -46,7 +46,10 @@ def tiny_world() -> ConceptWorld:
 
 @pytest.fixture(scope="session")
 def tiny_store(tmp_path_factory) -> ArtifactStore:
-    return ArtifactStore(tmp_path_factory.mktemp("artifacts"))
+    """The smoke chapters' artifact store, shared by every xdist worker: the tiny world CLIP below has the
+    smoke parameters' key, so it is trained once per session for the tests and the smoke chapters alike
+    (the store's file locks make concurrent builds safe)."""
+    return ArtifactStore(_shared_dir(tmp_path_factory, "smoke") / "artifacts")
 
 
 @pytest.fixture(scope="session")

@@ -217,6 +217,7 @@ def test_reading_the_results_of_a_chapter_not_yet_run_says_so(tmp_path):
         read_results(tmp_path, "other")
 
 
+@pytest.mark.slow
 def test_concurrent_requests_build_an_artifact_once(tmp_path):
     import multiprocessing as mp
 

@@ -245,3 +245,16 @@ def test_the_loaded_architecture_is_recorded_with_its_activation(tmp_path):
     assert ch.applied()["loaded_architecture"] == "ViT-B-32-quickgelu"
     assert chapter.loaded_architecture("ConceptWorld-ViT", quick) == "ConceptWorld-ViT (QuickGELU)"
     assert chapter.loaded_architecture("ViT-B-32", open_clip.create_model("ConceptWorld-ViT")) == "ViT-B-32"
+
+
+def test_the_tests_tiny_clip_is_the_smoke_chapters_clip(tmp_path):
+    """conftest's tiny CLIP and the smoke chapters share one store and one key: trained once per session."""
+    from conftest import TINY_TRAIN, TINY_WORLD
+
+    from conceptlab import chapters
+    from conceptlab.bookrun import chapters as stems
+    from conceptlab.bookrun import smoke_parameters
+
+    for name in stems():
+        ch = chapters.start(name, smoke_parameters(name, tmp_path))
+        assert (ch.world_cfg, ch.train_cfg) == (TINY_WORLD, TINY_TRAIN), name

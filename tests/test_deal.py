@@ -207,6 +207,7 @@ def test_evaluate_on_the_world(tiny_clip, tiny_world):
 
 
 # ---------------------------------------------------------------------------- real path
+@pytest.mark.slow
 def test_real_path_local_checkpoint_imagefolder_and_descriptor_file(tmp_path_factory, tmp_path):
     """ViT-B-32 from a local checkpoint, a tiny ImageFolder and a descriptor JSON: evaluate and fine-tune."""
     rng = np.random.default_rng(0)

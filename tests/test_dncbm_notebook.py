@@ -12,6 +12,7 @@ from conceptlab.artifacts import read_results
 from conceptlab.bookrun import run_chapter
 
 
+@pytest.mark.slow
 def test_chapter_runs_on_a_local_checkpoint_imagefolder_and_word_list(tmp_path, tiny_world):
     torch.manual_seed(0)
     checkpoint = tmp_path / "random_rn.pt"

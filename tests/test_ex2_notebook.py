@@ -55,6 +55,7 @@ def _random_lm(path):
     return path
 
 
+@pytest.mark.slow
 def test_real_path_runs_with_local_models(tmp_path):
     ckpt = tmp_path / "clip.pt"
     torch.save(open_clip.create_model("ConceptWorld-ViT").state_dict(), ckpt)

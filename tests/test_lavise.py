@@ -316,6 +316,7 @@ def _chapter(tmp_path, **params):
     return setup("06_lavise", namespace, chapter6.PARAMETERS)
 
 
+@pytest.mark.slow
 def test_coco_path_trains_and_explains_with_the_data_sets_own_words(tmp_path, capsys):
     annotations = _write_coco(tmp_path)
     cnn = torchvision.models.resnet18(num_classes=5)

@@ -14,6 +14,7 @@ from conceptlab.world import WorldConfig
 TINY_CNN = CNNConfig(n_train=64, steps=3, batch_size=16)
 
 
+@pytest.mark.slow
 def test_world_cnn_is_seeded_stored_and_reused(tmp_path):
     world_cfg = WorldConfig(n_classes=4)
     a, to_input, history = world_cnn(ArtifactStore(tmp_path / "a"), world_cfg, TINY_CNN, "cpu", progress=False)
@@ -72,6 +73,7 @@ print("rank", dist.get_rank(), "of", dist.get_world_size(), "checksum", float(su
 """
 
 
+@pytest.mark.slow
 def test_world_cnn_trains_on_two_processes_through_accelerate(tmp_path):
     """The multi-GPU path (accelerate over torch.distributed) on two CPU processes: batches are shared
     out, gradients averaged, the main process alone writes, and the result is one model."""

@@ -254,6 +254,7 @@ def test_history_records_training_seconds_without_evaluation_time(tmp_path):
     assert seconds == sorted(seconds) and seconds[-1] < wall - 1.5  # neither evaluation is counted
 
 
+@pytest.mark.slow
 def test_interrupted_training_resumes_to_the_same_model(tmp_path):
     world = ConceptWorld(TINY_WORLD)
     cfg = TrainConfig(n_train=256, steps=6, batch_size=16, warmup=2)

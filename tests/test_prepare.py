@@ -16,6 +16,7 @@ from conceptlab.artifacts import ArtifactStore
 from conceptlab.bookrun import smoke_parameters
 
 
+@pytest.mark.slow
 def test_two_processes_align_once_and_a_single_process_loads_it(tmp_path):
     params = smoke_parameters("04_ex2", tmp_path)
     params_file = tmp_path / "params.yml"
@@ -49,6 +50,7 @@ def test_two_processes_align_once_and_a_single_process_loads_it(tmp_path):
     )
 
 
+@pytest.mark.slow
 def test_two_processes_train_the_lavise_cnn_once(tmp_path):
     params = {**smoke_parameters("06_lavise", tmp_path), "cnn_steps": 2}
     params_file = tmp_path / "params.yml"

@@ -77,19 +77,44 @@ class _SetupReached(Exception):
     pass
 
 
-@pytest.mark.notebook
-def test_every_chapter_refuses_bad_parameters_before_any_work(tmp_path):
-    """A misspelt name and a wrong type stop each chapter in its setup cell, with both problems named."""
-    import papermill as pm
+def _first_error(chapter: str, params: dict) -> tuple[BaseException, int]:
+    """Execute a chapter's code cells in this process (papermill's parameter injection, no kernel) until
+    one raises: ``(the exception, the cell's number)``. Kernel-free, so every chapter is checked in seconds."""
+    from papermill.iorw import load_notebook_node
+    from papermill.parameterize import parameterize_notebook
 
+    nb = parameterize_notebook(load_notebook_node(str(NOTEBOOKS / f"{chapter}.ipynb")), params)
+    namespace: dict = {"__name__": "__main__", "display": print}
+    for count, cell in enumerate((c for c in nb.cells if c.cell_type == "code"), 1):
+        try:
+            exec(compile(cell.source, f"{chapter} cell {count}", "exec"), namespace)  # noqa: S102
+        except Exception as err:  # noqa: BLE001  (the first failure is what the test inspects)
+            return err, count
+    raise AssertionError(f"{chapter} ran to the end")
+
+
+def test_every_chapter_refuses_bad_parameters_before_any_work(tmp_path, monkeypatch):
+    """A misspelt name and a wrong type stop each chapter in its setup cell, with both problems named."""
+    monkeypatch.chdir(NOTEBOOKS)  # where papermill runs them
     for chapter in CHAPTERS:
         params = {**smoke_parameters(chapter, tmp_path), "seed": "abc", "definitely_mispelt": 1}
-        with pytest.raises(pm.PapermillExecutionError) as err:
-            run_chapter(chapter, tmp_path / "executed", params)
-        assert err.value.ename == "ParameterError", (chapter, err.value.ename, err.value.evalue)
-        assert "'definitely_mispelt'" in err.value.evalue and "seed='abc'" in err.value.evalue, chapter
-        assert err.value.exec_count <= 3, f"{chapter} validated only in cell {err.value.exec_count}"
+        err, count = _first_error(chapter, params)
+        assert type(err).__name__ == "ParameterError", (chapter, err)
+        assert "'definitely_mispelt'" in str(err) and "seed='abc'" in str(err), chapter
+        assert count <= 3, f"{chapter} validated only in cell {count}"
     assert not (tmp_path / "artifacts").exists(), "nothing may be built before the parameters are valid"
+
+
+@pytest.mark.notebook
+def test_a_chapter_refuses_bad_parameters_in_its_kernel(tmp_path):
+    """The same through papermill and a kernel, once: the error a user of ``papermill -p`` sees."""
+    import papermill as pm
+
+    params = {**smoke_parameters(CHAPTERS[0], tmp_path), "seed": "abc"}
+    with pytest.raises(pm.PapermillExecutionError) as err:
+        run_chapter(CHAPTERS[0], tmp_path / "executed", params)
+    assert err.value.ename == "ParameterError" and "seed='abc'" in err.value.evalue
+    assert err.value.exec_count <= 3 and not (tmp_path / "artifacts").exists()
 
 
 @pytest.mark.notebook

@@ -51,6 +51,7 @@ def _kill_mid_run(out: Path, sig: signal.Signals) -> subprocess.CompletedProcess
     return proc
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL], ids=["SIGTERM", "SIGKILL"])
 def test_killed_run_resumes_to_the_uninterrupted_weights(tmp_path, sig, uninterrupted):
     proc = _kill_mid_run(tmp_path, sig)

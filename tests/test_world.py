@@ -221,3 +221,21 @@ def test_blind_attribute_is_random_and_the_rest_of_the_world_stays():
     assert 0.05 < typical < 0.25
     with pytest.raises(ValueError, match="beak colour"):
         WorldConfig(blind=("beak colour",))
+
+
+def test_memoised_pixel_noise_renders_the_same_images_and_the_same_stream_after_it():
+    """A warm noise cache changes nothing: the images, and the captions drawn from the stream after the
+    noise (so the generator is left where a fresh draw would leave it)."""
+    import conceptlab.world as world_module
+
+    w = ConceptWorld(WorldConfig(n_classes=6))
+    world_module._NOISE_CACHE.clear()
+    cold = w.sample(600, "test")  # two blocks
+    assert len(world_module._NOISE_CACHE) == 2
+    warm = w.sample(600, "test")
+    assert np.array_equal(cold.images, warm.images) and cold.captions == warm.captions
+    other = ConceptWorld(WorldConfig(n_classes=6, seed=1)).sample(8, "test")
+    assert not np.array_equal(other.images, cold.images[:8]), "another seed draws other noise"
+    for block in range(world_module._NOISE_CACHE_BLOCKS + 2):
+        w.sample(1, "train", start=block * 512)
+    assert len(world_module._NOISE_CACHE) == world_module._NOISE_CACHE_BLOCKS

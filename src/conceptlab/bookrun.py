@@ -279,7 +279,7 @@ def _absolute(value: Any, kind: Any, base: Path) -> Any:
 
 def _rule(chapter: str, params: Mapping[str, Any], module: Any) -> str | None:
     """Why a chapter does not apply to these parameters (``None``: it does). A chapter module may say
-    itself, with ``applies(params) -> str | None``; otherwise the book's rules for LaViSE and the verdict."""
+    itself, with ``applies(params) -> str | None``; otherwise the book's rule for LaViSE."""
     if hasattr(module, "applies"):
         return module.applies(dict(params))
     user_model = params.get("model", "world") != "world"
@@ -288,11 +288,8 @@ def _rule(chapter: str, params: Mapping[str, Any], module: Any) -> str | None:
             "LaViSE explains the filters of a CNN, not a CLIP: name yours in the 06_lavise block "
             "(target_model, target_weights, target_layer) to run it"
         )
-    if chapter == "07_verdict" and user_model:
-        return (
-            "the verdict needs planted models whose reliance Concept World's ground truth gives; "
-            "this version has no model-only tests for a user's model"
-        )
+    # 07_verdict runs for a user's model: its model-only checks use the user's CLIP and data, and its block's
+    # `planted` says whether the planted-model sections (Concept World's own models) run as well
     return None
 
 

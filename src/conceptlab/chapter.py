@@ -12,9 +12,11 @@ from __future__ import annotations
 import ast
 import difflib
 import hashlib
+import html
 import inspect
 import json
 import platform
+import re
 import time
 import typing
 from collections.abc import Callable, Iterator, Mapping
@@ -427,7 +429,7 @@ class Chapter:
             out["loaded_architecture"] = loaded_architecture(self.params["model"], self._clip[0])
         return out
 
-    def differences(self, switches: Mapping[str, Switch]) -> pd.DataFrame:
+    def differences(self, switches: Mapping[str, Switch]) -> DifferencesTable:
         """The run's switches against the paper and the original code (recorded in the results)."""
         self._differences = differences_table(switches, self.params)
         return self._differences
@@ -524,22 +526,108 @@ class Switch:
     paper: Any
     original: Any
     what: str
+    source: str = ""  # where the original code sets it: "owner/repo:path#L12" or "#L12-L15", several "; "-separated
 
 
-def differences_table(switches: Mapping[str, Switch], params: Mapping[str, Any]) -> pd.DataFrame:
-    """One row per switch: this run's value, the paper's, the original code's, and which one the run follows."""
+# The commit of each original repository at which the lines cited by ``Switch.source`` were read.
+ORIGINAL_COMMITS = {
+    "tangli-udel/DEAL": "9b2cc057090e2f3bfae6c1c871f1a009456b8a87",
+    "BatsResearch/ex2": "a2da07ece4880294a655aefaaa3a198a832fb2dc",
+    "neuroexplicit-saar/Discover-then-Name": "03484baef77747596712cf971e402f77b9da5a9a",
+    "YuYang0901/LaViSE": "c16a9d179eb63086ac9f0e012f1530b4365554a2",
+}
+SOURCE_COLUMN = "where in the original code"
+_CITATION = re.compile(r"(?P<repo>[\w.-]+/[\w.-]+):(?P<path>[^\s#;]+)#L(?P<first>\d+)(?:-L(?P<last>\d+))?")
+_RENDERED = (".ipynb", ".md")  # files GitHub renders: line anchors need the plain view
+
+
+@dataclass(frozen=True)
+class Citation:
+    """One cited line range of an original repository, at its pinned commit (:data:`ORIGINAL_COMMITS`)."""
+
+    repo: str
+    path: str
+    first: int
+    last: int
+
+    @property
+    def lines(self) -> str:
+        """GitHub's line anchor: ``L12`` or ``L12-L15``."""
+        return f"L{self.first}" if self.last == self.first else f"L{self.first}-L{self.last}"
+
+    @property
+    def url(self) -> str:
+        """The range on GitHub at the pinned commit."""
+        plain = "?plain=1" if self.path.endswith(_RENDERED) else ""
+        return f"https://github.com/{self.repo}/blob/{ORIGINAL_COMMITS[self.repo]}/{self.path}{plain}#{self.lines}"
+
+    @property
+    def label(self) -> str:
+        """Short text: ``DEAL/train.py#L12-L15``."""
+        return f"{self.repo.split('/')[1]}/{self.path}#{self.lines}"
+
+
+def citations(source: str) -> list[Citation]:
+    """The citations of a ``Switch.source`` (``""``: none); a malformed one or an unknown repository raises."""
+    out = []
+    for part in filter(None, (p.strip() for p in source.split(";"))):
+        m = _CITATION.fullmatch(part)
+        if m is None:
+            raise ValueError(f"{part!r} is not 'owner/repo:path#L<a>' or 'owner/repo:path#L<a>-L<b>'")
+        if m["repo"] not in ORIGINAL_COMMITS:
+            raise ValueError(f"{part!r}: no pinned commit for {m['repo']!r}; known: {sorted(ORIGINAL_COMMITS)}")
+        first, last = int(m["first"]), int(m["last"] or m["first"])
+        if not 0 < first <= last:
+            raise ValueError(f"{part!r}: lines must run forwards from 1")
+        out.append(Citation(m["repo"], m["path"], first, last))
+    return out
+
+
+def source_html(source: str) -> str:
+    """A ``Switch.source`` as HTML anchors, for tables shown as HTML (``""`` for none)."""
+    return "; ".join(f'<a href="{c.url}">{html.escape(c.label)}</a>' for c in citations(source))
+
+
+class DifferencesTable(pd.DataFrame):
+    """A differences table: plain text (recorded as such in the results), shown in a notebook with its
+    :data:`SOURCE_COLUMN` as links. A subclass, because pandas escapes HTML in every cell of a DataFrame's
+    display; ``_constructor`` keeps the class through ``astype``, ``rename``, ``round`` and ``.loc`` rows."""
+
+    @property
+    def _constructor(self):
+        return DifferencesTable
+
+    def _repr_html_(self) -> str | None:
+        if SOURCE_COLUMN not in self.columns:
+            return super()._repr_html_()
+        shown = pd.DataFrame(self).rename(index=_escaped, columns=_escaped)
+        for column in shown.columns:
+            shown[column] = shown[column].map(source_html if column == SOURCE_COLUMN else _escaped)
+        with pd.option_context("display.max_colwidth", None):  # a cut anchor is broken HTML
+            return shown.to_html(escape=False, notebook=True)
+
+
+def _escaped(value: Any) -> Any:
+    return html.escape(value) if isinstance(value, str) else value
+
+
+def differences_table(switches: Mapping[str, Switch], params: Mapping[str, Any]) -> DifferencesTable:
+    """One row per switch: this run's value, the paper's, the original code's, which one the run follows,
+    what it changes and where the original code sets it (a citation; shown as links)."""
     rows = {}
     for name, s in switches.items():
         value = params[name]
         follows = [who for who, v in (("paper", s.paper), ("original code", s.original)) if v == value]
+        citations(s.source)  # a malformed citation fails here, not on the page
         rows[name] = {
             "this run": value,
             "paper": s.paper,
             "original code": s.original,
             "this run follows": " and ".join(follows) or "neither",
             "what it changes": s.what,
+            SOURCE_COLUMN: s.source,
         }
-    return pd.DataFrame(rows).T.rename_axis("switch")
+    return DifferencesTable(pd.DataFrame(rows).T.rename_axis("switch"))
 
 
 def fidelity_table(rows: Mapping[str, Mapping[str, Any]]) -> pd.DataFrame:
@@ -566,15 +654,21 @@ def parameters_cell(spec: Mapping[str, Param]) -> dict[str, Any]:
 
 
 __all__ = [
+    "ORIGINAL_COMMITS",
     "SHARED",
+    "SOURCE_COLUMN",
     "Chapter",
+    "Citation",
+    "DifferencesTable",
     "Param",
     "ParameterError",
     "Switch",
+    "citations",
     "differences_table",
     "fidelity_table",
     "parameters_cell",
     "setup",
     "show_source",
+    "source_html",
     "validate",
 ]

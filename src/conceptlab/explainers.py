@@ -27,6 +27,7 @@ from .reliance import FACTORS
 from .verdict import (
     Explainer,
     Explanation,
+    MapFn,
     Subject,
     candidate_descriptions,
     concept_factor_scores,
@@ -113,22 +114,39 @@ def _class_weights(subject: Subject) -> torch.Tensor:
     return class_text_weights(subject.clip, subject.tokenizer, subject.world.class_names)
 
 
+def class_maps(clip: nn.Module, images: torch.Tensor, texts: torch.Tensor, batch_size: int = 64) -> np.ndarray:
+    """The class map explainer on preprocessed images: each image's map of its own text feature
+    (``texts[i]``, e.g. its class's zero-shot weight), by :func:`conceptlab.explain.explain_batches`."""
+    return explain_batches(clip, images, texts[:, None], batch_size)[:, 0].numpy()
+
+
+def gradient_input_maps(clip: nn.Module, images: torch.Tensor, texts: torch.Tensor, batch_size: int = 64) -> np.ndarray:
+    """Plain gradient x input of each image's logit for its own text feature (|sum over channels|), (N, S, S)."""
+    dev, out = next(clip.parameters()).device, []
+    for s in range(0, len(images), batch_size):
+        x = images[s : s + batch_size].to(dev).detach().requires_grad_(True)
+        with torch.enable_grad():
+            emb = F.normalize(clip.encode_image(x), dim=-1)
+            (grad,) = torch.autograd.grad((emb * texts[s : s + batch_size].to(dev)).sum(), x)
+        out.append((grad * x).sum(1).abs().detach().cpu())
+    return torch.cat(out).numpy()
+
+
+MODEL_ONLY_MAPS: dict[str, MapFn] = {"class map": class_maps, "gradient × input": gradient_input_maps}
+"""The map explainers whose model-only checks run on any CLIP (:func:`conceptlab.verdict.model_only_check`)."""
+
+
 def gradient_input_explainer(subject: Subject, batch: WorldBatch) -> Explanation:
     """Plain gradient x input of the true class's zero-shot logit (|sum over channels|), as a map."""
-    weights = _class_weights(subject)
-    x = images_to_tensor(batch.images, subject.clip).requires_grad_(True)
-    with torch.enable_grad():
-        emb = F.normalize(subject.clip.encode_image(x), dim=-1)
-        logit = (emb * weights[torch.as_tensor(batch.labels)]).sum()
-        (grad,) = torch.autograd.grad(logit, x)
-    maps = (grad * x).sum(1).abs().detach().numpy()
+    weights = _class_weights(subject)[torch.as_tensor(batch.labels)]
+    maps = gradient_input_maps(subject.clip, images_to_tensor(batch.images, subject.clip), weights, len(batch))
     return Explanation(map_factor_scores(maps, batch), maps)
 
 
 def class_map_explainer(subject: Subject, batch: WorldBatch) -> Explanation:
     """The model's explanation map of its class text (conceptlab.explain: relevance / Grad-CAM)."""
-    weights = _class_weights(subject)[torch.as_tensor(batch.labels)][:, None]  # (N, 1, D)
-    maps = explain_batches(subject.clip, images_to_tensor(batch.images, subject.clip), weights)[:, 0].numpy()
+    weights = _class_weights(subject)[torch.as_tensor(batch.labels)]  # (N, D)
+    maps = class_maps(subject.clip, images_to_tensor(batch.images, subject.clip), weights)
     return Explanation(map_factor_scores(maps, batch), maps)
 
 
@@ -405,8 +423,10 @@ def reward_ranking_method(beta: float) -> Method:
 
 
 __all__ = [
+    "MODEL_ONLY_MAPS",
     "Method",
     "class_map_explainer",
+    "class_maps",
     "deal_subject",
     "descriptor_map_explainer",
     "dncbm_explainer",
@@ -415,6 +435,7 @@ __all__ = [
     "filter_factor_scores",
     "filter_relevance",
     "gradient_input_explainer",
+    "gradient_input_maps",
     "lavise_explainer",
     "lavise_first_stage",
     "lavise_method",

@@ -18,6 +18,9 @@ A library, usable on your own explainers and (for the model-only checks) your ow
    same images; (c) :func:`randomisation_check`, the same factor-score similarity for every method,
    per re-initialised stage. Intervals come from one joint bootstrap over seeds and images
    (:func:`bootstrap_plan`), so every difference between two numbers is paired.
+5. *Model-only checks on any open_clip CLIP* (no planted model, no world): :func:`model_only_check` runs
+   a map explainer's randomisation cascade on your model and your preprocessed images, beside the null
+   band of two different images' maps and the explainer's input null (its maps of noise images).
 
 Bring your own explainer: any ``explainer(subject, batch) -> Explanation`` (see :class:`Explainer`).
 """
@@ -687,6 +690,154 @@ def similarity_band(scores: np.ndarray, n_permutations: int = 200, seed: int = 0
     )
 
 
+# ---------------------------------------------------------------------------- model-only checks (any CLIP)
+MapFn = Callable[[nn.Module, torch.Tensor, torch.Tensor], np.ndarray]  # (clip, images, texts (N, D)) -> (N, h, w)
+
+
+def _unit_ranks(maps: np.ndarray) -> np.ndarray:
+    """(N, pixels) ranks of each map over its pixels, centred and scaled to unit norm (0 for a constant map)."""
+    r = rankdata(np.asarray(maps, np.float64).reshape(len(maps), -1), axis=1)
+    r = r - r.mean(1, keepdims=True)
+    norm = np.sqrt((r**2).sum(1, keepdims=True))
+    return np.divide(r, norm, out=np.zeros_like(r), where=norm > 0)
+
+
+def map_similarity(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Spearman's rho between matching maps (N, h, w) over their pixels: one number per image."""
+    if np.shape(a) != np.shape(b):
+        raise ValueError(f"maps of different shapes {np.shape(a)} and {np.shape(b)}")
+    return (_unit_ranks(a) * _unit_ranks(b)).sum(1)
+
+
+def mean_interval(values: np.ndarray, n_bootstrap: int = 200, seed: int = 0) -> tuple[float, float, float]:
+    """``(mean, low, high)``: the mean of per-image ``values`` and its 95 % bootstrap interval over images."""
+    values = np.asarray(values, float)
+    rng = np.random.default_rng(seed)
+    boot = values[rng.integers(len(values), size=(n_bootstrap, len(values)))].mean(1)
+    mean = float(values.mean())
+    return (mean, *_interval(boot, point=mean))
+
+
+def different_images_band(maps: np.ndarray, n_permutations: int = 200, seed: int = 0) -> tuple[float, float, float]:
+    """What "no relation" looks like: ``(mean, low, high)`` over random pairings (every image with another
+    image, a derangement per draw) of the mean similarity between the maps of two different images."""
+    r = _unit_ranks(maps)
+    gram = r @ r.T
+
+    def draw(g: np.random.Generator) -> float:
+        order = g.permutation(len(r))
+        return float(gram[order, np.roll(order, 1)].mean())
+
+    return permutation_band(draw, n_permutations, seed=seed)
+
+
+def shuffled_band(maps: np.ndarray, n_permutations: int = 200, seed: int = 0) -> tuple[float, float, float]:
+    """``(mean, low, high)`` of the mean similarity between each map and a copy with its pixels shuffled."""
+    flat = np.asarray(maps).reshape(len(maps), -1)
+    return permutation_band(
+        lambda g: float(map_similarity(flat, flat[:, g.permutation(flat.shape[1])]).mean()), n_permutations, seed=seed
+    )
+
+
+def noise_images(images: torch.Tensor, clip: nn.Module | None = None, seed: int = 0) -> torch.Tensor:
+    """Images that show nothing, shaped like ``images``: uniform random pixels, normalised with the model's
+    preprocessing mean and standard deviation (standard normal values without one)."""
+    gen = torch.Generator().manual_seed(seed)
+    cfg = getattr(getattr(clip, "visual", None), "preprocess_cfg", None)
+    if not cfg:
+        return torch.randn(images.shape, generator=gen)
+    mean, std = (torch.tensor(cfg[k], dtype=torch.float32).view(1, -1, 1, 1) for k in ("mean", "std"))
+    return (torch.rand(images.shape, generator=gen) - mean) / std
+
+
+@dataclass
+class ModelOnlyCheck:
+    """One map explainer's model-only sanity checks on one CLIP and one set of images.
+
+    ``cascade``: per count of re-initialised top vision stages (0: the trained model, its maps recomputed),
+    the mean similarity of the maps with the trained model's and its bootstrap interval over images.
+    ``band``: the mean similarity between the maps of two different images (what no relation looks like);
+    ``shuffled``: between a map and a pixel-shuffled copy; ``input_null``: between the maps of noise images
+    and of the real images, with its interval. Similarities are Spearman's rho over map pixels."""
+
+    cascade: pd.DataFrame
+    band: tuple[float, float, float]
+    shuffled: tuple[float, float, float]
+    input_null: tuple[float, float, float]
+    n_images: int
+    n_stages: int
+
+    @property
+    def randomised(self) -> pd.Series:
+        """The cascade's last row: every vision stage re-initialised."""
+        return self.cascade.iloc[-1]
+
+    @property
+    def follows_the_weights(self) -> bool:
+        """Whether the maps of the fully re-initialised model fall inside or below the band."""
+        return bool(self.randomised["similarity"] <= self.band[2])
+
+    @property
+    def input_dependent(self) -> bool:
+        """Whether the maps of noise images fall inside or below the band (the maps depend on the input)."""
+        return bool(self.input_null[0] <= self.band[2])
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-able record: the cascade, the bands, the input null and the two decisions."""
+        names = ("mean", "low", "high")
+        return {
+            "cascade": self.cascade.to_dict("records"),
+            "band (two different images)": dict(zip(names, self.band)),
+            "band (shuffled pixels)": dict(zip(names, self.shuffled)),
+            "input null (noise images)": dict(zip(names, self.input_null)),
+            "n_images": self.n_images,
+            "n_stages": self.n_stages,
+            "follows the weights": self.follows_the_weights,
+            "maps depend on the input": self.input_dependent,
+        }
+
+
+def model_only_check(
+    maps: MapFn,
+    clip: nn.Module,
+    images: torch.Tensor,
+    labels: np.ndarray,
+    class_texts: torch.Tensor,
+    cascade: Sequence[int],
+    n_bootstrap: int = 200,
+    n_permutations: int = 200,
+    seed: int = 0,
+) -> ModelOnlyCheck:
+    """Adebayo et al.'s model randomisation cascade for a map explainer on any open_clip CLIP: the maps of
+    each image's class text (``class_texts[labels]``) from the trained model and from copies whose top
+    ``k`` vision stages are re-initialised (:func:`randomised`, ``k`` from ``cascade``, then every stage),
+    beside the null band (:func:`different_images_band`, :func:`shuffled_band`) and the explainer's input
+    null (its maps of :func:`noise_images`). ``clip`` itself is never changed."""
+    texts = torch.as_tensor(class_texts)[torch.as_tensor(np.asarray(labels))]
+    stages = vision_stages(clip)
+    ref = maps(clip, images, texts)
+    rows = [("trained model (maps recomputed)", 0, "—", maps(clip, images, texts))]
+    for k in sorted({min(c, len(stages)) for c in cascade} | {len(stages)}):
+        top = stages[k - 1].split("|")[0].rstrip(".")
+        rows.append((f"top {k} stages re-initialised", k, top, maps(randomised(clip, k, seed), images, texts)))
+    table = pd.DataFrame(
+        [
+            {"comparison": what, "stages re-initialised": k, "top stage": top}
+            | dict(zip(("similarity", "low", "high"), mean_interval(map_similarity(ref, m), n_bootstrap, seed)))
+            for what, k, top, m in rows
+        ]
+    )
+    noise = maps(clip, noise_images(images, clip, seed), texts)
+    return ModelOnlyCheck(
+        table,
+        different_images_band(ref, n_permutations, seed),
+        shuffled_band(ref, n_permutations, seed),
+        mean_interval(map_similarity(ref, noise), n_bootstrap, seed),
+        len(images),
+        len(stages),
+    )
+
+
 # ---------------------------------------------------------------------------- per class
 def per_class_agreement(scores: np.ndarray, truth: np.ndarray, labels: np.ndarray) -> np.ndarray:
     """(a) per class: rho between the method's mean scores and the truth on the class's images alone."""
@@ -703,6 +854,8 @@ __all__ = [
     "REGIONS",
     "Explainer",
     "Explanation",
+    "MapFn",
+    "ModelOnlyCheck",
     "Plan",
     "Subject",
     "agreement",
@@ -712,14 +865,19 @@ __all__ = [
     "candidate_descriptions",
     "concept_factor_scores",
     "detected",
+    "different_images_band",
     "factor_oracle",
     "factor_phrase",
     "factor_present",
     "factors_to_regions",
     "map_factor_scores",
     "map_region_scores",
+    "map_similarity",
+    "mean_interval",
     "measure",
+    "model_only_check",
     "mention_factor_scores",
+    "noise_images",
     "oracle_scores",
     "oracle_words",
     "paired_test",
@@ -738,6 +896,7 @@ __all__ = [
     "relative_scores",
     "reliance_maps",
     "retest",
+    "shuffled_band",
     "silhouette_maps",
     "similarity_band",
     "spearman_rows",

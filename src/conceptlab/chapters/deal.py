@@ -131,21 +131,29 @@ SWITCHES: dict[str, Switch] = {
         "text a descriptor's map is computed for: the bare descriptor "
         "(original code, train.py/load.py: category_name_inclusion=None) or "
         "'{class}, which has {descriptor}'",
+        source="tangli-udel/DEAL:load.py#L40; tangli-udel/DEAL:loading_helpers.py#L48; "
+        "tangli-udel/DEAL:train.py#L101-L107",
     ),
     "detach_maps": Switch(
         False,
         True,
         "the original code builds maps from detached attention and gradients "
-        "(explainer.py, interpret; batch_gradCAM freezes the visual weights): its map losses "
-        "carry no gradient",
+        "(explainer.py, interpret; gradCAM, which train.py calls for ResNets, freezes the visual weights): "
+        "its map losses carry no gradient",
+        source="tangli-udel/DEAL:explainer.py#L66-L67; tangli-udel/DEAL:explainer.py#L151-L155; "
+        "tangli-udel/DEAL:train.py#L119-L137",
     ),
     "contrastive": Switch(
         "not stated",
         "per_image",
         "same-class texts in a batch: negatives (original code, train.py) or one shared text per class",
+        source="tangli-udel/DEAL:train.py#L149-L152",
     ),
     "zero_shot_prompts": Switch(
-        "not stated", "bare", "zero-shot text: the bare class name (original code, load_eval.py) or a prompt ensemble"
+        "not stated",
+        "bare",
+        "zero-shot text: the bare class name (original code, load_eval.py) or a prompt ensemble",
+        source="tangli-udel/DEAL:load_eval.py#L167-L169",
     ),
     "localizability_headline": Switch(
         "correct",
@@ -154,17 +162,34 @@ SWITCHES: dict[str, Switch] = {
         "headline: whole pixels of the right image, or the original notebook's "
         "indexing and image/map pairing (exp_localizability.ipynb; all three are "
         "reported)",
+        source="tangli-udel/DEAL:exp_localizability.ipynb#L102-L118; "
+        "tangli-udel/DEAL:exp_localizability.ipynb#L196-L202",
     ),
     "deal_lr": Switch(
         5e-7,
         5e-7,
         "learning rate (the original's ImageNet run, run.sh); the world CLIP needs "
         "more, see the learning-rate measurement",
+        source="tangli-udel/DEAL:run.sh#L13",
     ),
-    "deal_batch_size": Switch(256, 256, "batch size (the original's ImageNet run, run.sh)"),
-    "deal_steps": Switch(5000, 5000, "fine-tuning steps (the original's ImageNet run, run.sh)"),
-    "lambda_sep": Switch(0.1, 0.1, "weight of L_sep (run.sh's ImageNet run; 0.05 is train.py's default)"),
-    "eval_mode": Switch(True, True, "frozen normalisation statistics while training (run.sh's --eval)"),
+    "deal_batch_size": Switch(
+        256, 256, "batch size (the original's ImageNet run, run.sh)", source="tangli-udel/DEAL:run.sh#L4"
+    ),
+    "deal_steps": Switch(
+        5000, 5000, "fine-tuning steps (the original's ImageNet run, run.sh)", source="tangli-udel/DEAL:run.sh#L12"
+    ),
+    "lambda_sep": Switch(
+        0.1,
+        0.1,
+        "weight of L_sep (run.sh's ImageNet run; 0.05 is train.py's default)",
+        source="tangli-udel/DEAL:run.sh#L9; tangli-udel/DEAL:train.py#L10",
+    ),
+    "eval_mode": Switch(
+        True,
+        True,
+        "frozen normalisation statistics while training (run.sh's --eval)",
+        source="tangli-udel/DEAL:run.sh#L14; tangli-udel/DEAL:train.py#L57-L58",
+    ),
 }
 TRAINING_SWITCHES = (
     "detach_maps",
@@ -201,21 +226,22 @@ def load_data(ch: Chapter) -> DealData:
         load_train_test(p["dataset"], p["data_root"], p["train_root"])  # raises, naming the difference
     clip, preprocess, _, _ = ch.clip()
     world = ch.world if p["dataset"] == "world" else None
-    train = load_eval_set(
-        clip, preprocess, p["n_train"], p["dataset"], p["train_root"] or p["data_root"], "train", world, p["seed"]
-    )
-    test = load_eval_set(clip, preprocess, p["n_test"], p["dataset"], p["data_root"], "test", world, p["seed"])
-    ds = get_descriptors(
-        p["descriptors"],
-        test.class_names,
-        ch.store,
-        world,
-        n=max(6, p["n_concepts"]),
-        fault_rate=p["fault_rate"],
-        seed=p["seed"],
-        llm_base_url=p["llm_base_url"],
-        llm_api_key_env=p["llm_api_key_env"],
-    ).first(p["n_concepts"])
+    with ch.stage("data"):
+        train = load_eval_set(
+            clip, preprocess, p["n_train"], p["dataset"], p["train_root"] or p["data_root"], "train", world, p["seed"]
+        )
+        test = load_eval_set(clip, preprocess, p["n_test"], p["dataset"], p["data_root"], "test", world, p["seed"])
+        ds = get_descriptors(
+            p["descriptors"],
+            test.class_names,
+            ch.store,
+            world,
+            n=max(6, p["n_concepts"]),
+            fault_rate=p["fault_rate"],
+            seed=p["seed"],
+            llm_base_url=p["llm_base_url"],
+            llm_api_key_env=p["llm_api_key_env"],
+        ).first(p["n_concepts"])
     masks = ds.part_masks(test.class_names, test.labels, test.masks) if world is not None else None
     return DealData(train, test, ds, masks)
 
@@ -250,17 +276,10 @@ def fine_tune(ch: Chapter, data: DealData, progress: bool = True, **changes: Any
     cfg = config(p, **changes)
     key = ch.key(data={k: p[k] for k in ("dataset", "n_train", "seed")}, train_root=ch.inputs.get("train_root"))
     batches = array_batches(data.train.images, data.train.labels, cfg.batch_size, cfg.seed)
-    return deal_clip(
-        ch.store,
-        key,
-        clip,
-        tokenizer,
-        data.test.class_names,
-        data.descriptors.descriptors,
-        batches,
-        cfg,
-        progress=progress,
-    )
+    with ch.stage("train"):
+        return deal_clip(
+            ch.store, key, clip, tokenizer, data.test.class_names, data.descriptors.descriptors, batches, cfg, progress
+        )
 
 
 def scores(
@@ -277,21 +296,22 @@ def scores(
     p = {**ch.params, **changes}
     test, n = data.test, n or len(data.test.labels)
     masks = None if data.part_masks is None else data.part_masks[:n]
-    metrics, _, values = evaluate(
-        model,
-        ch.clip()[2],
-        test.images[:n],
-        test.labels[:n],
-        test.class_names,
-        data.descriptors,
-        n_concepts=p["n_concepts"],
-        part_masks=masks,
-        start_layer=p["start_layer"],
-        concept_text=p["concept_text"],
-        localizability=localize,
-        n_localize=p["n_localize"],
-        zero_shot_prompts=p["zero_shot_prompts"],
-    )
+    with ch.stage("evaluate"):
+        metrics, _, values = evaluate(
+            model,
+            ch.clip()[2],
+            test.images[:n],
+            test.labels[:n],
+            test.class_names,
+            data.descriptors,
+            n_concepts=p["n_concepts"],
+            part_masks=masks,
+            start_layer=p["start_layer"],
+            concept_text=p["concept_text"],
+            localizability=localize,
+            n_localize=p["n_localize"],
+            zero_shot_prompts=p["zero_shot_prompts"],
+        )
     return (metrics, values) if per_image else metrics
 
 

@@ -95,6 +95,8 @@ SWITCHES: dict[str, Switch] = {
         "text a descriptor's map is computed for: the bare descriptor "
         "(original DEAL code, train.py/load.py: category_name_inclusion=None) or "
         "'{class}, which has {descriptor}'",
+        source="tangli-udel/DEAL:load.py#L40; tangli-udel/DEAL:loading_helpers.py#L48; "
+        "tangli-udel/DEAL:train.py#L101-L107",
     ),
 }
 
@@ -117,15 +119,16 @@ def load_test(ch: Chapter) -> EvalSet:
     """The chapter's test images."""
     p = ch.params
     clip, preprocess, _, _ = ch.clip()
-    return load_eval_set(
-        clip,
-        preprocess,
-        p["n_test"],
-        p["dataset"],
-        p["data_root"],
-        world=ch.world if ch.on_world else None,
-        seed=p["seed"],
-    )
+    with ch.stage("data"):
+        return load_eval_set(
+            clip,
+            preprocess,
+            p["n_test"],
+            p["dataset"],
+            p["data_root"],
+            world=ch.world if ch.on_world else None,
+            seed=p["seed"],
+        )
 
 
 def descriptor_set(ch: Chapter, test: EvalSet, fault_rate: float | None = None) -> DescriptorSet:
@@ -165,15 +168,15 @@ def classify(
     """Top-1 by the bare class name and by description (with and without the class name) for each set;
     and each row's per-image hits."""
     clip, _, tokenizer, _ = ch.clip()
-    zero_shot = features @ class_text_weights(clip, tokenizer, test.class_names, ("{}",)).T
-    rows = {ZERO_SHOT: {"description_top1": topk_accuracy(zero_shot, test.labels, 1)}}
-    hits = {ZERO_SHOT: _hits(zero_shot, test.labels)}
-    for name, d in sets.items():
-        rows[name] = desc.description_accuracy(features, clip, tokenizer, test.class_names, d, test.labels)
-        for suffix, named in (("", True), ("_descriptors_only", False)):
-            hits[name + suffix] = _hits(
-                desc.description_logits(features, clip, tokenizer, d.descriptors, test.class_names, named), test.labels
-            )
+    with ch.stage("classify"):
+        zero_shot = features @ class_text_weights(clip, tokenizer, test.class_names, ("{}",)).T
+        rows = {ZERO_SHOT: {"description_top1": topk_accuracy(zero_shot, test.labels, 1)}}
+        hits = {ZERO_SHOT: _hits(zero_shot, test.labels)}
+        for name, d in sets.items():
+            rows[name] = desc.description_accuracy(features, clip, tokenizer, test.class_names, d, test.labels)
+            for suffix, named in (("", True), ("_descriptors_only", False)):
+                logits = desc.description_logits(features, clip, tokenizer, d.descriptors, test.class_names, named)
+                hits[name + suffix] = _hits(logits, test.labels)
     return rows, hits
 
 
@@ -184,9 +187,10 @@ def _map_scores(
     clip, _, tokenizer, _ = ch.clip()
     k = min(5, min(len(v) for v in ds.descriptors.values()))
     masks = test.masks[rows] if test.masks is not None else None
-    return desc.map_scores(
-        clip, tokenizer, test.images[rows], test.labels[rows], test.class_names, ds, k, masks, text, start_layer
-    )
+    with ch.stage("explain"):
+        return desc.map_scores(
+            clip, tokenizer, test.images[rows], test.labels[rows], test.class_names, ds, k, masks, text, start_layer
+        )
 
 
 def explain_maps(

@@ -149,30 +149,79 @@ SWITCHES: dict[str, Switch] = {
         "mean",
         "the SAE's reconstruction term: ||x - x_hat||^2 in the paper, "
         "the squared error averaged over dimensions in the code (l1 means D times less)",
+        source="neuroexplicit-saar/Discover-then-Name:scripts/train_sae.py#L48-L49; "
+        "neuroexplicit-saar/Discover-then-Name:sparse_autoencoder/sparse_autoencoder/loss/decoded_activations_l2.py#L79-L83",
     ),
-    "sae_inputs": Switch("raw", "raw", "the SAE learns raw CLIP embeddings; 'normalised' puts them on the sphere"),
+    "sae_inputs": Switch(
+        "raw",
+        "raw",
+        "the SAE learns raw CLIP embeddings; 'normalised' puts them on the sphere",
+        source="neuroexplicit-saar/Discover-then-Name:scripts/save_cc3m_features.py#L37-L40; "
+        "neuroexplicit-saar/Discover-then-Name:dncbm/custom_pipeline.py#L218-L223",
+    ),
     "sae_scale": Switch(
         "raw",
         "raw",
         "'unit_rms' scales the features to a per-dimension RMS of 1: a coefficient "
         "then means the same on every CLIP (on the raw features it is divided by the scale)",
+        source="neuroexplicit-saar/Discover-then-Name:scripts/save_cc3m_features.py#L37-L40; "
+        "neuroexplicit-saar/Discover-then-Name:dncbm/custom_pipeline.py#L218-L223",
     ),
-    "sae_l1": Switch(3e-5, 3e-5, "sparsity of the concept code: fewer active concepts, worse reconstruction"),
-    "sae_lr": Switch(5e-4, 5e-4, "SAE step size"),
-    "sae_batch_size": Switch(4096, 4096, "SAE batch"),
-    "sae_epochs": Switch(200, 200, "SAE training length (on CC3M's 3.3 million images)"),
-    "sae_resample_every": Switch(10, 10, "epochs between dead-concept resamplings"),
+    "sae_l1": Switch(
+        3e-5,
+        3e-5,
+        "sparsity of the concept code: fewer active concepts, worse reconstruction",
+        source="neuroexplicit-saar/Discover-then-Name:README.md#L99",
+    ),
+    "sae_lr": Switch(5e-4, 5e-4, "SAE step size", source="neuroexplicit-saar/Discover-then-Name:README.md#L99"),
+    "sae_batch_size": Switch(4096, 4096, "SAE batch", source="neuroexplicit-saar/Discover-then-Name:README.md#L99"),
+    "sae_epochs": Switch(
+        200,
+        200,
+        "SAE training length (on CC3M's 3.3 million images)",
+        source="neuroexplicit-saar/Discover-then-Name:README.md#L99",
+    ),
+    "sae_resample_every": Switch(
+        10,
+        10,
+        "epochs between dead-concept resamplings",
+        source="neuroexplicit-saar/Discover-then-Name:README.md#L99; "
+        "neuroexplicit-saar/Discover-then-Name:scripts/train_sae.py#L65-L71",
+    ),
     "sae_bias_init": Switch(
         None,
         "zero",
         "where b_dec starts (the paper does not say): at the corpus mean a short "
         "run need not spend its steps learning the offset",
+        source="neuroexplicit-saar/Discover-then-Name:scripts/train_sae.py#L38-L39; "
+        "neuroexplicit-saar/Discover-then-Name:sparse_autoencoder/sparse_autoencoder/autoencoder/model.py#L97-L106",
     ),
-    "probe_l1": Switch("sum", "mean", "the probe's L1 term: ||W||_1 in the paper, nn.L1Loss (mean |W|) in the code"),
-    "probe_lambda": Switch(0.1, 0.1, "the probe's sparsity weight (README command; released probes used 1.0)"),
-    "probe_solver": Switch("adam", "adam", "'fista' solves the same objective to exact zeros"),
-    "probe_lr": Switch(1e-2, 1e-2, "probe step size (README command)"),
-    "probe_epochs": Switch(200, 200, "probe training length"),
+    "probe_l1": Switch(
+        "sum",
+        "mean",
+        "the probe's L1 term: ||W||_1 in the paper, nn.L1Loss (mean |W|) in the code",
+        source="neuroexplicit-saar/Discover-then-Name:scripts/train_linear_probe.py#L241-L243; "
+        "neuroexplicit-saar/Discover-then-Name:scripts/train_linear_probe.py#L257-L259",
+    ),
+    "probe_lambda": Switch(
+        0.1,
+        0.1,
+        "the probe's sparsity weight (README command; released probes used 1.0)",
+        source="neuroexplicit-saar/Discover-then-Name:README.md#L128; "
+        "neuroexplicit-saar/Discover-then-Name:dncbm/method_utils.py#L133-L136",
+    ),
+    "probe_solver": Switch(
+        "adam",
+        "adam",
+        "'fista' solves the same objective to exact zeros",
+        source="neuroexplicit-saar/Discover-then-Name:scripts/train_linear_probe.py#L234",
+    ),
+    "probe_lr": Switch(
+        1e-2, 1e-2, "probe step size (README command)", source="neuroexplicit-saar/Discover-then-Name:README.md#L128"
+    ),
+    "probe_epochs": Switch(
+        200, 200, "probe training length", source="neuroexplicit-saar/Discover-then-Name:README.md#L128"
+    ),
 }
 ORIGINAL_CODE = {name: s.original for name, s in SWITCHES.items()}
 

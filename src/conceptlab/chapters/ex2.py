@@ -21,7 +21,7 @@ import torch
 
 from .. import ex2
 from ..artifacts import atomic_write_json, fingerprint
-from ..chapter import Chapter, Param, Switch
+from ..chapter import SOURCE_COLUMN, Chapter, Param, Switch
 from ..judges import WorldJudge, judge_problem, make_judge
 from ..models import load_clip
 from ..reliance import rank_correlation
@@ -148,13 +148,41 @@ SWITCHES: dict[str, Switch] = {
         "mult_template_v1.json",
         "mult_template_v1.json",
         "the queries the LM answers; None uses the book's own 25 in the same spirit",
+        source="BatsResearch/ex2:utils.py#L61-L70",
     ),
-    "lm": Switch(ORIGINAL_LM, ORIGINAL_LM, "which LM writes the descriptions"),
-    "lora_r": Switch(16, 16, "LoRA rank (0: all weights train, as the world LM is tiny)"),
-    "grpo_beta": Switch(0.2, 0.2, "KL coefficient (the original's is adaptive, starting at 0.2)"),
-    "max_new_tokens": Switch(32, 32, "length of a description in tokens"),
-    "images_per_class": Switch(256, 256, "images of a class in its reward"),
-    "judge": Switch("ChatGPT", ORIGINAL_JUDGE, "who answers the inspection questions"),
+    "lm": Switch(
+        ORIGINAL_LM,
+        ORIGINAL_LM,
+        "which LM writes the descriptions",
+        source="BatsResearch/ex2:train.py#L25; BatsResearch/ex2:train_runner.sh#L10",
+    ),
+    "lora_r": Switch(
+        16, 16, "LoRA rank (0: all weights train, as the world LM is tiny)", source="BatsResearch/ex2:train.py#L47"
+    ),
+    "grpo_beta": Switch(
+        0.2,
+        0.2,
+        "KL coefficient (the original's is adaptive, starting at 0.2)",
+        source="BatsResearch/ex2:train.py#L39-L40",
+    ),
+    "max_new_tokens": Switch(
+        32,
+        32,
+        "length of a description in tokens",
+        source="BatsResearch/ex2:train.py#L141; BatsResearch/ex2:inference.py#L83",
+    ),
+    "images_per_class": Switch(
+        256,
+        256,
+        "images of a class in its reward",
+        source="BatsResearch/ex2:train.py#L70; BatsResearch/ex2:train.py#L196",
+    ),
+    "judge": Switch(
+        "ChatGPT",
+        ORIGINAL_JUDGE,
+        "who answers the inspection questions",
+        source="BatsResearch/ex2:inspection.py#L74-L85",
+    ),
 }
 # Differences that no parameter switches (the book cannot run the original's stack).
 FIXED_DIFFERENCES: dict[str, dict[str, str]] = {
@@ -164,30 +192,38 @@ FIXED_DIFFERENCES: dict[str, dict[str, str]] = {
         "original code": "PPO (trl 0.7 API)",
         "what it changes": "trl removed that PPO API; GRPO optimises the same reward with a KL "
         "penalty, comparing completions of one query instead of a value head",
+        SOURCE_COLUMN: "BatsResearch/ex2:README.md#L20; BatsResearch/ex2:train.py#L156-L164; "
+        "BatsResearch/ex2:train.py#L241",
     },
     "reward scale": {
         "this run": "cosine",
         "paper": "mean similarity",
         "original code": "100 x cosine",
         "what it changes": "nothing for GRPO, which standardises rewards within a group",
+        SOURCE_COLUMN: "BatsResearch/ex2:image_text_reward.py#L5-L10; BatsResearch/ex2:hf_clip_wrapper.py#L120-L125",
     },
     "prompts per step": {
         "this run": "one class per prompt, classes in turn",
         "paper": "not stated",
         "original code": "shuffled queries",
         "what it changes": "every step's reward mixes the classes equally",
+        SOURCE_COLUMN: "BatsResearch/ex2:utils.py#L66-L72; BatsResearch/ex2:train.py#L156-L164; "
+        "BatsResearch/ex2:train.py#L208",
     },
     "attribute question": {
         "this run": "second judge question",
         "paper": "attribute analysis",
         "original code": "not released",
-        "what it changes": "how informative descriptions are sorted into types",
+        "what it changes": "how informative descriptions are sorted into types (the original's second "
+        "question is not released: its inspection script asks only the first)",
+        SOURCE_COLUMN: "",
     },
     "false descriptions": {
         "this run": "own category (world)",
         "paper": "not separated",
         "original code": "not separated",
         "what it changes": "informative-but-false text is never counted as spurious",
+        SOURCE_COLUMN: "BatsResearch/ex2:inspection.py#L34-L36",
     },
 }
 

@@ -175,6 +175,7 @@ SWITCHES: dict[str, Switch] = {
         "the head's BatchNorm layers stay in eval mode while it trains "
         "(train_explainer.py line 21, model.apply(set_bn_eval); train_helpers.py line 7): "
         "they normalise with fixed running statistics",
+        source="YuYang0901/LaViSE:train_explainer.py#L20-L21; YuYang0901/LaViSE:train_helpers.py#L7-L12",
     ),
     "masking": Switch(
         "activation",
@@ -182,14 +183,21 @@ SWITCHES: dict[str, Switch] = {
         "what the head reads for a filter: the map masked where the "
         "filter fires above act_q (paper), or weighted by the filter's normalised map "
         "(infer_filter.py line 147, default 'projection'; lines 123-126)",
+        source="YuYang0901/LaViSE:infer_filter.py#L147-L149; YuYang0901/LaViSE:infer_filter.py#L123-L126",
     ),
     "mask_resize": Switch(
         "not stated",
         "nearest",
         "object masks resized to the feature map by nearest pixel "
         "(image_datasets.py line 49, Resize(dim, NEAREST)) or by area averaging (soft)",
+        source="YuYang0901/LaViSE:image_datasets.py#L44-L52; YuYang0901/LaViSE:image_datasets.py#L93-L94",
     ),
-    "explainer_lr": Switch(1e-4, 1e-4, "Adam's learning rate for the head (train_explainer.py line 130)"),
+    "explainer_lr": Switch(
+        1e-4,
+        1e-4,
+        "Adam's learning rate for the head (train_explainer.py line 130)",
+        source="YuYang0901/LaViSE:train_explainer.py#L130",
+    ),
 }
 ORIGINAL_CODE: dict[str, Any] = {k: s.original for k, s in SWITCHES.items()}  # every switch as the code has it
 FIXED_DIFFERENCES: tuple[str, ...] = (
@@ -197,8 +205,8 @@ FIXED_DIFFERENCES: tuple[str, ...] = (
     "draws int(rate * K) indices with replacement (train_explainer.py line 147, numpy's default), so fewer "
     "distinct concepts are seen.",
     "Evaluation: the book scores every (filter, top image) pair against mask-IoU ground truth; the original "
-    "script pools the top 5 words of each of a filter's top 25 images, weighted by its peak activation, "
-    "and computes no recall.",
+    "script pools the top 5 words of each of a filter's top 25 images, weighted by its peak activation "
+    "(infer_filter.py lines 89-98; --s 5 and --p 25 at lines 159-162), and computes no recall.",
     "The original inference script does not run as published: explain() is called (infer_filter.py line 85) "
     "with its first three arguments in another order than declared (line 116), and the top images are sorted "
     "with argsort(axis=1) on a one-dimensional array (line 55). The book implements what the script evidently "
@@ -211,12 +219,24 @@ ORIGINAL_SETTINGS: dict[str, tuple[Any, str]] = {
     "dataset": (
         "vg",
         "Visual Genome objects with boxes as masks (COCO segmentations as the other option; "
-        "train_explainer.py line 221)",
+        "train_explainer.py line 221; the boxes: image_datasets.py lines 85-91)",
     ),
-    "target_layer": ("layer4", "layer4 of an ImageNet ResNet (a 7x7 map on 224-pixel images; line 219)"),
-    "embedding": ("glove:glove.6B.300d", "GloVe 6B vectors, 300 dimensions"),
-    "annotation_rate": (0.1, "10% of the concept labels seen in training (--anno-rate 0.1, line 224)"),
-    "explainer_epochs": (3, "3 epochs over Visual Genome, one image per batch (line 216)"),
+    "target_layer": (
+        "layer4",
+        "layer4 of an ImageNet ResNet (a 7x7 map on 224-pixel images; train_explainer.py line 219)",
+    ),
+    "embedding": (
+        "glove:glove.6B.300d",
+        "GloVe 6B vectors, 300 dimensions (train_explainer.py lines 119 and 213)",
+    ),
+    "annotation_rate": (
+        0.1,
+        "10% of the concept labels seen in training (--anno-rate 0.1, train_explainer.py line 224)",
+    ),
+    "explainer_epochs": (
+        3,
+        "3 epochs over Visual Genome, one image per batch (train_explainer.py lines 216 and 210)",
+    ),
 }
 
 

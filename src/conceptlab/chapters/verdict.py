@@ -2,8 +2,9 @@
 
 The protocol is :mod:`conceptlab.verdict` (planted models, measures, nulls, tests) and the explainers
 :mod:`conceptlab.explainers`; this module is their client (the contract is in :mod:`conceptlab.chapters`).
-The notebook calls, in order: :func:`plant`, :func:`measure_truths`, :func:`tune`, :func:`rows`,
-:func:`explain`, :func:`score`, :func:`randomise`, then :func:`scoreboard` and :func:`conclusion`;
+The notebook calls, in order: :func:`sanity` (the model-only checks on the chapter's own CLIP, a user's
+model included), then, with ``planted`` (the default), :func:`plant`, :func:`measure_truths`, :func:`tune`,
+:func:`rows`, :func:`explain`, :func:`score`, :func:`randomise`, :func:`scoreboard` and :func:`conclusion`;
 :func:`run` calls them all. :func:`intro_table` writes the book's headline table from every chapter's results.
 """
 
@@ -19,7 +20,9 @@ import pandas as pd
 
 from .. import explainers as xp
 from .. import verdict as vd
-from ..chapter import Chapter, Param
+from ..chapter import Chapter, Param, loaded_architecture
+from ..data import load_eval_set
+from ..models import class_text_weights
 from ..reliance import FACTORS, Interventions
 from ..world import HABITATS
 from .report import Reported
@@ -34,6 +37,13 @@ def _check_conditions(value: list[str], p: dict[str, Any]) -> str | None:
 
 
 PARAMETERS: dict[str, Param] = {
+    "planted": Param(
+        True, bool, help="run the planted-model sections (minutes; they do not depend on the model under study)"
+    ),
+    "dataset": Param(
+        "world", str, choices=("world", "imagefolder", "cub"), help="images of the model-only sanity checks"
+    ),
+    "data_root": Param(None, "dir", applies=lambda p: p["dataset"] != "world", help="folder of a real data set"),
     "conditions": Param(
         ["shortcut", "no-shortcut", "blind"],
         list,
@@ -59,7 +69,7 @@ PARAMETERS: dict[str, Param] = {
     "lavise_n_train": Param(1024, int, min=64, help="LaViSE: world images (with concept masks) that train the head"),
     "lavise_epochs": Param(5, int, min=1, help="LaViSE: training epochs of the explainer head"),
     "n_random_models": Param(2, int, min=1, help="randomisation check: models checked (first seed per condition)"),
-    "n_random_images": Param(64, int, min=8, help="images of the randomisation check"),
+    "n_random_images": Param(64, int, min=8, help="images of the randomisation checks (model-only and planted)"),
     "cascade": Param(
         [1, 3, 6],
         list,
@@ -99,6 +109,109 @@ class Result:
     randomisation: pd.DataFrame | None = None
     retest: dict[str, float] = field(default_factory=dict)
     lavise_explains: str = ""
+    sanity: dict[str, vd.ModelOnlyCheck] = field(default_factory=dict)
+    model_under_study: dict[str, Any] = field(default_factory=dict)
+
+
+# ---------------------------------------------------------------------------- the model under study
+def sanity(ch: Chapter, r: Result) -> pd.DataFrame:
+    """The model-only sanity checks of every map explainer of :data:`~conceptlab.explainers.MODEL_ONLY_MAPS`
+    on the chapter's CLIP (``model``/``pretrained``; default chapter 1's world CLIP) and ``n_random_images``
+    images of ``dataset`` (:func:`~conceptlab.verdict.model_only_check`); their table."""
+    p = ch.params
+    with ch.stage("sanity"):
+        clip, preprocess, tokenizer, _ = ch.clip()
+        world = ch.world if p["dataset"] == "world" else None
+        test = load_eval_set(
+            clip, preprocess, p["n_random_images"], p["dataset"], p["data_root"], world=world, seed=p["seed"]
+        )
+        texts = class_text_weights(clip, tokenizer, test.class_names)
+        args = (clip, test.images, test.labels, texts, p["cascade"], p["n_bootstrap"], p["n_permutations"], p["seed"])
+        r.sanity = {name: vd.model_only_check(maps, *args) for name, maps in xp.MODEL_ONLY_MAPS.items()}
+    r.model_under_study = {
+        "model": p["model"],
+        "pretrained": p["pretrained"],
+        "architecture": "world CLIP (chapter 1)" if p["model"] == "world" else loaded_architecture(p["model"], clip),
+        "dataset": p["dataset"],
+        "data_root": p["data_root"],
+        "n_images": len(test.labels),
+        "n_classes": len(test.class_names),
+    }
+    return sanity_table(r)
+
+
+def sanity_table(r: Result) -> pd.DataFrame:
+    """One row per explainer and comparison: the cascade, then the null band and the input null."""
+    rows = []
+    for name, c in r.sanity.items():
+        for _, row in c.cascade.iterrows():
+            rows.append({"explainer": name, **row.to_dict()})
+        for what, (mean, low, high) in (
+            ("two different images (null band)", c.band),
+            ("shuffled pixels (null band)", c.shuffled),
+            ("noise images (input null)", c.input_null),
+        ):
+            rows.append(
+                {"explainer": name, "comparison": what, "top stage": "—", "similarity": mean, "low": low, "high": high}
+            )
+    table = pd.DataFrame(rows).set_index(["explainer", "comparison"])
+    return table.astype({"stages re-initialised": "Int64"})
+
+
+def sanity_figure(r: Result):
+    """Similarity of each explainer's maps with the trained model's against the stages re-initialised
+    (bootstrap intervals), the band of two different images' maps shaded, the noise images' level dashed."""
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(r.sanity), figsize=(4.5 * len(r.sanity), 3.2), sharey=True, squeeze=False)
+    for ax, (name, c) in zip(axes[0], r.sanity.items()):
+        t = c.cascade
+        err = np.vstack([t.similarity - t.low, t.high - t.similarity]).clip(min=0)
+        ax.errorbar(t["stages re-initialised"], t.similarity, yerr=err, marker="o", capsize=3, label="maps vs trained")
+        ax.axhspan(c.band[1], c.band[2], color="tab:gray", alpha=0.3, label="two different images")
+        ax.axhline(c.input_null[0], color="tab:red", ls="--", lw=1, label="noise images")
+        ax.set(title=name, xlabel="top vision stages re-initialised", ylim=(min(-0.1, c.band[1] - 0.05), 1.05))
+    axes[0][0].set_ylabel("Spearman rho over map pixels")
+    axes[0][-1].legend(fontsize=8, loc="upper right")
+    fig.tight_layout()
+    return fig
+
+
+def sanity_sentences(r: Result) -> list[str]:
+    """One generated sentence per explainer: does it follow the weights, does it depend on the input?"""
+    lines = []
+    for name, c in r.sanity.items():
+        last = c.randomised
+        verdict = (
+            "inside or below the band, so the maps follow the weights"
+            if c.follows_the_weights
+            else "above the band: the maps survive re-initialisation, so they do not follow the weights"
+        )
+        noise = (
+            "inside or below the band (the maps depend on the image)"
+            if c.input_dependent
+            else "above the band (part of every map does not depend on the image)"
+        )
+        lines.append(
+            f"The {name} on the model under study ({c.n_images} images): with all {c.n_stages} vision stages "
+            f"re-initialised its maps keep a similarity of {last.similarity:.2f} [{last.low:.2f}, {last.high:.2f}] "
+            f"with the trained model's, against {c.band[1]:.2f} to {c.band[2]:.2f} between the maps of two "
+            f"different images: {verdict}. Its maps of noise images reach {c.input_null[0]:.2f} with those of "
+            f"the real images, {noise}."
+        )
+    return lines
+
+
+def section(ch: Chapter, title: str | None = None) -> bool:
+    """Whether a planted-model section runs (``planted``); when it does not and ``title`` names the
+    section, print why (later cells of a section pass no title)."""
+    if ch.params["planted"] or title is None:
+        return bool(ch.params["planted"])
+    print(
+        f"{title}: skipped (planted=False). This section trains and explains Concept World's planted models; "
+        "it costs minutes and does not depend on the model under study."
+    )
+    return False
 
 
 # ---------------------------------------------------------------------------- steps
@@ -478,6 +591,9 @@ def verdicts(r: Result) -> dict[str, str]:
 def run(ch: Chapter, progress: bool = False) -> Result:
     """The chapter's work, in the notebook's order."""
     r = Result()
+    sanity(ch, r)
+    if not ch.params["planted"]:
+        return r
     plant(ch, r, progress=progress)
     measure_truths(ch, r)
     tune(ch, r)
@@ -495,11 +611,20 @@ def _plain(obj: Any) -> Any:
 
 def results(ch: Chapter, r: Result) -> dict:
     """The results JSON's ``results`` block: the scoreboard, every test with its intervals and per-model
-    numbers, the planted check, the measured reliance and the randomisation cascade."""
+    numbers, the planted check, the measured reliance and the randomisation cascade; first the model under
+    study and its model-only sanity checks (the only block when ``planted`` is False)."""
+    first = {
+        "model_under_study": r.model_under_study,
+        "sanity": {name: c.to_dict() for name, c in r.sanity.items()},
+        "planted": ch.params["planted"],
+    }
+    if not ch.params["planted"]:
+        return _plain(first)
     measured = pd.DataFrame({m: t.reliance() for m, t in r.truths.items()}).T
     board = scoreboard(r).astype(object)
     return _plain(
         {
+            **first,
             "scoreboard": board.where(board.notna(), None).to_dict(orient="index"),
             "scores": r.scores,
             "verdicts": verdicts(r),
@@ -515,8 +640,20 @@ def results(ch: Chapter, r: Result) -> dict:
 
 
 def headline(ch: Chapter, r: Result) -> dict[str, Reported]:
-    """Per method row: (a) as the gain of Spearman's rho over the method's own null, with its interval."""
+    """Per model-only explainer: the similarity of its maps after re-initialising every vision stage, with
+    its interval, chance the band of two different images; per method row: (a) as the gain of Spearman's rho
+    over the method's own null, with its interval."""
     out = {}
+    for name, c in r.sanity.items():
+        last = c.randomised
+        out[f"{name}: similarity after re-initialising every vision stage"] = Reported(
+            float(last.similarity),
+            float(last.low),
+            float(last.high),
+            chance=c.band[0],
+            note=f"Spearman's rho over map pixels, mean over {c.n_images} images of the model under study, bootstrap "
+            "over images; chance: the maps of two different images; no paper number",
+        )
     for name, s in r.scores.items():
         a = s["agreement"]
         if name in REFERENCES or "gain" not in a:
@@ -535,6 +672,8 @@ def headline(ch: Chapter, r: Result) -> dict[str, Reported]:
 def summary(ch: Chapter, r: Result) -> list[str]:
     """The chapter's answer, generated from the results."""
     p = ch.params
+    if not p["planted"]:
+        return [*sanity_sentences(r), "The planted-model sections were skipped (planted=False)."]
     ok = all(r.recovered.values())
     return [
         f"The measurement {'recovers' if ok else 'does not recover'} every planted answer on "
@@ -542,6 +681,7 @@ def summary(ch: Chapter, r: Result) -> list[str]:
         *conclusion(r),
         f"LaViSE explained {r.lavise_explains}; the DEAL rows explain {p['deal_steps']}-step tuned copies, "
         "scored against their own reliance.",
+        *sanity_sentences(r),
     ]
 
 
@@ -669,8 +809,13 @@ __all__ = [
     "results",
     "rows",
     "run",
+    "sanity",
+    "sanity_figure",
+    "sanity_sentences",
+    "sanity_table",
     "score",
     "scoreboard",
+    "section",
     "summary",
     "tune",
     "verdicts",
