@@ -18,7 +18,8 @@ from conceptlab.bookrun import smoke_parameters
 
 @pytest.mark.slow
 def test_two_processes_align_once_and_a_single_process_loads_it(tmp_path):
-    params = smoke_parameters("04_ex2", tmp_path)
+    tiny = {"world_clip": {"n_train": 128, "steps": 4, "batch_size": 32, "warmup": 1}, "lm_steps": 10, "grpo_steps": 2}
+    params = {**smoke_parameters("04_ex2", tmp_path), **tiny}  # the data-parallel path, not the models, is tested
     params_file = tmp_path / "params.yml"
     params_file.write_text(yaml.safe_dump(params))
     env = {**os.environ, "OMP_NUM_THREADS": "1"}

@@ -17,7 +17,7 @@ from conceptlab.training import TrainingRun, cosine_lr, set_checkpoint_interval
 from conceptlab.world import ConceptWorld, WorldConfig
 
 WORLD = WorldConfig(n_classes=6, seed=0)
-CFG = TrainConfig(n_train=64, steps=30, batch_size=8, warmup=3)
+CFG = TrainConfig(n_train=64, steps=12, batch_size=8, warmup=3)
 SCRIPT = """
 import sys, time
 from conceptlab.models import TrainConfig, train_world_clip
@@ -25,7 +25,7 @@ from conceptlab.training import set_checkpoint_interval
 from conceptlab.world import ConceptWorld, WorldConfig
 set_checkpoint_interval(0)
 train_world_clip(ConceptWorld(WorldConfig(n_classes=6, seed=0)),
-                 TrainConfig(n_train=64, steps=30, batch_size=8, warmup=3), sys.argv[1], progress=False,
+                 TrainConfig(n_train=64, steps=12, batch_size=8, warmup=3), sys.argv[1], progress=False,
                  on_step=lambda step: time.sleep(0.1))  # slow enough to be killed half-way
 """
 
