@@ -446,3 +446,15 @@ def test_decision_sizes_average_to_concepts_per_decision():
     sizes = dncbm.decision_sizes(x, probe)
     assert sizes.shape == (len(x),) and sizes.mean() == dncbm.concepts_per_decision(x, probe)
     assert set(np.unique(sizes)) <= set(range(1, 31))
+
+
+def test_the_sweeps_rule_takes_the_sparsest_setting_within_tolerance_that_kills_few_concepts():
+    from conceptlab.chapters.dncbm import DEAD_LIMIT, rule_choice
+
+    table = pd.DataFrame(
+        {"accuracy_concept_probe": [0.93, 0.928, 0.922, 0.54], "dead_concepts": [0, 22, 82, 67]},
+        index=pd.Index([0.005, 0.01, 0.02, 0.05], name="sae_l1"),
+    )
+    assert rule_choice(table, 0.925, 0.01) == 0.02, "accuracy alone: the sparsest within a point"
+    assert rule_choice(table, 0.925, 0.01, n_concepts=1024) == 0.01, f"0.02 kills {82 / 1024:.0%} > {DEAD_LIMIT:.0%}"
+    assert rule_choice(table, 0.99, 0.01, n_concepts=1024) == 0.005, "none qualifies: the most accurate"

@@ -386,6 +386,7 @@ class Result:
         the pretrained LM (what chance alone moves)."""
         gain, low, high = ex2.paired_gain(self.descriptions["before"], self.descriptions["after"])
         null, null_low, null_high = ex2.paired_gain(self.descriptions["before"], self.descriptions["resampled"])
+        over, over_low, over_high = ex2.paired_gain(self.descriptions["resampled"], self.descriptions["after"])
         return {
             "gain": gain,
             "low": low,
@@ -393,6 +394,9 @@ class Result:
             "null": null,
             "null_low": null_low,
             "null_high": null_high,
+            "over_resampled": over,  # the aligned LM against a second sample of the pretrained LM, same slots
+            "over_resampled_low": over_low,
+            "over_resampled_high": over_high,
             "slots": len(self.descriptions["before"]),
             "before": float(self.descriptions["before"].reward.mean()),
             "after": float(self.descriptions["after"].reward.mean()),
@@ -852,6 +856,12 @@ def summary(ch: Chapter, r: Result) -> list[str]:
         f"On the same {g['slots']} (query, sample) slots, alignment changes the mean reward by "
         f"{_interval(g['gain'], g['low'], g['high'])}, {moved}; two samples of the pretrained LM differ "
         f"by {g['null']:+.4f}."
+    )
+    beyond = excludes(g["over_resampled_low"], g["over_resampled_high"]) and g["over_resampled"] > 0
+    out.append(
+        f"Against a second sample of the pretrained LM on the same slots, the aligned LM's reward differs by "
+        f"{_interval(g['over_resampled'], g['over_resampled_low'], g['over_resampled_high'])}: the gain "
+        + ("is beyond what resampling alone moves." if beyond else "is not distinguishable from resampling.")
     )
     shares = r.shares()
     out.append(
