@@ -221,6 +221,12 @@ fig = chapter.l1_sweep_figure(r.l1_table, sae_l1)
 plots.table(r.l1_table.astype(float))
 
 # %% [markdown]
+# *What to look for:* L0 and the concepts per decision should fall as λ₁ grows, and the
+# unexplained variance rise; the operating point is where the probe's accuracy has not yet
+# dropped, before the dead concepts climb. The share of right names tells whether sparsity
+# costs the names their meaning.
+
+# %% [markdown]
 # ## Name: the nearest word in CLIP's text space
 #
 # Each concept's decoder direction $p_c$ (a column of $W_{dec}$) lives in the image
@@ -284,6 +290,11 @@ report.reported_table(chapter.accuracy_reported(ch, r))
 chapter.sweep_probe(ch, r)
 ax = chapter.probe_sweep_figure(r.probe_table, r.base["accuracy_raw_probe"], probe_lambda)
 plots.table(r.probe_table.astype(float))
+
+# %% [markdown]
+# *What to look for:* moving left (fewer concepts per decision) costs accuracy only once the
+# points fall away from the dashed line, the probe on the raw features; a point left of the
+# default that stays on the line would be a sparser explanation for free.
 
 # %% [markdown]
 # ## Results against the paper

@@ -130,6 +130,11 @@ sanity = chapter.sanity(ch, r)
 chapter.sanity_figure(r)
 plots.table(sanity)
 
+# %% [markdown]
+# *What to look for:* each curve should fall from 1 towards the grey band as more stages are
+# re-initialised; a curve that stays high explains the explainer, not the weights. The red line,
+# the maps of noise images against the real ones, should sit near the band too.
+
 # %% tags=["hide-input"]
 Markdown("\n\n".join(chapter.sanity_sentences(r)))
 
@@ -288,6 +293,10 @@ if chapter.section(ch, "The tests"):
 
 # %% [markdown]
 # ## The scoreboard
+#
+# *What to look for* in the figure: a bar whose interval clears 0 (the row's own null for (a),
+# no difference for the two planted tests (b)); the habitat test should be positive and the
+# blindness test negative for a method that sees what was planted.
 #
 # One row per explainer. (a): $\rho$ with its 95 % interval, the row's null, the gain over it
 # (with its interval), the oracle that the row's conversion allows, and the upper end of the

@@ -15,10 +15,11 @@ from __future__ import annotations
 
 import json
 from collections import OrderedDict
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import asdict, dataclass, field, fields, replace
 from numbers import Integral, Real
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -87,7 +88,7 @@ ONTOLOGY_SEED = 20240717
 _BLOCK = 512  # images per random-number block: the unit of reproducible streaming
 _SPLITS = {"train": 0, "val": 1, "test": 2, "corpus": 3}
 Edit = Callable[[np.ndarray, np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]
-_NOISE_CACHE: OrderedDict[tuple, tuple[np.ndarray, dict]] = OrderedDict()
+_NOISE_CACHE: OrderedDict[tuple, tuple[np.ndarray, Mapping[str, Any]]] = OrderedDict()
 _NOISE_CACHE_BLOCKS = 4  # a block's pixel noise at 64 px is 25 MB
 
 
