@@ -1,12 +1,13 @@
 """Execute the chapter notebooks with papermill: ``python -m conceptlab.bookrun [--smoke | --lesson | --params F]``.
 
-Default parameters write executed copies to ``book/chapters/`` for jupyter-book and the book's
-headline table to ``book/results/headline.md``; ``--smoke`` uses ``notebooks/smoke.yml`` (every
-chapter in seconds, artifacts in a scratch folder); ``--lesson`` uses ``notebooks/lesson.yml`` (a
-class's live session, sharing the book's artifacts). ``--params my.yml --out DIR`` builds the book of
-*your* model and data: a ``common`` block (model, pretrained, dataset, data_root, ...) and one block per
-chapter, every chapter that applies to those inputs run, the others skipped with the reason, and a
-separate HTML book in ``DIR/_build/html`` (``examples/my_model.yml`` is an example).
+Default parameters write executed copies to ``book/chapters/`` for jupyter-book and the book's intro
+table (one row per method, with chapter 7's verdict) to ``book/results/headline.md``; ``--smoke`` uses
+``notebooks/smoke.yml`` (every chapter in seconds, artifacts in a scratch folder); ``--lesson`` uses
+``notebooks/lesson.yml`` (a class's live session, sharing the book's artifacts). ``--params my.yml --out
+DIR`` builds the book of *your* model and data: a ``common`` block (model, pretrained, dataset,
+data_root, ...) and one block per chapter, every chapter that applies to those inputs run, the others
+skipped with the reason, and a separate HTML book in ``DIR/_build/html`` (``examples/my_model.yml`` is
+an example).
 
 An executed copy is written to a temporary file first, so a failing run never replaces the last good
 one; a failed run's copy is kept in ``<out>/failed/``. Every run prints and saves a time table
@@ -170,7 +171,7 @@ def assemble_book(dest: Path, executed: Path, results: Path) -> Path:
     for notebook in executed.glob("[0-9][0-9]_*.ipynb"):
         shutil.copy(notebook, dest / "book" / "chapters" / notebook.name)
     (dest / "book" / "results").mkdir(parents=True, exist_ok=True)
-    (dest / "book" / "results" / "headline.md").write_text(headline_table(results))
+    (dest / "book" / "results" / "headline.md").write_text(intro_table(results))
     return dest
 
 
@@ -475,7 +476,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{name}: {rows[name]['seconds']:.0f} s", flush=True)
     write_timings(results / "timings.json", rows, time.perf_counter() - start, from_scratch, artifacts)
     if kind is None:
-        (results / "headline.md").write_text(headline_table(results))
+        (results / "headline.md").write_text(intro_table(results))  # the intro includes it
     return 0
 
 
