@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import yaml
@@ -16,27 +17,23 @@ from conceptlab.artifacts import ArtifactStore
 from conceptlab.bookrun import smoke_parameters
 
 
+def _prepare_on_two_processes(chapter: str, params: dict, tmp_path) -> Path:
+    """``torchrun --nproc_per_node 2 -m conceptlab.prepare <chapter> -f params.yml`` must succeed; the file."""
+    params_file = tmp_path / "params.yml"
+    params_file.write_text(yaml.safe_dump(params))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"]
+    cmd += ["-m", "conceptlab.prepare", chapter, "-f", str(params_file)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return params_file
+
+
 @pytest.mark.slow
 def test_two_processes_align_once_and_a_single_process_loads_it(tmp_path):
     tiny = {"world_clip": {"n_train": 128, "steps": 4, "batch_size": 32, "warmup": 1}, "lm_steps": 10, "grpo_steps": 2}
     params = {**smoke_parameters("04_ex2", tmp_path), **tiny}  # the data-parallel path, not the models, is tested
-    params_file = tmp_path / "params.yml"
-    params_file.write_text(yaml.safe_dump(params))
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node",
-        "2",
-        "-m",
-        "conceptlab.prepare",
-        "04_ex2",
-        "-f",
-        str(params_file),
-    ]
-    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
+    params_file = _prepare_on_two_processes("04_ex2", params, tmp_path)
     aligned = [d for d in (tmp_path / "artifacts" / "ex2_aligned").iterdir() if (d / "DONE").exists()]
     assert len(aligned) == 1  # built once, by the main process
     assert json.loads((aligned[0] / "launch.json").read_text()) == {"processes": 2}
@@ -54,22 +51,7 @@ def test_two_processes_align_once_and_a_single_process_loads_it(tmp_path):
 @pytest.mark.slow
 def test_two_processes_train_the_lavise_cnn_once(tmp_path):
     params = {**smoke_parameters("06_lavise", tmp_path), "cnn_steps": 2}
-    params_file = tmp_path / "params.yml"
-    params_file.write_text(yaml.safe_dump(params))
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node",
-        "2",
-        "-m",
-        "conceptlab.prepare",
-        "06_lavise",
-        "-f",
-        str(params_file),
-    ]
-    done = subprocess.run(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
+    _prepare_on_two_processes("06_lavise", params, tmp_path)
     (cnn,) = (tmp_path / "artifacts" / "world_cnn").iterdir()
     assert (cnn / "DONE").exists() and (cnn / "model.pt").exists()
     assert len(json.loads((cnn / "history.json").read_text())) == 2
