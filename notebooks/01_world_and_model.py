@@ -87,6 +87,13 @@ chapter.look(ch, r)
 fig = plots.sample_grid(r.sample, ch.world.class_names, n=12)
 
 # %% [markdown]
+# *What to look for:* each coloured outline should hug the visible pixels of the part its
+# colour names (a head drawn over the body cuts a notch out of the body's outline), and a
+# class without wings or a tail shows no outline of that colour. These masks are the ground
+# truth that later chapters score explanation maps against, so an outline off its part would
+# make those scores meaningless.
+
+# %% [markdown]
 # Captions come in planted styles. The style of each caption is recorded, so later
 # chapters can ask which kinds of text the trained model prefers. A *class* caption is
 # one of "a photo of a {class}.", "a {class}." and "a picture of a {class}."; no caption
@@ -111,6 +118,12 @@ fig = plots.dataset_overview(r.sample, ch.world.class_names)
 pd.Series(r.statistics).round(3).to_frame("measured")
 
 # %% [markdown]
+# *What to look for:* the class bars (left) should be about equal, so that no class wins on
+# frequency alone; the habitat bars (middle) follow how many classes call each habitat home,
+# because most creatures are drawn at home; the caption-style bars (right) are the planted
+# mix whose traces chapter 4 looks for in the model's preferences.
+
+# %% [markdown]
 # ## Training the CLIP
 #
 # A small open_clip model (`ConceptWorld-ViT`: 8×8-pixel patches on 64×64 images, four
@@ -125,6 +138,12 @@ if r.history:
     ax = chapter.training_curve(r.history)
 else:
     print(f"Using {model} / {pretrained}: no training curve.")
+
+# %% [markdown]
+# *What to look for* (only for a model trained here): the running mean of the contrastive loss
+# (the solid line over the faint per-step values) should fall steeply at first and then level
+# off; a curve still falling steeply at the last step means more steps would still change
+# the model.
 
 # %% [markdown]
 # ## Zero-shot classification
@@ -159,6 +178,13 @@ print(
     ", ".join(f"{plots.human_label(k)} {v:.1%}" for k, v in r.accuracy.items()),
 )
 ax = plots.confusion(r.sample.labels, r.logits.argmax(1).numpy(), ch.world.class_names)
+
+# %% [markdown]
+# *What to look for:* each row is a true class, split over the predicted classes, so a good
+# classifier has a dark diagonal and pale cells elsewhere. The off-diagonal cells that are not
+# pale say which classes are taken for which: mistakes between classes that share a home
+# habitat (the table of classes above) point to the background, mistakes between classes
+# with similar parts point to the parts.
 
 # %% [markdown]
 # ## Why ground truth matters
@@ -198,17 +224,31 @@ reliance_per_factor = chapter.reliance_table(ch, r)
 ax = chapter.reliance_figure(reliance_per_factor)
 
 # %% [markdown]
+# *What to look for:* the factors whose bar and interval lie clearly right of the zero line are
+# the ones the model uses; an interval that touches 0 marks a factor it ignores. The orange
+# habitat bar, ranked among the part factors, says how much the background steers the
+# decision: this ranking is what the later chapters' explanations should reproduce.
+
+# %% [markdown]
 # ## Explore by hand
 #
 # Pick a creature, change one part's colour, pattern or size, or move it to another
 # habitat, and watch the model's top classes. In the built book this is a static figure:
-# the first class's creature with the part factor the model relies on most (the figure
-# above) set to another value; in JupyterLab the controls are live.
+# a creature of the first class with one part factor set to another value, the factor the
+# model relies on most (in the figure above) among the parts that class has; in JupyterLab
+# the controls are live.
 
 # %%
 clip, _, tokenizer, _ = ch.clip()
 change = chapter.explorer_change(ch.world, reliance_per_factor)
 explore.world_explorer(ch.world, clip, tokenizer, **change)
+
+# %% [markdown]
+# *What to look for:* the same creature as sampled (left) and changed (middle), and for each of
+# the model's top classes its probability after the change (blue) beside before it (grey). If
+# the model relies on the changed factor, the true class's blue bar is shorter than its grey
+# one and other classes gain; bars that barely move mean this one creature does not show the
+# average drop measured above.
 
 # %% [markdown]
 # The explanation methods in the following chapters each make a claim about what the

@@ -164,11 +164,18 @@ plots.table(
 )
 
 # %% [markdown]
-# The figure shows what to look for: the descriptors-only curve against chance (dotted)
-# as faults grow, and the by-description curve against the zero-shot line (dashed).
+# The same accuracies against the oracle's fault rate, with the zero-shot accuracy (dashed)
+# and chance (dotted) as reference lines:
 
 # %%
 fig = chapter.accuracy_figure(ch, r)
+
+# %% [markdown]
+# *What to look for:* the descriptors-only curve (orange) against the dotted chance line: if the
+# descriptors carry the class, it starts well above chance and falls towards it as faults
+# replace them. The by-description curve (blue) against the dashed zero-shot line: if it
+# stays on that line whatever the fault rate, the class name in every sentence, not the
+# descriptors, carries the accuracy.
 
 # %% [markdown]
 # ## Explanation maps
@@ -207,13 +214,19 @@ plots.table(pd.DataFrame({t: s for t, (s, _, _) in r.maps.items()}).T)
 # %% [markdown]
 # One explained image per class (rows) and its class's descriptors (columns), for the
 # `concept_text` of this run; on the world the described part's mask is outlined in white
-# (no outline: the descriptor names no part). Look for maps whose bright region sits
-# inside the outline.
+# (no outline: the descriptor names no part). The descriptors printed below the code are
+# the columns, in order.
 
 # %%
 fig = chapter.example_maps(ch, r)
 for c in [r.test.class_names[r.test.labels[i]] for i in r.explained[:4]]:
     print(f"{c}: {r.descriptors.descriptors[c][:5]}")
+
+# %% [markdown]
+# *What to look for:* the red (most relevant) region of each map should sit inside its white
+# outline, and the columns of a row should light different places. Maps that light the same
+# region in every column, or the whole creature whatever the descriptor names, do not tell
+# the parts apart: the gap DEAL sets out to close in the next chapter.
 
 # %% [markdown]
 # The relevance rule can also start at the first attention block (`start_layer=0`)

@@ -28,9 +28,10 @@
 # chapter 1, whose training captions we planted, and the language model is a tiny Llama
 # trained on a world "web" of fact sheets and answers (true and a few false part descriptions,
 # habitat and behaviour facts, captions and web phrases). The chapter checks each link of the
-# mechanism in turn: that the language model knows the world before any RL; what the VLM's
-# reward prefers, and so what alignment should find; that alignment measurably moves the model,
-# on the same samples before and after; and that EX2 recovers a preference we plant in a VLM.
+# mechanism in turn: whether the language model knows the world before any RL; what the VLM's
+# reward prefers, and so what alignment should find; whether alignment measurably moves the
+# model, on the same samples before and after; and whether EX2 recovers a preference we plant
+# in a VLM.
 
 # %% tags=["parameters", "hide-cell"]
 # Shared by every chapter: defaults live in WorldConfig / TrainConfig (conceptlab.world, conceptlab.models)
@@ -180,8 +181,10 @@ r.kind_table().round(4) if r.preference is not None else None
 
 # %% [markdown]
 # KL-regularised RL has a known optimum: the policy $\pi^*(k) \propto \pi_{ref}(k)\, e^{r_k / \beta}$
-# reweights what the pretrained model already writes by the exponentiated reward. GRPO divides
-# rewards by their spread within a group, so the reward is measured in that unit:
+# reweights what the pretrained model already writes by the exponentiated reward. GRPO (group
+# relative policy optimisation, the RL algorithm of the alignment below) divides rewards by
+# their spread within a group of completions for one query, so the reward is measured in that
+# unit:
 
 # %% tags=["remove-input"]
 show_source(ex2.optimal_mix)
@@ -205,7 +208,15 @@ ex2.optimal_mix(pd.Series({"a": 0.5, "b": 0.5}), pd.Series({"a": 0.0, "b": 0.1})
 # %%
 chapter.align(ch, r)
 ax = plots.curve(r.curve, "reward", smooth=chapter.reward_rise(r)["window_steps"])
+ax.axhline(0, color="grey", ls=":", lw=1)  # each class's mean reward before RL
 ax.set_title("GRPO: reward of the sampled completions, relative to the class's pre-RL mean")
+
+# %% [markdown]
+# *What to look for:* the running mean (solid) against the dotted line at 0, each class's mean
+# reward before RL: a curve that climbs above 0 and stays there means GRPO finds descriptions the
+# CLIP scores higher, one that wanders around 0 within the spread of the faint per-step values
+# means it does not. Every step scores fresh samples, so the paired comparison on the same
+# samples below, not this curve, decides whether alignment moved the model.
 
 # %% [markdown]
 # ## Before and after, on the same samples

@@ -108,12 +108,16 @@ table = chapter.recall(ch, r)
 # %% [markdown]
 # ## Results at a glance
 #
-# Recall@k is the share of a filter's ground-truth concepts (defined below) among the k words
-# nearest to the head's prediction, on concepts seen in training and on unseen ones. Its
+# Recall@k is the share of a filter's ground-truth concepts (on one of its top images, the
+# concepts whose mask overlaps the filter's region; in full below) among the k words nearest
+# to the head's prediction, on concepts seen in training and on unseen ones. Its
 # **chance** is exactly $k/K$ for a vocabulary of $K$ concepts: a random ranking puts each
 # ground-truth concept among the top k with probability $k/K$. Every recall below stands
 # beside that chance and a 95 % interval (bootstrap over the explained filters and over
-# `n_head_seeds` explainer heads); "above chance" means the whole interval is above it.
+# `n_head_seeds` explainer heads); "above chance" means the whole interval is above it. The rows
+# name the two ways of reading a filter, activation and projection masking (see "The method on
+# the page"), and a control: the same explainer on a copy of the CNN with random weights
+# (see the references below).
 
 # %% tags=["remove-input"]
 reported_table(chapter.headline(ch, r))
@@ -151,6 +155,12 @@ if r.run.cnn_history:
     ax = plots.curve(r.run.cnn_history, "accuracy")
     ax.set_title(f"CNN training (test top-1 {r.cnn_top1:.1%})")
 print(f"target CNN {target_model} ({target_init}), test top-1: {r.cnn_top1}")
+
+# %% [markdown]
+# *What to look for* (only for a CNN trained here): the running mean of the training-batch
+# accuracy should climb far above chance, one over the number of classes, and level off, with
+# the test top-1 in the title not far below it. A CNN near chance has learned no filters worth
+# naming, and every recall below would explain noise.
 
 # %% [markdown]
 # ## Concepts, their masks, seen and unseen
@@ -244,6 +254,11 @@ print(
 )
 
 # %% [markdown]
+# *What to look for:* both losses should fall and level off; a held-out loss that turns up while
+# the training loss keeps falling means the head memorises its training images. Dropout is on
+# only in training, so a held-out curve below the training one is no sign of trouble.
+
+# %% [markdown]
 # ## Filters, their top images, regions and words
 #
 # For each filter: the images where it fires most, its region (white outline: the filter's
@@ -256,6 +271,13 @@ print(
 # %%
 rows, titles = chapter.shown_filters(r.labels)
 fig = chapter.filter_figure(r.expl[masking], r.features, r.run.eval_data, rows, titles)
+
+# %% [markdown]
+# *What to look for:* whether the two words above each image name what lies inside its white
+# outline, and whether they agree with the row's dissection concept. A filter whose outlines
+# land on the same kind of thing in every image, named by the same words, is what LaViSE claims
+# to explain; words that change from image to image, or name something outside the outline,
+# show the explainer reading something other than the region.
 
 # %% [markdown]
 # ## Recall of the ground-truth concepts
@@ -283,11 +305,17 @@ table.round(3)
 
 # %% [markdown]
 # The figure: recall minus chance for each method and k, with 95 % intervals; a bar whose
-# interval crosses zero is at chance. Look at the unseen panel, and at the hatched control
-# bars beside the explainer's.
+# interval crosses zero is at chance.
 
 # %%
 fig = chapter.recall_figure(ch, r)
+
+# %% [markdown]
+# *What to look for:* in the unseen panel, whether the explainer's bars (the first of each group)
+# clear the zero line, chance, by more than their intervals: that is the open-vocabulary claim.
+# If the hatched bars of the random-weight CNN beside them reach as high, the recall does not
+# depend on what the trained filters learned; Network Dissection, which uses every mask, unseen
+# ones included, is a ceiling rather than a rival.
 
 # %% [markdown]
 # The comparisons that carry the chapter's findings, each a difference in recall@10 with its

@@ -127,15 +127,6 @@ def test_timings_come_from_the_chapters_stages_or_else_from_its_slowest_cells(tm
 
 
 @pytest.mark.notebook
-def test_a_failed_chapter_leaves_no_hidden_notebook_behind(tmp_path):
-    params = {"world_clip": {"steps": 0}, "artifacts_dir": str(tmp_path / "a"), "results_dir": str(tmp_path / "r")}
-    with pytest.raises(Exception, match="steps=0 must be positive"):
-        bookrun.run_chapter("01_world_and_model", tmp_path / "out", params)
-    assert not [p.name for p in (tmp_path / "out").iterdir() if p.name.startswith(".")]
-    assert (tmp_path / "out" / "failed" / "01_world_and_model.ipynb").is_file()
-
-
-@pytest.mark.notebook
 def test_the_whole_book_builds_from_one_file_on_stand_in_files(tmp_path):
     """Runs chapter 2 on the user's CLIP, ImageFolder and descriptor file (tiny sizes); chapter 6 is skipped by
     rule, chapter 7 by the file (it runs on a user's model: tests/test_verdict_model_only.py)."""

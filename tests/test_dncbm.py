@@ -458,3 +458,37 @@ def test_the_sweeps_rule_takes_the_sparsest_setting_within_tolerance_that_kills_
     assert rule_choice(table, 0.925, 0.01) == 0.02, "accuracy alone: the sparsest within a point"
     assert rule_choice(table, 0.925, 0.01, n_concepts=1024) == 0.01, f"0.02 kills {82 / 1024:.0%} > {DEAD_LIMIT:.0%}"
     assert rule_choice(table, 0.99, 0.01, n_concepts=1024) == 0.005, "none qualifies: the most accurate"
+
+
+@pytest.mark.parametrize("l1", ["mean", "sum"])
+def test_adam_probe_follows_autograd_on_its_loss(l1):
+    """The probe's written-out gradient is :func:`probe_loss`'s: the original's loop, with autograd on the
+    same loss, the same initialisation and the same batch order, reaches the same weights."""
+    x, y = torch.randn(70, 12), torch.randint(0, 3, (70,))
+    cfg = dncbm.ProbeConfig(lam=0.5, l1=l1, epochs=6, batch_size=16)
+    torch.manual_seed(cfg.seed)
+    linear = torch.nn.Linear(12, 3, bias=False)
+    opt = torch.optim.Adam(linear.parameters(), lr=cfg.lr)
+    for epoch in range(cfg.epochs):
+        for idx in torch.randperm(70, generator=torch.Generator().manual_seed(cfg.seed * 1_000_003 + epoch)).split(16):
+            loss = dncbm.probe_loss(linear(x[idx]), y[idx], linear.weight, cfg.lam, l1)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    fitted = dncbm.fit_probe(x, y, cfg, 3).coef_
+    assert np.abs(fitted - linear.weight.detach().double().numpy()).max() < 1e-5
+    assert np.abs(fitted - dncbm.fit_probe(x, y, dncbm.ProbeConfig(lam=0.0, epochs=6), 3).coef_).max() > 1e-3, (
+        "the L1 term must move the weights"
+    )
+
+
+def test_probes_fitted_together_are_the_probes_fitted_alone():
+    """A sweep's probes share one loop (stacked weights); each must be the probe its own fit gives."""
+    x, y = torch.randn(70, 12), torch.randint(0, 3, (70,))
+    cfgs = [ProbeConfig(lam=lam, epochs=4, batch_size=16) for lam in (0.0, 1.0, 5.0)]
+    cfgs.append(ProbeConfig(lam=0.01, l1="sum", solver="fista", epochs=50))
+    xs = [x, 2 * x, x, x]
+    together = dncbm.fit_probes(xs, y, cfgs, 3)
+    for xi, cfg, probe in zip(xs, cfgs, together):
+        assert np.abs(probe.coef_ - dncbm.fit_probe(xi, y, cfg, 3).coef_).max() < 1e-5
+    assert np.abs(together[0].coef_ - together[2].coef_).max() > 1e-3, "each probe keeps its own λ"

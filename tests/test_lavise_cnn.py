@@ -59,37 +59,3 @@ def test_torchvision_cnn_from_a_local_state_dict(tmp_path):
         load_torchvision_cnn("resnet18", tmp_path / "missing.pt")
     with pytest.raises(ValueError, match="does not fit"):
         load_torchvision_cnn("alexnet", path)
-
-
-_DDP_SCRIPT = """
-import sys, torch, torch.distributed as dist
-from conceptlab.cnn import CNNConfig, train_world_cnn, world_resnet18
-from conceptlab.world import ConceptWorld, WorldConfig
-torch.set_num_threads(1)
-train_world_cnn(ConceptWorld(WorldConfig(n_classes=4)), CNNConfig(n_train=64, steps=3, batch_size=16), sys.argv[1],
-                device="cpu", progress=False)
-print("rank", dist.get_rank(), "of", dist.get_world_size(), "checksum", float(sum(
-    p.double().sum() for p in torch.load(sys.argv[1] + "/model.pt", weights_only=True).values())))
-"""
-
-
-@pytest.mark.slow
-def test_world_cnn_trains_on_two_processes_through_accelerate(tmp_path):
-    """The multi-GPU path (accelerate over torch.distributed) on two CPU processes: batches are shared
-    out, gradients averaged, the main process alone writes, and the result is one model."""
-    import subprocess
-    import sys
-
-    script = tmp_path / "train.py"
-    script.write_text(_DDP_SCRIPT)
-    out = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(script), str(tmp_path / "cnn")],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert out.returncode == 0, out.stderr[-2000:]
-    lines = sorted(line for line in out.stdout.splitlines() if line.startswith("rank"))
-    assert [line.split()[1] for line in lines] == ["0", "1"] and all("of 2" in line for line in lines)
-    assert len({line.split()[-1] for line in lines}) == 1
-    assert sorted(p.name for p in (tmp_path / "cnn").iterdir()) == ["history.json", "model.pt"]

@@ -18,7 +18,8 @@ from conceptlab.bookrun import smoke_parameters
 
 
 def _prepare_on_two_processes(chapter: str, params: dict, tmp_path) -> Path:
-    """``torchrun --nproc_per_node 2 -m conceptlab.prepare <chapter> -f params.yml`` must succeed; the file."""
+    """``torchrun --nproc_per_node 2 -m conceptlab.prepare <chapter> -f params.yml`` must succeed on both
+    processes; the parameter file."""
     params_file = tmp_path / "params.yml"
     params_file.write_text(yaml.safe_dump(params))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"]
@@ -26,6 +27,8 @@ def _prepare_on_two_processes(chapter: str, params: dict, tmp_path) -> Path:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
+    reports = sorted(line for line in done.stdout.splitlines() if line.startswith(f"{chapter} prepared"))
+    assert reports == [f"{chapter} prepared: process {rank} of 2" for rank in (0, 1)], done.stdout[-2000:]
     return params_file
 
 
@@ -50,11 +53,14 @@ def test_two_processes_align_once_and_a_single_process_loads_it(tmp_path):
 
 @pytest.mark.slow
 def test_two_processes_train_the_lavise_cnn_once(tmp_path):
+    """The world CNN's multi-GPU path (accelerate over torch.distributed) on two CPU processes: both take
+    part, the main process alone writes, and the store holds one model."""
     params = {**smoke_parameters("06_lavise", tmp_path), "cnn_steps": 2}
     _prepare_on_two_processes("06_lavise", params, tmp_path)
     (cnn,) = (tmp_path / "artifacts" / "world_cnn").iterdir()
     assert (cnn / "DONE").exists() and (cnn / "model.pt").exists()
     assert len(json.loads((cnn / "history.json").read_text())) == 2
+    assert not [p.name for p in cnn.iterdir() if p.name.startswith(".")], "no half-written file left behind"
 
 
 def test_prepare_rejects_a_parameter_file_that_is_not_a_mapping(tmp_path):

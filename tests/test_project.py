@@ -107,7 +107,8 @@ def test_every_chapter_refuses_bad_parameters_before_any_work(tmp_path, monkeypa
 
 @pytest.mark.notebook
 def test_a_chapter_refuses_bad_parameters_in_its_kernel(tmp_path):
-    """The same through papermill and a kernel, once: the error a user of ``papermill -p`` sees."""
+    """The same through papermill and a kernel, once: the error a user of ``papermill -p`` sees, and the
+    failed run's executed copy kept in ``failed/`` for reading, with no hidden half-written notebook."""
     import papermill as pm
 
     params = {**smoke_parameters(CHAPTERS[0], tmp_path), "seed": "abc"}
@@ -115,6 +116,8 @@ def test_a_chapter_refuses_bad_parameters_in_its_kernel(tmp_path):
         run_chapter(CHAPTERS[0], tmp_path / "executed", params)
     assert err.value.ename == "ParameterError" and "seed='abc'" in err.value.evalue
     assert err.value.exec_count <= 3 and not (tmp_path / "artifacts").exists()
+    assert not [p.name for p in (tmp_path / "executed").iterdir() if p.name.startswith(".")]
+    assert (tmp_path / "executed" / "failed" / f"{CHAPTERS[0]}.ipynb").is_file()
 
 
 @pytest.mark.notebook

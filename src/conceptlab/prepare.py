@@ -47,6 +47,8 @@ def main(argv: list[str] | None = None) -> int:
             ap.error(f"{args.parameters} must hold a mapping of parameter names to values")
     os.chdir(NOTEBOOKS)  # relative paths mean what they mean in the notebook
     prepare(args.chapter, params)
+    # torchrun and accelerate launch set RANK and WORLD_SIZE: one line per process says who took part
+    print(f"{args.chapter} prepared: process {os.environ.get('RANK', '0')} of {os.environ.get('WORLD_SIZE', '1')}")
     return 0
 
 

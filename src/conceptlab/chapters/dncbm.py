@@ -323,18 +323,31 @@ def vocabulary_words(ch: Chapter) -> list[str]:
 
 def evaluate(ch: Chapter, data: Data, progress: bool = False) -> dict[str, float]:
     """:func:`conceptlab.dncbm.operating_point` of one DN-CBM run on the chapter's parameters (SAE cached)."""
-    p = ch.params
+    return evaluate_many([ch], data, progress)[0]
+
+
+def evaluate_many(chs: Sequence[Chapter], data: Data, progress: bool = False) -> list[dict[str, float]]:
+    """:func:`evaluate` for several parameter sets (a sweep) on the same data, their probes fitted together."""
     corpus, train, test, class_names = data
-    sae, history = chapter_sae(ch, corpus, progress=progress)
-    z = concept_strengths(ch, sae, data)
-    probe = dncbm.fit_probe(z["train"], train["labels"], probe_config(p), len(class_names), ch.device)
-    scores = None
-    if p["dataset"] == "world":
-        clip, _, tokenizer, _ = ch.clip(progress=progress)
-        words = vocabulary_words(ch)
-        names = dncbm.name_concepts(sae.directions, dncbm.embed_vocabulary(clip, tokenizer, words), words)
-        scores = dncbm.score_names(z["test"], names, test, class_names, sae.directions, p["right_auroc"])
-    return dncbm.operating_point(history, z["test"], test["labels"], probe, scores)
+    runs = [(c, *chapter_sae(c, corpus, progress=progress)) for c in chs]
+    strengths = [concept_strengths(c, sae, data) for c, sae, _ in runs]
+    probes = dncbm.fit_probes(
+        [z["train"] for z in strengths],
+        train["labels"],
+        [probe_config(c.params) for c in chs],
+        len(class_names),
+        chs[0].device,
+    )
+    points = []
+    for (c, sae, history), z, probe in zip(runs, strengths, probes):
+        scores = None
+        if c.params["dataset"] == "world":
+            clip, _, tokenizer, _ = c.clip(progress=progress)
+            words = vocabulary_words(c)
+            names = dncbm.name_concepts(sae.directions, dncbm.embed_vocabulary(clip, tokenizer, words), words)
+            scores = dncbm.score_names(z["test"], names, test, class_names, sae.directions, c.params["right_auroc"])
+        points.append(dncbm.operating_point(history, z["test"], test["labels"], probe, scores))
+    return points
 
 
 def baselines(ch: Chapter, data: Data) -> dict[str, np.ndarray]:
@@ -353,7 +366,8 @@ def baselines(ch: Chapter, data: Data) -> dict[str, np.ndarray]:
 def l1_measurement(ch: Chapter, data: Data) -> pd.DataFrame:
     """:func:`evaluate` at every λ₁ of ``sweep_l1`` and the chapter's own (one row each, SAEs cached)."""
     values = sorted({*ch.params["sweep_l1"], ch.params["sae_l1"]})
-    return pd.DataFrame({v: evaluate(ch.with_params(sae_l1=v), data) for v in values}).T.rename_axis("sae_l1")
+    points = evaluate_many([ch.with_params(sae_l1=v) for v in values], data)
+    return pd.DataFrame(dict(zip(values, points))).T.rename_axis("sae_l1")
 
 
 def probe_measurement(ch: Chapter, r: Result) -> pd.DataFrame:
@@ -361,10 +375,10 @@ def probe_measurement(ch: Chapter, r: Result) -> pd.DataFrame:
     concepts: accuracy against the concepts a decision needs."""
     _, train, test, class_names = r.data
     rows = {}
-    for lam in sorted({*ch.params["sweep_probe_lambda"], ch.params["probe_lambda"]}):
-        probe = dncbm.fit_probe(
-            r.strengths["train"], train["labels"], probe_config(ch.params, lam), len(class_names), ch.device
-        )
+    lams = sorted({*ch.params["sweep_probe_lambda"], ch.params["probe_lambda"]})
+    cfgs = [probe_config(ch.params, lam) for lam in lams]
+    probes = dncbm.fit_probes([r.strengths["train"]] * len(lams), train["labels"], cfgs, len(class_names), ch.device)
+    for lam, probe in zip(lams, probes):
         rows[lam] = {
             "accuracy_concept_probe": probe.score(r.strengths["test"], test["labels"]),
             "concepts_per_decision": dncbm.concepts_per_decision(r.strengths["test"], probe),
