@@ -72,6 +72,7 @@ num_generations = 8
 prompts_per_step = 4
 max_new_tokens = 32
 samples_per_query = 2  # fixed samples per query, before and after alignment
+null_draws = 3  # further independent draws of the pretrained LM on the same slots: the null
 preference_sentences = 32
 judge = "world"  # "world" (ground truth), a transformers model, or "openai:<model>@<base_url>"
 judge_api_key_env = "OPENAI_API_KEY"
@@ -222,12 +223,22 @@ ax.set_title("GRPO: reward of the sampled completions, relative to the class's p
 # ## Before and after, on the same samples
 #
 # The aligned policy answers the same (query, sample) slots with the same seed. The gain is the
-# mean over slots of the reward after minus before, with a 95 % bootstrap interval over slots;
-# beside it, the same difference between two independent samples of the pretrained LM.
+# mean over slots of the reward after minus before, with a 95 % bootstrap interval over slots.
+# One draw of the pretrained LM can be lucky or unlucky, so the null takes `null_draws` further
+# independent draws on the same slots and pools them per slot: the first draw against the pooled
+# draws is what sampling alone moves, and the aligned LM against them is the gain beyond it.
 
 # %%
 chapter.sample_after(ch, r)
-display(pd.Series(r.gain()).round(4).to_frame("reward"))
+display(chapter.gain_table(r).round(4))
+ax = chapter.gain_figure(r)
+
+# %% [markdown]
+# *What to look for:* alignment has measurably moved the reward when the orange diamond sits to
+# the right of every grey dot and the last row's interval excludes 0. A diamond among the dots
+# means the gain is the size of the spread between two draws of the same, unaligned LM.
+
+# %%
 chapter.examples(r).style.hide(axis="index")
 
 # %% [markdown]

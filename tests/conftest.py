@@ -78,17 +78,44 @@ def _locked(path: Path) -> Iterator[None]:
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
+@contextmanager
+def _try_locked(path: Path) -> Iterator[bool]:
+    """Whether this process got the lock (without waiting); held for the block if so."""
+    with open(path, "w") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            yield False
+            return
+        try:
+            yield True
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
 @pytest.fixture(scope="session")
 def run_smoke(tmp_path_factory):
-    """Run a chapter on its smoke parameters once per test session; returns its work folder."""
+    """Run a chapter on its smoke parameters once per test session; returns its work folder.
+
+    A worker that finds its chapter running in the other worker runs another chapter nobody has started
+    instead of waiting idle (the chapters share one artifact store, whose locks make that safe)."""
     workdir = _shared_dir(tmp_path_factory, "smoke")
 
-    def run(chapter: str) -> Path:
-        done = workdir / f".{chapter}.done"
-        with _locked(workdir / f".{chapter}.lock"):
-            if not done.exists():
+    def done(chapter: str) -> bool:
+        return (workdir / f".{chapter}.done").exists()
+
+    def run_if_free(chapter: str) -> bool:
+        with _try_locked(workdir / f".{chapter}.lock") as mine:
+            if mine and not done(chapter):
                 run_chapter(chapter, workdir / "executed", smoke_parameters(chapter, workdir))
-                done.touch()
+                (workdir / f".{chapter}.done").touch()
+        return done(chapter)
+
+    def run(chapter: str) -> Path:
+        while not run_if_free(chapter):
+            if not any(run_if_free(other) for other in chapters() if other != chapter and not done(other)):
+                with _locked(workdir / f".{chapter}.lock"):  # nothing else to do: wait for it
+                    pass
         return workdir
 
     return run

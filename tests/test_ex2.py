@@ -507,6 +507,27 @@ def test_the_paired_gain_pairs_the_same_slots():
         ex2.paired_gain(before, after.assign(sample=after["sample"] + 1))
 
 
+def test_the_null_pools_every_further_draw_per_slot():
+    """The aligned LM is compared with the mean of the pretrained LM's further draws on each slot: one lucky
+    draw moves the null by a third, not fully, and draws in any row order pool by their slot."""
+    from conceptlab.chapters.ex2 import Result
+
+    rng = np.random.default_rng(0)
+    slots = [{"class_index": c, "template_index": t, "sample": k} for c in range(3) for t in range(4) for k in range(2)]
+    before = pd.DataFrame([{**s, "reward": rng.normal()} for s in slots])
+    draws = [before.assign(reward=before.reward + shift) for shift in (0.0, 0.0, 0.3)]
+    pooled = ex2.pooled_draws([draws[0], draws[1].sample(frac=1.0, random_state=2), draws[2]])
+    assert pooled.set_index(list(ex2.PAIR_KEYS)).reward.sub(
+        before.set_index(list(ex2.PAIR_KEYS)).reward
+    ).abs().max() == (pytest.approx(0.1))
+    r = Result(descriptions={"before": before, "after": before.assign(reward=before.reward + 0.5)}, resampled=draws)
+    g = r.gain()
+    assert g["null"] == pytest.approx(0.1) and g["over_resampled"] == pytest.approx(0.4)
+    assert g["null_draws"] == 3 and g["pretrained_draw_means"][3] == pytest.approx(before.reward.mean() + 0.3)
+    with pytest.raises(ValueError, match="same"):
+        ex2.pooled_draws([before, before.iloc[1:]])
+
+
 def test_the_chapter_pairs_before_and_after_on_the_same_samples(tiny_lm, tiny_world):
     model, tok, _ = tiny_lm
     q = ex2.format_queries(tiny_world.class_names).iloc[:10]

@@ -92,7 +92,7 @@ def test_real_path_runs_with_local_models(tmp_path):
     assert set(results["attribute_shares_after"]) >= {"colour", "habitat", "origin"}  # the attribute table
     assert record["inputs"]["templates"]["sha256"] and record["parameters"]["templates"] == str(templates)
     saved = list((tmp_path / "artifacts" / "ex2_descriptions").glob("*/descriptions.json"))
-    assert len(saved) == 3  # before, a second draw before (the null), after
+    assert len(saved) == 2 + record["parameters"]["null_draws"]  # before, the null's further draws, after
     records = json.loads(saved[0].read_text())
     assert len(records) == 3 * 3 * 2 and {r["class_name"] for r in records} == {"red finch", "blue jay", "green heron"}
     gain = results["gain"]

@@ -562,6 +562,16 @@ def paired_gain(
     return paired_difference_interval(a.reward.to_numpy(), b.reward.to_numpy(), n_resamples=n_resamples, seed=seed)
 
 
+def pooled_draws(draws: Sequence[pd.DataFrame]) -> pd.DataFrame:
+    """Several independent draws of one LM on the same slots, as one frame whose ``reward`` is each slot's
+    mean over the draws: a null that one lucky or unlucky draw cannot move."""
+    keys = list(PAIR_KEYS)
+    rewards = pd.concat([d.set_index(keys).reward for d in draws], axis=1)
+    if rewards.isna().any().any() or len(rewards) != len(draws[0]):
+        raise ValueError("every draw must hold the same (class_index, template_index, sample) slots")
+    return rewards.mean(axis=1).rename("reward").reset_index()
+
+
 # ---------------------------------------------------------------------------- what the LM knows
 class KnowledgeGateError(RuntimeError):
     """The language model does not know the world well enough for its alignment to mean anything."""

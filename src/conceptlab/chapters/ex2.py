@@ -15,6 +15,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 import torch
@@ -107,6 +108,9 @@ PARAMETERS: dict[str, Param] = {
     "prompts_per_step": Param(4, int, min=1, help="prompts of different classes per GRPO step"),
     "max_new_tokens": Param(32, int, min=1),
     "samples_per_query": Param(2, int, min=1, help="fixed samples per query before and after alignment"),
+    "null_draws": Param(
+        3, int, min=1, help="further independent draws of the pretrained LM on the same slots: the null"
+    ),
     "preference_sentences": Param(
         32, int, min=2, applies=_on_world, help="sentences per kind and class for the VLM's preference"
     ),
@@ -363,7 +367,8 @@ class Result:
     preference: pd.DataFrame | None = None  # reward per kind of sentence (world)
     policy: Any = None
     curve: list[dict] = field(default_factory=list)
-    descriptions: dict[str, pd.DataFrame] = field(default_factory=dict)  # before, after, before (resampled)
+    descriptions: dict[str, pd.DataFrame] = field(default_factory=dict)  # before, after
+    resampled: list[pd.DataFrame] = field(default_factory=list)  # more draws of the pretrained LM (the null)
     labelled: dict[str, pd.DataFrame] = field(default_factory=dict)
     reliance: pd.DataFrame | None = None
     planted: dict | None = None
@@ -381,12 +386,14 @@ class Result:
         """Share of each attribute type among the informative descriptions, one column per stage."""
         return ex2.attribute_table({stage: self.labelled[stage] for stage in STAGES})
 
-    def gain(self) -> dict[str, float]:
-        """The paired reward gain of alignment on the fixed samples, and the same between two samples of
-        the pretrained LM (what chance alone moves)."""
+    def gain(self) -> dict[str, Any]:
+        """The paired reward gain of alignment on the fixed samples; the same between the "before" draw and
+        the pretrained LM's further draws, pooled per slot (what chance alone moves); and the aligned LM
+        against those pooled draws."""
         gain, low, high = ex2.paired_gain(self.descriptions["before"], self.descriptions["after"])
-        null, null_low, null_high = ex2.paired_gain(self.descriptions["before"], self.descriptions["resampled"])
-        over, over_low, over_high = ex2.paired_gain(self.descriptions["resampled"], self.descriptions["after"])
+        pooled = ex2.pooled_draws(self.resampled)
+        null, null_low, null_high = ex2.paired_gain(self.descriptions["before"], pooled)
+        over, over_low, over_high = ex2.paired_gain(pooled, self.descriptions["after"])
         return {
             "gain": gain,
             "low": low,
@@ -394,9 +401,11 @@ class Result:
             "null": null,
             "null_low": null_low,
             "null_high": null_high,
-            "over_resampled": over,  # the aligned LM against a second sample of the pretrained LM, same slots
+            "over_resampled": over,  # the aligned LM against the pretrained LM's further draws, same slots
             "over_resampled_low": over_low,
             "over_resampled_high": over_high,
+            "null_draws": len(self.resampled),
+            "pretrained_draw_means": [float(d.reward.mean()) for d in [self.descriptions["before"], *self.resampled]],
             "slots": len(self.descriptions["before"]),
             "before": float(self.descriptions["before"].reward.mean()),
             "after": float(self.descriptions["after"].reward.mean()),
@@ -439,14 +448,16 @@ def load_models(ch: Chapter, r: Result, progress: bool = True) -> None:
 
 
 def sample_before(ch: Chapter, r: Result) -> None:
-    """The fixed evaluation samples of the pretrained LM (and a second, independent draw: the null)."""
+    """The fixed evaluation samples of the pretrained LM, and ``null_draws`` further independent draws on the
+    same slots (the null: what sampling alone moves)."""
     with ch.stage("describe"):
         r.descriptions["before"] = cached_samples(
             ch, {**r.key, "stage": "before"}, r.lm, r.tokenizer, r.queries, r.reward
         )
-        r.descriptions["resampled"] = cached_samples(
-            ch, {**r.key, "stage": "before"}, r.lm, r.tokenizer, r.queries, r.reward, seed_offset=1
-        )
+        r.resampled = [
+            cached_samples(ch, {**r.key, "stage": "before"}, r.lm, r.tokenizer, r.queries, r.reward, seed_offset=j)
+            for j in range(1, ch.params["null_draws"] + 1)
+        ]
 
 
 def truth_interval(labelled: pd.DataFrame) -> tuple[float, float]:
@@ -554,6 +565,33 @@ def ground_truth(ch: Chapter, r: Result) -> None:
         return
     with ch.stage("ground truth"):
         r.reliance = cached_reliance(ch, ch.clip(), ch.key()).set_index("factor")
+
+
+def gain_table(r: Result) -> pd.DataFrame:
+    """The three paired comparisons on the fixed slots: value and 95 % interval of each."""
+    g = r.gain()
+    rows = {
+        "aligned minus pretrained (same seed)": ("gain", "low", "high"),
+        "pretrained: further draws minus first (the null)": ("null", "null_low", "null_high"),
+        "aligned minus the further draws pooled": ("over_resampled", "over_resampled_low", "over_resampled_high"),
+    }
+    table = pd.DataFrame({name: [g[k] for k in keys] for name, keys in rows.items()}, index=["mean", "low", "high"])
+    return table.T.rename_axis(f"reward difference over {g['slots']} slots")
+
+
+def gain_figure(r: Result) -> plt.Axes:
+    """Each draw's mean reward: the pretrained LM's draws (grey; the first, which the aligned LM shares its
+    seed with, outlined) against the aligned LM's (orange)."""
+    g = r.gain()
+    means = g["pretrained_draw_means"]
+    _, ax = plt.subplots(figsize=(6.5, 1.8))
+    ax.scatter(means, np.zeros(len(means)), color="grey", s=40, label="pretrained LM, one dot per draw")
+    ax.scatter(means[:1], [0], facecolors="none", edgecolors="black", s=110, label="its first draw (same seed)")
+    ax.scatter([g["after"]], [0], color="tab:orange", marker="D", s=60, label="aligned LM")
+    ax.set_yticks([])
+    ax.set_xlabel(f"mean reward over the {g['slots']} fixed slots")
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.55), ncol=3, frameon=False, fontsize=8)
+    return ax
 
 
 def examples(r: Result, n_classes: int = 4) -> pd.DataFrame:
@@ -762,8 +800,9 @@ def headline(ch: Chapter, r: Result) -> dict[str, Reported]:
             g["low"],
             g["high"],
             chance=g["null"],
-            note=f"mean over {g['slots']} fixed (query, sample) slots, 95 % bootstrap; chance: two samples of the "
-            "pretrained LM; the paper plots a rising reward but gives no number",
+            note=f"mean over {g['slots']} fixed (query, sample) slots, 95 % bootstrap; chance: the same difference "
+            f"between the pretrained LM's first draw and its {g['null_draws']} further draws pooled per slot; the "
+            "paper plots a rising reward but gives no number",
         )
     }
     if r.knowledge is not None:
@@ -854,13 +893,14 @@ def summary(ch: Chapter, r: Result) -> list[str]:
     moved = "an interval that excludes 0" if excludes(g["low"], g["high"]) else "an interval that includes 0"
     out.append(
         f"On the same {g['slots']} (query, sample) slots, alignment changes the mean reward by "
-        f"{_interval(g['gain'], g['low'], g['high'])}, {moved}; two samples of the pretrained LM differ "
-        f"by {g['null']:+.4f}."
+        f"{_interval(g['gain'], g['low'], g['high'])}, {moved}; the pretrained LM's {g['null_draws'] + 1} "
+        f"independent draws have mean rewards from {min(g['pretrained_draw_means']):.4f} to "
+        f"{max(g['pretrained_draw_means']):.4f}, the aligned LM {g['after']:.4f}."
     )
     beyond = excludes(g["over_resampled_low"], g["over_resampled_high"]) and g["over_resampled"] > 0
     out.append(
-        f"Against a second sample of the pretrained LM on the same slots, the aligned LM's reward differs by "
-        f"{_interval(g['over_resampled'], g['over_resampled_low'], g['over_resampled_high'])}: the gain "
+        f"Against the pretrained LM's {g['null_draws']} further draws pooled per slot, the aligned LM's reward "
+        f"differs by {_interval(g['over_resampled'], g['over_resampled_low'], g['over_resampled_high'])}: the gain "
         + ("is beyond what resampling alone moves." if beyond else "is not distinguishable from resampling.")
     )
     shares = r.shares()
