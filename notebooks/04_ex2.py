@@ -258,10 +258,21 @@ r.attributes().round(3).rename(columns=str.capitalize)
 
 # %% [markdown]
 # Did the kinds of sentence move the way KL-regularised RL predicts? Each sentence of the
-# descriptions before and after, sorted by kind, beside the predicted mix.
+# descriptions before and after, sorted by kind, beside two predictions of the aligned mix. The
+# first applies $\pi^*$ to the kinds, with each kind's mean reward from the target above. But the
+# VLM scores whole descriptions, and a sentence's reward depends on what else its description
+# says (and where: the text tower reads a fixed number of tokens). The second applies $\pi^*$ to
+# the descriptions themselves: each of the pretrained LM's descriptions is reweighted by
+# $e^{r / \beta}$ within its class (self-normalised importance weights), and its sentences are
+# counted with that weight.
+
+# %% tags=["remove-input"]
+show_source(ex2.reweighted_kind_shares)
 
 # %%
-r.mix(ch).round(3) if ch.on_world else None
+if ch.on_world:
+    display(r.mix(ch).round(3))
+    display(pd.Series(chapter.prediction_agreement(r.mix(ch)), name="r with the observed change").round(2))
 
 # %% [markdown]
 # ## Ground truth: what does the VLM really rely on?

@@ -528,6 +528,20 @@ def test_the_null_pools_every_further_draw_per_slot():
         ex2.pooled_draws([before, before.iloc[1:]])
 
 
+def test_reweighted_kind_shares_is_the_pretrained_mix_at_large_beta_and_the_best_description_at_small(tiny_world):
+    """π* on descriptions: with β large nothing is reweighted (the pretrained mix); with β small each class's
+    mix is that of its best-rewarded description."""
+    sentences = ex2.kind_sentences(tiny_world, per_kind=2, seed=0)
+    descriptions = sentences.rename(columns={"sentence": "description"}).reset_index(drop=True)
+    descriptions["reward"] = np.where(descriptions.kind == "habitat", 1.0, 0.0) + 0.001 * np.arange(len(descriptions))
+    pooled = ex2.sentence_kind_shares(descriptions, tiny_world)
+    assert np.allclose(ex2.reweighted_kind_shares(descriptions, tiny_world, beta=1e6), pooled)
+    best = descriptions.loc[descriptions.groupby("class_index").reward.idxmax()]
+    sharp = ex2.reweighted_kind_shares(descriptions, tiny_world, beta=1e-4)
+    assert np.allclose(sharp, ex2.sentence_kind_shares(best, tiny_world), atol=1e-6)
+    assert sharp["habitat"] > 0.9 and pooled["habitat"] < 0.3
+
+
 def test_the_chapter_pairs_before_and_after_on_the_same_samples(tiny_lm, tiny_world):
     model, tok, _ = tiny_lm
     q = ex2.format_queries(tiny_world.class_names).iloc[:10]

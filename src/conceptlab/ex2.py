@@ -679,6 +679,24 @@ def sentence_kind_shares(descriptions: pd.DataFrame, world: ConceptWorld) -> pd.
     return kinds.value_counts(normalize=True).reindex(list(SENTENCE_KINDS), fill_value=0.0)
 
 
+def reweighted_kind_shares(
+    descriptions: pd.DataFrame, world: ConceptWorld, beta: float, scale: float = 1.0
+) -> pd.Series:
+    """The sentence-kind mix KL-regularised RL converges to, estimated on the pretrained LM's own descriptions:
+    ``π*(y) ∝ π_ref(y) · exp(r(y) / (β · scale))`` by self-normalised importance weights, each class's
+    descriptions reweighted among themselves. Unlike :func:`optimal_mix` it uses the reward of whole
+    descriptions, the unit the VLM scores (a sentence's reward depends on what else the description says)."""
+    from .judges import SENTENCE_KINDS
+
+    d = descriptions.reset_index(drop=True)
+    w = np.exp((d.reward - d.groupby("class_index").reward.transform("max")) / (beta * scale))
+    w = w / w.groupby(d.class_index).transform("sum")
+    kinds = sentence_kinds(d, world)
+    weight = w.to_numpy()[kinds.description_index.to_numpy()]
+    shares = pd.Series(weight).groupby(kinds.kind.to_numpy()).sum() / weight.sum()
+    return shares.reindex(list(SENTENCE_KINDS), fill_value=0.0)
+
+
 # ---------------------------------------------------------------------------- a planted preference
 @dataclass(frozen=True)
 class TextTowerConfig:

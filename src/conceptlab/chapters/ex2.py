@@ -424,8 +424,12 @@ class Result:
         if np.isnan(spread):  # one sample per query: the spread within a class instead
             spread = float(before.groupby("class_index").reward.std().mean())
         shares["predicted"] = ex2.optimal_mix(shares["before"], reward, self.align.beta, scale=spread)
+        shares["predicted from descriptions"] = ex2.reweighted_kind_shares(
+            self.descriptions["before"], ch.world, self.align.beta, scale=spread
+        )
         shares["kind reward"] = reward.reindex(shares.index)
-        return shares[["kind reward", "before", "predicted", "after"]].rename_axis("kind of sentence")
+        columns = ["kind reward", "before", "predicted", "predicted from descriptions", "after"]
+        return shares[columns].rename_axis("kind of sentence")
 
     def mentions_against_reliance(self) -> pd.DataFrame:
         """Per factor: measured reliance and logit drop, and EX2's mention shares before, after and the gain."""
@@ -734,6 +738,15 @@ def reward_rise(r: Result) -> dict[str, float]:
     return {"first_window": first, "last_window": last, "rise": last - first, "window_steps": window}
 
 
+def prediction_agreement(mix: pd.DataFrame) -> dict[str, float]:
+    """Pearson's r across sentence kinds between each prediction's change of share and the observed change."""
+    observed = mix["after"] - mix["before"]
+    return {
+        column: float(np.corrcoef(mix[column] - mix["before"], observed)[0, 1])
+        for column in ("predicted", "predicted from descriptions")
+    }
+
+
 def _frame(table: pd.DataFrame) -> dict:
     return {str(k): {c: (None if pd.isna(v) else float(v)) for c, v in row.items()} for k, row in table.iterrows()}
 
@@ -764,6 +777,7 @@ def results(ch: Chapter, r: Result) -> dict:
     if r.preference is not None:
         out["kind_reward"] = _frame(r.kind_table())
         out["kind_mix"] = _frame(r.mix(ch))
+        out["kind_mix_agreement"] = prediction_agreement(r.mix(ch))
     if r.reliance is not None:
         check = r.mentions_against_reliance()
         out.update(
@@ -916,6 +930,13 @@ def summary(ch: Chapter, r: Result) -> list[str]:
             f"KL-regularised RL predicts the share of {kind.replace('_', ' ')} sentences to move from "
             f"{mix.loc[kind, 'before']:.1%} to {mix.loc[kind, 'predicted']:.1%}; it went to "
             f"{mix.loc[kind, 'after']:.1%}."
+        )
+        agreement = prediction_agreement(mix)
+        out.append(
+            "Across kinds, the predicted changes of share correlate with the observed ones at "
+            f"r = {agreement['predicted']:+.2f} when predicted from each kind's mean sentence reward, and at "
+            f"r = {agreement['predicted from descriptions']:+.2f} when predicted from the pretrained LM's own "
+            "descriptions, each reweighted by its reward."
         )
     if r.planted is not None:
         seen, unseen = (planted_difference(ch, r, k) for k in ("web_seen", "web_unseen"))
