@@ -35,6 +35,11 @@ def test_chapter_module_follows_the_contract(chapter):
 def test_reported_refuses_a_bare_number_and_renders_its_references():
     with pytest.raises(ValueError, match="say why"):
         Reported(0.5)
+    with pytest.raises(ValueError, match="missing its chance"):
+        Reported(0.5, 0.4, 0.6, note="bootstrap over images")  # a note that does not say why chance is missing
+    with pytest.raises(ValueError, match="missing its interval"):
+        Reported(0.5, chance=0.1, note="one trained model; chance: uniform guessing")
+    assert Reported(0.5, 0.4, 0.6, note="no chance level for a count").chance is None
     with pytest.raises(ValueError, match="outside its interval"):
         Reported(0.9, 0.1, 0.2, chance=0.5)
     table = reported_table({"top-1": Reported(0.8, 0.7, 0.9, chance=0.0625, paper=0.76)})

@@ -492,3 +492,39 @@ def test_probes_fitted_together_are_the_probes_fitted_alone():
     for xi, cfg, probe in zip(xs, cfgs, together):
         assert np.abs(probe.coef_ - dncbm.fit_probe(xi, y, cfg, 3).coef_).max() < 1e-5
     assert np.abs(together[0].coef_ - together[2].coef_).max() > 1e-3, "each probe keeps its own λ"
+
+
+def test_the_habitat_gap_is_paired_over_test_images_and_its_direction_is_said():
+    """The second task's gap gets a paired interval like the class task's, and the sentence reads its sign."""
+    from types import SimpleNamespace
+
+    n = 400
+    r = chapter.Result()
+    r.strengths = {"test": torch.rand(n, 4)}
+    r.probe = dncbm.LinearProbe(np.eye(2, 4))
+    always = np.ones(n, dtype=bool)
+    r.correct = {"concept probe": always, "raw probe": always}
+    r.correct["habitat concept probe"] = np.arange(n) % 10 != 0  # 90 % right
+    r.correct["habitat raw probe"] = always
+    block = chapter.accuracy_blocks(SimpleNamespace(params={"seed": 0}), r)["habitat_gap_to_raw_probe"]
+    assert block["value"] == pytest.approx(-0.1) and block["low"] <= block["value"] <= block["high"] < 0
+    assert "loses accuracy beyond the interval" in chapter.habitat_sentence(0.9, 1.0, block)
+    assert "90.0%" in chapter.habitat_sentence(0.9, 1.0, block)
+    gain = {"value": 0.1, "low": 0.05, "high": 0.15}
+    assert "gains accuracy beyond the interval" in chapter.habitat_sentence(1.0, 0.9, gain)
+    noise = {"value": -0.004, "low": -0.01, "high": 0.003}
+    assert "within noise" in chapter.habitat_sentence(0.95, 0.954, noise)
+    assert "loses" not in chapter.habitat_sentence(0.95, 0.954, noise)
+    del r.correct["habitat concept probe"], r.correct["habitat raw probe"]
+    assert "habitat_gap_to_raw_probe" not in chapter.accuracy_blocks(SimpleNamespace(params={"seed": 0}), r)
+
+
+def test_the_original_codes_share_of_right_names_is_placed_against_the_books():
+    book = {"value": 0.103, "low": 0.086, "high": 0.122}
+    higher = chapter.original_names_sentence(book, 0.271)
+    assert "27.1%" in higher and "higher than this book's 10.3%" in higher and "above its interval" in higher
+    lower = chapter.original_names_sentence(book, 0.05)
+    assert "lower than this book's" in lower and "below its interval" in lower
+    close = chapter.original_names_sentence(book, 0.11)
+    assert "higher than" in close and "inside its interval" in close
+    assert "equal to" in chapter.original_names_sentence(book, 0.103)

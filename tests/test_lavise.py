@@ -493,3 +493,28 @@ def test_the_world_chapter_reports_every_recall_beside_chance(world_chapter):
     assert "random-weight copy" in " ".join(record["summary"]) and "chance" in record["summary"][0]
     # random word vectors: no CLIP embeds the words, so no CLIP is recorded; the world's images were used
     assert "world" in record["parameters"] and not {"model", "world_clip"} & set(record["parameters"])
+
+
+def test_the_original_codes_unseen_recall_is_placed_against_chance_in_words():
+    per = np.zeros((1, 1, 1))
+    below = chapter6.original_sentence(chapter6.Recall(0.05, 0.03, 0.07, per), 0.095, 10)
+    assert "unseen R@10 is 0.050 [0.030, 0.070] against chance 0.095: below chance." in below
+    at = chapter6.original_sentence(chapter6.Recall(0.088, 0.067, 0.109, per), 0.095, 10)
+    assert at.endswith("at chance.") and "below" not in at and "above" not in at
+    above = chapter6.original_sentence(chapter6.Recall(0.2, 0.15, 0.25, per), 0.095, 10)
+    assert above.endswith("above chance.")
+
+
+def test_the_seen_comparison_says_whether_random_word_vectors_beat_the_explainer():
+    import pandas as pd
+
+    per = np.zeros((1, 1, 1))
+    explainer, noise = chapter6.Recall(0.433, 0.409, 0.459, per), chapter6.Recall(0.715, 0.69, 0.74, per)
+    row = pd.Series({"difference": -0.281, "low": -0.304, "high": -0.256})
+    text = chapter6.seen_noise_sentence(explainer, noise, row, 10)
+    assert text.endswith("random word vectors beat the explainer.") and "-0.281 [-0.304, -0.256]" in text
+    row = pd.Series({"difference": 0.2, "low": 0.1, "high": 0.3})
+    assert chapter6.seen_noise_sentence(noise, explainer, row, 10).endswith("the explainer beat random word vectors.")
+    row = pd.Series({"difference": 0.01, "low": -0.02, "high": 0.04})
+    text = chapter6.seen_noise_sentence(explainer, explainer, row, 10)
+    assert "neither" in text and " beat " not in text

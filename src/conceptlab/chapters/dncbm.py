@@ -571,6 +571,9 @@ def task_agnosticity(ch: Chapter, r: Result) -> Result:
         raw_habitat = dncbm.fit_probe(
             train["features"], train["habitats"], probe_config(ch.params, 0.0), n_hab, ch.device
         )
+        truth = np.asarray(test["habitats"])
+        r.correct["habitat concept probe"] = habitat.predict(r.strengths["test"]) == truth
+        r.correct["habitat raw probe"] = raw_habitat.predict(test["features"]) == truth
         r.tasks = pd.DataFrame(
             [
                 {
@@ -580,8 +583,8 @@ def task_agnosticity(ch: Chapter, r: Result) -> Result:
                 },
                 {
                     "task": "habitat",
-                    "concepts": habitat.score(r.strengths["test"], test["habitats"]),
-                    "raw features": raw_habitat.score(test["features"], test["habitats"]),
+                    "concepts": float(r.correct["habitat concept probe"].mean()),
+                    "raw features": float(r.correct["habitat raw probe"].mean()),
                 },
             ]
         ).set_index("task")
@@ -642,11 +645,17 @@ def accuracy_blocks(ch: Chapter, r: Result) -> dict[str, dict[str, float]]:
     """The probe's accuracy, its gap to the raw-feature probe and the concepts per decision, with intervals."""
     seed = ch.params["seed"]
     gap, low, high = paired_difference_interval(r.correct["concept probe"], r.correct["raw probe"], seed=seed)
-    return {
+    out = {
         "accuracy_concept_probe_interval": _interval(r.correct["concept probe"], seed),
         "accuracy_gap_to_raw_probe": {"value": gap, "low": low, "high": high},
         "concepts_per_decision_interval": _interval(dncbm.decision_sizes(r.strengths["test"], r.probe), seed),
     }
+    if "habitat concept probe" in r.correct:  # the second task (world only), paired over the same test images
+        gap, low, high = paired_difference_interval(
+            r.correct["habitat concept probe"], r.correct["habitat raw probe"], seed=seed
+        )
+        out["habitat_gap_to_raw_probe"] = {"value": gap, "low": low, "high": high}
+    return out
 
 
 def name_blocks(ch: Chapter, r: Result) -> dict[str, Any]:
@@ -736,19 +745,22 @@ def accuracy_reported(ch: Chapter, r: Result) -> dict[str, Reported]:
             res["accuracy_gap_to_raw_probe"],
             None,
             PAPER["accuracy_concept_probe"] - PAPER["accuracy_raw_probe"],
-            "paired bootstrap over test images; reference 0: a gap whose interval holds 0 is no finding",
+            "paired bootstrap over test images; no chance level (a difference of two accuracies), the reference "
+            "is 0: a gap whose interval holds 0 is no finding",
         ),
         "concepts per decision (90 % of the evidence)": _reported(
             res["concepts_per_decision_interval"],
             None,
             None,
-            f"bootstrap over test images; of {r.sae.n_concepts} concepts; the paper gives no such count",
+            f"bootstrap over test images; of {r.sae.n_concepts} concepts, no chance level (a count, not a score); "
+            "the paper gives no such count",
         ),
         "active concepts per image (L0)": Reported(
             r.history[-1]["l0"],
             note=(
                 f"last training epoch, of {r.sae.n_concepts} concepts on a {r.data[0]['features'].shape[1]}-"
-                "dimensional embedding; the paper reports no L0"
+                "dimensional embedding; one SAE, so no interval, and no chance level (a count); the paper reports "
+                "no L0"
             ),
         ),
     }
@@ -809,6 +821,36 @@ def _finding(block: dict[str, float], reference: float) -> bool:
     return excludes(block["low"], block["high"], reference)
 
 
+def gap_verdict(gap: dict[str, float]) -> str:
+    """A concept probe's accuracy minus the raw-feature probe's, in words: a change is only one beyond its
+    interval."""
+    if gap["high"] < 0:
+        return "the bottleneck loses accuracy beyond the interval"
+    if gap["low"] > 0:
+        return "the bottleneck gains accuracy beyond the interval"
+    return "within noise: no loss or gain beyond the interval"
+
+
+def habitat_sentence(concepts: float, raw: float, gap: dict[str, float]) -> str:
+    """The second task (the habitat) on the same concept strengths, against a raw-feature probe."""
+    return (
+        f"On the second task, the habitat, the same concepts reach {concepts:.1%} against the raw-feature "
+        f"probe's {raw:.1%}, a gap of {gap['value']:+.3f} ({gap['low']:+.3f} to {gap['high']:+.3f}, paired "
+        f"bootstrap over test images): {gap_verdict(gap)}."
+    )
+
+
+def original_names_sentence(book: dict[str, float], original: float) -> str:
+    """The original code's share of right names against this book's (``book``: value, low, high)."""
+    side = "higher than" if original > book["value"] else "lower than" if original < book["value"] else "equal to"
+    where = "above" if original > book["high"] else "below" if original < book["low"] else "inside"
+    return (
+        f"The original code's settings name {original:.1%} of their live concepts right, {side} this book's "
+        f"{book['value']:.1%} and {where} its interval ({book['low']:.1%}–{book['high']:.1%}; one run of the "
+        "original's settings, without an interval of its own)."
+    )
+
+
 def summary(ch: Chapter, r: Result) -> list[str]:
     """Two or three sentences answering the chapter's question, then the numbers; every number from
     :func:`results`."""
@@ -824,6 +866,8 @@ def summary(ch: Chapter, r: Result) -> list[str]:
             f"the ground truth confirms ({right['low']:.1%}–{right['high']:.1%}), {verdict} the "
             f"{chance['mean']:.1%} that the same names shuffled among the concepts reach."
         )
+        if "share_right" in res["original_code"]:
+            lines.append(original_names_sentence(right, res["original_code"]["share_right"]))
     else:
         lines.append(f"On {where} there is no ground truth: the names are shown, not checked.")
     said = "a real difference" if _finding(gap, 0.0) else "within noise"
@@ -834,6 +878,9 @@ def summary(ch: Chapter, r: Result) -> list[str]:
         f"{res['concepts_per_decision']:.1f} concepts for {res['coverage_energy']:.0%} of its evidence, with "
         f"{res['sae_final_l0']:.1f} active per image on a {res['embedding_dim']}-dimensional embedding."
     )
+    if "habitat_gap_to_raw_probe" in res:
+        habitat = res["tasks"]["habitat"]
+        lines.append(habitat_sentence(habitat["concepts"], habitat["raw features"], res["habitat_gap_to_raw_probe"]))
     points = 100 * ch.params["tolerance"]
     tol = (
         f"within {points:g} point{'' if points == 1 else 's'} of the raw-feature probe's accuracy, "

@@ -856,6 +856,14 @@ def summary(ch: Chapter, r: Result) -> list[str]:
         + f"; the explainer minus it: {_signed(d)}"
         + ("." if bool(d["finding"]) else ", inside its interval: not a finding.")
     )
+    lines.append(
+        seen_noise_sentence(
+            book[f"R@{k} seen"],
+            r.recalls[NOISE][f"R@{k} seen"],
+            table.loc[f"R@{k} seen: explainer - random embeddings"],
+            k,
+        )
+    )
     if CONTROL in r.recalls:
         lines.append(_sanity(ch, r, table))
     steps = [
@@ -870,6 +878,8 @@ def summary(ch: Chapter, r: Result) -> list[str]:
             + "; ".join(f"{label} {_signed(row)}" for label, row in steps)
             + " (a change whose interval holds 0 is not a finding)."
         )
+    if ORIGINAL in r.recalls:
+        lines.append(original_sentence(r.recalls[ORIGINAL][f"R@{k} unseen"], c[f"R@{k} unseen"], k))
     dis = table.loc[f"R@{k} seen: dissection - explainer"]
     lines.append(
         f"Network Dissection, which uses every mask on the evaluation images, is {_signed(dis)} "
@@ -878,6 +888,35 @@ def summary(ch: Chapter, r: Result) -> list[str]:
         f"{int(r.run.seen.sum())} seen in training."
     )
     return lines
+
+
+def beats(difference: float, low: float, high: float, a: str, b: str) -> str:
+    """Which of two recalls is ahead, from ``a - b`` and its interval: a lead inside the interval is none."""
+    if not np.isfinite(difference):
+        return "undefined (no ground-truth pair)"
+    if low > 0:
+        return f"{a} beat {b}"
+    if high < 0:
+        return f"{b} beat {a}"
+    return f"neither {a} nor {b} is ahead beyond the interval"
+
+
+def seen_noise_sentence(explainer: Recall, noise: Recall, d: pd.Series, k: int) -> str:
+    """Seen concepts: the head on random word vectors against the explainer (``d``: explainer - random,
+    with ``low`` and ``high``)."""
+    return (
+        f"On seen concepts, the ones the head was trained on, random word vectors reach R@{k} "
+        f"{_interval(noise)} against the explainer's {_interval(explainer)}; the explainer minus them: "
+        f"{_signed(d)}: {beats(d['difference'], d['low'], d['high'], 'the explainer', 'random word vectors')}."
+    )
+
+
+def original_sentence(original: Recall, c: float, k: int) -> str:
+    """The original code's choices (every switch at the original's value) on unseen concepts, against chance."""
+    return (
+        f"With the original code's choices, unseen R@{k} is {_interval(original)} against chance {c:.3f}: "
+        f"{versus_chance(original, c)}."
+    )
 
 
 def sanity_verdict(difference: float, low: float) -> str:

@@ -34,8 +34,9 @@ class Reported:
     note: str = ""
 
     def __post_init__(self) -> None:
-        if (self.low is None or self.chance is None) and not self.note:
-            raise ValueError("a headline number without an interval or a chance must say why in `note`")
+        for missing, word in ((self.low is None, "interval"), (self.chance is None, "chance")):
+            if missing and word not in self.note.lower():
+                raise ValueError(f"a headline number missing its {word} must say why in `note`, naming the {word}")
         if self.low is not None and self.high is not None and not (self.low - 1e-9 <= self.value <= self.high + 1e-9):
             raise ValueError(f"value {self.value} lies outside its interval [{self.low}, {self.high}]")
 
