@@ -578,7 +578,7 @@ def fidelity_rows(
 def switch_steps(r: Result, text: str) -> pd.DataFrame:
     """From the book's run to the original code's, one switch at a time (before → after DEAL): maps
     detached (explainer.py), then localizability as exp_localizability.ipynb computes it. Columns are
-    literal runs; the other original settings (lr, batch, steps) are in the switch table."""
+    literal runs; the original settings not run here (contrastive, lr, batch, steps) are in the switch table."""
     if PAPER_RUN not in r.evals or DETACHED_RUN not in r.evals:
         return pd.DataFrame()
     before, book, det = (r.evals[n][text] for n in ("CLIP", PAPER_RUN, DETACHED_RUN))
@@ -587,7 +587,7 @@ def switch_steps(r: Result, text: str) -> pd.DataFrame:
     cols = {
         "this book (paper's method)": (book, "localizability"),
         "+ maps detached": (det, "localizability"),
-        "+ original localizability (all switches)": (det, orig_loc),
+        "+ original localizability (contrastive, lr, batch, steps: not run)": (det, orig_loc),
     }
     rows = {
         m: {c: arrow(before, run, loc if m == "localizability" else m) for c, (run, loc) in cols.items()}

@@ -770,7 +770,9 @@ def results(ch: Chapter, r: Result) -> dict[str, Any]:
 
 def _reported(a: Recall, c: float, note: str) -> Reported:
     if not np.isfinite(a.value):
-        return Reported(float("nan"), chance=c, note="undefined: no (filter, image) pair has a ground-truth concept")
+        return Reported(
+            float("nan"), chance=c, note="undefined, so no interval: no (filter, image) pair has a ground-truth concept"
+        )
     return Reported(a.value, a.low, a.high, chance=c, note=note)
 
 
