@@ -101,7 +101,7 @@ def test_mask_pixels_carry_their_parts_colour():
 
 
 def test_attribute_noise_and_habitat_correlation_rates():
-    world = ConceptWorld(attribute_noise=0.3, habitat_correlation=0.6)
+    world = ConceptWorld(attribute_noise=0.3, habitat_correlation=0.6, resolution=16)  # rates need no pixels
     batch = world.sample(4000, "train")
     typical = world.typical_attributes(batch.labels)
     for k, values in enumerate(ATTRIBUTES.values()):
@@ -114,7 +114,7 @@ def test_attribute_noise_and_habitat_correlation_rates():
 
 def test_caption_style_rates_follow_the_mix():
     mix = {"visual": 0.4, "class": 0.1, "habitat": 0.2, "behaviour": 0.1, "spurious": 0.2}
-    batch = ConceptWorld(caption_mix=mix).sample(5000, "train")
+    batch = ConceptWorld(caption_mix=mix, resolution=16).sample(5000, "train")  # rates need no pixels
     styles = np.array(batch.caption_styles)
     for style in CAPTION_STYLES:
         p = mix[style]
