@@ -272,7 +272,7 @@ show_source(ex2.reweighted_kind_shares)
 # %%
 if ch.on_world:
     display(r.mix(ch).round(3))
-    display(pd.Series(chapter.prediction_agreement(r.mix(ch)), name="r with the observed change").round(2))
+    display(pd.DataFrame(chapter.prediction_agreement(r.mix(ch))).T.round(2))
 
 # %% [markdown]
 # ## Ground truth: what does the VLM really rely on?

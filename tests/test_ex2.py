@@ -658,3 +658,20 @@ def test_run_on_world_aligns_any_world_clip_and_pairs_its_samples(tiny_lm, tiny_
     assert len(out["before"]) == 25 * 6 and out["before"][keys].equals(out["after"][keys])
     assert len(out["curve"]) == 2 and np.isfinite(ex2.paired_gain(out["before"], out["after"])[0])
     assert out["sentence_kinds"].sum().to_numpy() == pytest.approx([1.0, 1.0])
+
+
+def test_prediction_agreement_stands_beside_its_permutation_band():
+    """A prediction that is the observed change correlates at 1, beyond the band of permuted kinds; its
+    mirror image at -1, below it; the band itself sits between."""
+    from conceptlab.chapters.ex2 import prediction_agreement
+
+    before = pd.Series(np.full(8, 0.125), index=list("abcdefgh"))
+    change = np.array([0.05, -0.03, 0.02, -0.01, 0.04, -0.05, 0.0, -0.02])
+    mix = pd.DataFrame({"before": before, "after": before + change, "predicted": before + change}).assign(
+        **{"predicted from descriptions": before - change}
+    )
+    agreement = prediction_agreement(mix)
+    same, mirror = agreement["predicted"], agreement["predicted from descriptions"]
+    assert same["r"] == pytest.approx(1.0) and same["r"] > same["null_high"]
+    assert mirror["r"] == pytest.approx(-1.0) and mirror["r"] < mirror["null_low"]
+    assert -1 < same["null_low"] < 0 < same["null_high"] < 1

@@ -738,13 +738,27 @@ def reward_rise(r: Result) -> dict[str, float]:
     return {"first_window": first, "last_window": last, "rise": last - first, "window_steps": window}
 
 
-def prediction_agreement(mix: pd.DataFrame) -> dict[str, float]:
-    """Pearson's r across sentence kinds between each prediction's change of share and the observed change."""
-    observed = mix["after"] - mix["before"]
-    return {
-        column: float(np.corrcoef(mix[column] - mix["before"], observed)[0, 1])
-        for column in ("predicted", "predicted from descriptions")
-    }
+def prediction_agreement(mix: pd.DataFrame, n_permutations: int = 2000, seed: int = 0) -> dict[str, dict[str, float]]:
+    """Pearson's r across sentence kinds between each prediction's change of share and the observed change,
+    with its null: the 95 % band of r when the observed changes are permuted among the kinds."""
+    observed = (mix["after"] - mix["before"]).to_numpy()
+    rng = np.random.default_rng(seed)
+    shuffled = [rng.permutation(observed) for _ in range(n_permutations)]
+    out = {}
+    for column in ("predicted", "predicted from descriptions"):
+        predicted = (mix[column] - mix["before"]).to_numpy()
+        null = [np.corrcoef(predicted, o)[0, 1] for o in shuffled]
+        low, high = np.quantile(null, [0.025, 0.975])
+        out[column] = {
+            "r": float(np.corrcoef(predicted, observed)[0, 1]),
+            "null_low": float(low),
+            "null_high": float(high),
+        }
+    return out
+
+
+def _side(agreement: dict[str, float]) -> str:
+    return "inside" if agreement["null_low"] <= agreement["r"] <= agreement["null_high"] else "outside"
 
 
 def _frame(table: pd.DataFrame) -> dict:
@@ -931,12 +945,15 @@ def summary(ch: Chapter, r: Result) -> list[str]:
             f"{mix.loc[kind, 'before']:.1%} to {mix.loc[kind, 'predicted']:.1%}; it went to "
             f"{mix.loc[kind, 'after']:.1%}."
         )
-        agreement = prediction_agreement(mix)
+        by_kind, by_description = (prediction_agreement(mix)[c] for c in ("predicted", "predicted from descriptions"))
+
         out.append(
             "Across kinds, the predicted changes of share correlate with the observed ones at "
-            f"r = {agreement['predicted']:+.2f} when predicted from each kind's mean sentence reward, and at "
-            f"r = {agreement['predicted from descriptions']:+.2f} when predicted from the pretrained LM's own "
-            "descriptions, each reweighted by its reward."
+            f"r = {by_kind['r']:+.2f} when predicted from each kind's mean sentence reward, and at "
+            f"r = {by_description['r']:+.2f} when predicted from the pretrained LM's own descriptions, each "
+            f"reweighted by its reward; with the observed changes permuted among the kinds, 95 % of r fall "
+            f"between {by_description['null_low']:+.2f} and {by_description['null_high']:+.2f}, so the second lies "
+            f"{_side(by_description)} that band and the first {_side(by_kind)} its own."
         )
     if r.planted is not None:
         seen, unseen = (planted_difference(ch, r, k) for k in ("web_seen", "web_unseen"))
