@@ -327,8 +327,10 @@ def evaluate(ch: Chapter, data: Data, progress: bool = False) -> dict[str, float
 
 
 def evaluate_many(chs: Sequence[Chapter], data: Data, progress: bool = False) -> list[dict[str, float]]:
-    """:func:`evaluate` for several parameter sets (a sweep) on the same data, their probes fitted together."""
+    """:func:`evaluate` for several parameter sets (a sweep) on the same data (so the same CLIP), their probes
+    fitted together and each vocabulary embedded once."""
     corpus, train, test, class_names = data
+    vocabularies: dict[Any, tuple[list[str], torch.Tensor]] = {}
     runs = [(c, *chapter_sae(c, corpus, progress=progress)) for c in chs]
     strengths = [concept_strengths(c, sae, data) for c, sae, _ in runs]
     probes = dncbm.fit_probes(
@@ -342,9 +344,12 @@ def evaluate_many(chs: Sequence[Chapter], data: Data, progress: bool = False) ->
     for (c, sae, history), z, probe in zip(runs, strengths, probes):
         scores = None
         if c.params["dataset"] == "world":
-            clip, _, tokenizer, _ = c.clip(progress=progress)
-            words = vocabulary_words(c)
-            names = dncbm.name_concepts(sae.directions, dncbm.embed_vocabulary(clip, tokenizer, words), words)
+            if c.params["vocabulary"] not in vocabularies:
+                clip, _, tokenizer, _ = c.clip(progress=progress)
+                words = vocabulary_words(c)
+                vocabularies[c.params["vocabulary"]] = words, dncbm.embed_vocabulary(clip, tokenizer, words)
+            words, embedded = vocabularies[c.params["vocabulary"]]
+            names = dncbm.name_concepts(sae.directions, embedded, words)
             scores = dncbm.score_names(z["test"], names, test, class_names, sae.directions, c.params["right_auroc"])
         points.append(dncbm.operating_point(history, z["test"], test["labels"], probe, scores))
     return points

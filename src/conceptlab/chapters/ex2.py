@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +27,7 @@ from ..chapter import SOURCE_COLUMN, Chapter, Param, Switch
 from ..judges import WorldJudge, judge_problem, make_judge
 from ..models import load_clip
 from ..reliance import rank_correlation
-from ..stats import bootstrap_interval, excludes
+from ..stats import bootstrap_interval, excludes, permutation_band
 from ..textlm import WorldLMConfig, count_parameters, load_lm, world_lm
 from ..world import CAPTION_STYLES, WorldConfig
 from .report import Reported
@@ -742,19 +743,16 @@ def prediction_agreement(mix: pd.DataFrame, n_permutations: int = 2000, seed: in
     """Pearson's r across sentence kinds between each prediction's change of share and the observed change,
     with its null: the 95 % band of r when the observed changes are permuted among the kinds."""
     observed = (mix["after"] - mix["before"]).to_numpy()
-    rng = np.random.default_rng(seed)
-    shuffled = [rng.permutation(observed) for _ in range(n_permutations)]
     out = {}
     for column in ("predicted", "predicted from descriptions"):
         predicted = (mix[column] - mix["before"]).to_numpy()
-        null = [np.corrcoef(predicted, o)[0, 1] for o in shuffled]
-        low, high = np.quantile(null, [0.025, 0.975])
-        out[column] = {
-            "r": float(np.corrcoef(predicted, observed)[0, 1]),
-            "null_low": float(low),
-            "null_high": float(high),
-        }
+        _, low, high = permutation_band(partial(_shuffled_r, predicted, observed), n_permutations, seed=seed)
+        out[column] = {"r": float(np.corrcoef(predicted, observed)[0, 1]), "null_low": low, "null_high": high}
     return out
+
+
+def _shuffled_r(predicted: np.ndarray, observed: np.ndarray, rng: np.random.Generator) -> float:
+    return float(np.corrcoef(predicted, rng.permutation(observed))[0, 1])
 
 
 def _side(agreement: dict[str, float]) -> str:
@@ -790,8 +788,9 @@ def results(ch: Chapter, r: Result) -> dict:
         }
     if r.preference is not None:
         out["kind_reward"] = _frame(r.kind_table())
-        out["kind_mix"] = _frame(r.mix(ch))
-        out["kind_mix_agreement"] = prediction_agreement(r.mix(ch))
+        mix = r.mix(ch)
+        out["kind_mix"] = _frame(mix)
+        out["kind_mix_agreement"] = prediction_agreement(mix)
     if r.reliance is not None:
         check = r.mentions_against_reliance()
         out.update(
