@@ -21,7 +21,7 @@ import pytest
 import torch
 
 from conceptlab.artifacts import ArtifactStore
-from conceptlab.bookrun import assemble_book, chapters, run_chapter, smoke_parameters
+from conceptlab.bookrun import WarmKernel, assemble_book, chapters, run_chapter, smoke_parameters
 from conceptlab.models import TrainConfig, world_clip
 from conceptlab.world import ConceptWorld, WorldConfig
 
@@ -94,7 +94,15 @@ def _try_locked(path: Path) -> Iterator[bool]:
 
 
 @pytest.fixture(scope="session")
-def run_smoke(tmp_path_factory):
+def kernel() -> Iterator[WarmKernel]:
+    """This worker's warm Jupyter kernel: the notebook tests pay the imports once per worker, not once per run
+    (the fresh-kernel path is tested by the refusal test and the book-from-a-file test)."""
+    with WarmKernel() as warm:
+        yield warm
+
+
+@pytest.fixture(scope="session")
+def run_smoke(tmp_path_factory, kernel):
     """Run a chapter on its smoke parameters once per test session; returns its work folder.
 
     A worker that finds its chapter running in the other worker runs another chapter nobody has started
@@ -107,7 +115,7 @@ def run_smoke(tmp_path_factory):
     def run_if_free(chapter: str) -> bool:
         with _try_locked(workdir / f".{chapter}.lock") as mine:
             if mine and not done(chapter):
-                run_chapter(chapter, workdir / "executed", smoke_parameters(chapter, workdir))
+                run_chapter(chapter, workdir / "executed", smoke_parameters(chapter, workdir), kernel)
                 (workdir / f".{chapter}.done").touch()
         return done(chapter)
 

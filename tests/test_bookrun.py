@@ -149,3 +149,36 @@ def test_the_whole_book_builds_from_one_file_on_stand_in_files(tmp_path):
     assert "CNN" in intro and "planted" in intro, "the introduction says why chapters were skipped"
     assert (html / "book" / "chapters" / "02_descriptors.html").is_file()
     assert not (html / "book" / "chapters" / "06_lavise.html").exists()
+
+
+def _notebook(path: Path, source: str) -> str:
+    nb = nbformat.v4.new_notebook(
+        cells=[nbformat.v4.new_code_cell("n = 0", metadata={"tags": ["parameters"]}), nbformat.v4.new_code_cell(source)]
+    )
+    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    nbformat.write(nb, path)
+    return str(path)
+
+
+@pytest.mark.notebook
+def test_a_warm_kernel_runs_chapters_in_turn_each_in_a_clean_namespace(tmp_path):
+    import papermill as pm
+
+    first = _notebook(tmp_path / "first.ipynb", "import os\nleft_behind = n\nprint(os.getpid())")
+    second = _notebook(tmp_path / "second.ipynb", "import os\nprint(os.getpid(), 'left_behind' in globals())")
+
+    def run(source: str, kernel: bookrun.WarmKernel) -> tuple[list[str], int]:
+        out = tmp_path / "out.ipynb"
+        pm.execute_notebook(source, str(out), parameters={"n": 1}, progress_bar=False, km=kernel.prepare())
+        cell = nbformat.read(out, as_version=4).cells[-1]
+        return "".join(o.get("text", "") for o in cell.outputs).split(), cell.execution_count
+
+    with bookrun.WarmKernel() as kernel:
+        (pid,), count = run(first, kernel)
+        assert count == 3, "the parameters cell, papermill's injected cell, then this one"
+        assert run(second, kernel) == ([pid, "False"], 3), "the same process, a reset namespace and count"
+        kernel.manager.provisioner.process.kill()
+        kernel.manager.provisioner.process.wait()
+        (new_pid, seen), _ = run(second, kernel)
+        assert new_pid != pid and seen == "False", "a kernel that died is replaced"
+    assert not kernel.manager.has_kernel

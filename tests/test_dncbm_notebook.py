@@ -13,7 +13,7 @@ from conceptlab.bookrun import run_chapter
 
 
 @pytest.mark.slow
-def test_chapter_runs_on_a_local_checkpoint_imagefolder_and_word_list(tmp_path, tiny_world):
+def test_chapter_runs_on_a_local_checkpoint_imagefolder_and_word_list(tmp_path, tiny_world, kernel):
     torch.manual_seed(0)
     checkpoint = tmp_path / "random_rn.pt"
     torch.save(open_clip.create_model("ConceptWorld-RN").state_dict(), checkpoint)  # random weights, real arch
@@ -44,7 +44,7 @@ def test_chapter_runs_on_a_local_checkpoint_imagefolder_and_word_list(tmp_path, 
         artifacts_dir=str(tmp_path / "artifacts"),
         results_dir=str(tmp_path / "results"),
     )
-    executed = run_chapter("05_discover_then_name", tmp_path / "out", params)
+    executed = run_chapter("05_discover_then_name", tmp_path / "out", params, kernel)
     results = read_results(tmp_path / "results", "05_discover_then_name")
     numbers = results["results"]
     assert numbers["n_corpus"] == 48 and numbers["vocabulary_size"] == 10  # the duplicate "red" counted once

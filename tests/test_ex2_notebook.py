@@ -56,7 +56,7 @@ def _random_lm(path):
 
 
 @pytest.mark.slow
-def test_real_path_runs_with_local_models(tmp_path):
+def test_real_path_runs_with_local_models(tmp_path, kernel):
     ckpt = tmp_path / "clip.pt"
     torch.save(open_clip.create_model("ConceptWorld-ViT").state_dict(), ckpt)
     lm = str(_random_lm(tmp_path / "lm"))
@@ -82,7 +82,7 @@ def test_real_path_runs_with_local_models(tmp_path):
         "artifacts_dir": str(tmp_path / "artifacts"),
         "results_dir": str(tmp_path / "results"),
     }
-    run_chapter("04_ex2", tmp_path / "out", params)
+    run_chapter("04_ex2", tmp_path / "out", params, kernel)
     record = json.loads((tmp_path / "results" / "04_ex2.json").read_text())
     results = record["results"]
     assert 0 <= results["judge_yes_after"] <= 1

@@ -103,7 +103,7 @@ def _tiny_cub(root: Path, folders: list[str]) -> Path:
 
 
 @pytest.mark.notebook
-def test_descriptors_command_runs_on_stand_in_files(tmp_path):
+def test_descriptors_command_runs_on_stand_in_files(tmp_path, kernel):
     chapter = "02_descriptors"
     params = next(p for c, p in COMMANDS if c == chapter)
     ckpt = tmp_path / "clip.pt"
@@ -122,7 +122,7 @@ def test_descriptors_command_runs_on_stand_in_files(tmp_path):
     stand_in = {"pretrained": str(ckpt), "data_root": str(cub), "descriptors": str(descriptors)}
     assert set(stand_in) <= set(params) and params["dataset"] == "cub"
     run = {**smoke_parameters(chapter, tmp_path), **params, **stand_in, "model": "ConceptWorld-ViT"}
-    executed = run_chapter(chapter, tmp_path / "executed", run)
+    executed = run_chapter(chapter, tmp_path / "executed", run, kernel)
     cells = json.loads(executed.read_text())["cells"]
     outputs = [o for c in cells for o in c.get("outputs", [])]
     assert not [o for o in outputs if o.get("output_type") == "error"]

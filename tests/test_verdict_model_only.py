@@ -77,14 +77,14 @@ def test_bookrun_no_longer_skips_the_verdict_for_a_users_model(tmp_path):
 
 
 @pytest.mark.notebook
-def test_chapter_7_runs_on_a_users_checkpoint_and_images(tmp_path):
+def test_chapter_7_runs_on_a_users_checkpoint_and_images(tmp_path, kernel):
     """The notebook through bookrun's plan on the stand-in user files, at tiny sizes, with ``planted: false``;
     then ``run`` on the same parameters writes the same results."""
     root = _stand_ins(tmp_path / "mine", checkpoint=True)
     digest = hashlib.sha256((root / "clip.pt").read_bytes()).hexdigest()
     tiny = {"planted": False, "n_random_images": 8, "n_bootstrap": 20, "n_permutations": 20, "cascade": [1, 3]}
     (plan,), _ = bookrun.read_book_file(_book_file(root, **{"07_verdict": tiny}), tmp_path / "out", ["07_verdict"])
-    executed = bookrun.run_chapter("07_verdict", tmp_path / "out" / "chapters", plan.params)
+    executed = bookrun.run_chapter("07_verdict", tmp_path / "out" / "chapters", plan.params, kernel)
     record = json.loads((tmp_path / "out" / "results" / "07_verdict.json").read_text())
     assert record["parameters"]["loaded_architecture"] == "ConceptWorld-ViT"
     assert record["inputs"]["pretrained"]["path"] == str(root / "clip.pt")

@@ -2,7 +2,7 @@
 
 Default parameters write executed copies to ``book/chapters/`` for jupyter-book and the book's intro
 table (one row per method, with chapter 7's verdict) to ``book/results/headline.md``; ``--smoke`` uses
-``notebooks/smoke.yml`` (every chapter in seconds, artifacts in a scratch folder); ``--lesson`` uses
+``notebooks/smoke.yml`` (every chapter in seconds, artifacts in a scratch folder, one warm kernel); ``--lesson`` uses
 ``notebooks/lesson.yml`` (a class's live session, sharing the book's artifacts). ``--params my.yml --out
 DIR`` builds the book of *your* model and data: a ``common`` block (model, pretrained, dataset,
 data_root, ...) and one block per chapter, every chapter that applies to those inputs run, the others
@@ -18,6 +18,7 @@ from an empty artifact store.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import difflib
 import json
 import os
@@ -71,10 +72,68 @@ def smoke_parameters(chapter: str, workdir: Path) -> dict:
     return parameter_set("smoke", chapter, workdir)
 
 
-def run_chapter(chapter: str, out_dir: Path, parameters: dict | None = None) -> Path:
+class WarmKernel:
+    """One Jupyter kernel that executes several chapters in turn, so the imports (about 20 s of every
+    smoke chapter: torch, open_clip, transformers) are paid once. Used for smoke runs and the tests;
+    the book and the lessons run each chapter in a fresh kernel, as a reader does.
+
+    Before each chapter the kernel's namespace and execution count are reset (IPython's ``reset``):
+    a chapter sees nothing the last one defined. Imported modules stay. A kernel that died is
+    replaced. Use as a context manager (``with WarmKernel() as kernel: run_chapter(..., kernel=kernel)``).
+    """
+
+    def __init__(self) -> None:
+        self.manager = self._new_manager()
+
+    @staticmethod
+    def _new_manager() -> Any:
+        from jupyter_client.manager import AsyncKernelManager
+
+        return AsyncKernelManager(kernel_name="python3")
+
+    def prepare(self) -> Any:
+        """The kernel manager for the next chapter (papermill starts it on first use)."""
+        from jupyter_core.utils import run_sync
+
+        if self.manager.has_kernel:
+            if run_sync(self.manager.is_alive)():
+                self._execute("get_ipython().reset(new_session=True)")
+            else:
+                self.close()
+                self.manager = self._new_manager()
+        return self.manager
+
+    def _execute(self, code: str) -> None:
+        from jupyter_client import BlockingKernelClient
+
+        client = BlockingKernelClient(connection_file=self.manager.connection_file)
+        client.load_connection_file()
+        client.start_channels()
+        try:
+            reply = client.execute_interactive(code, timeout=60, output_hook=lambda msg: None)
+        finally:
+            client.stop_channels()
+        if reply["content"]["status"] != "ok":
+            raise RuntimeError(f"the warm kernel could not run {code!r}: {reply['content'].get('evalue')}")
+
+    def close(self) -> None:
+        from jupyter_core.utils import run_sync
+
+        if self.manager.has_kernel:
+            run_sync(self.manager.shutdown_kernel)(now=True)
+
+    def __enter__(self) -> WarmKernel:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def run_chapter(chapter: str, out_dir: Path, parameters: dict | None = None, kernel: WarmKernel | None = None) -> Path:
     """Execute one chapter with papermill (cwd = notebooks/); return the executed copy.
 
-    A run that fails leaves its partly executed copy in ``out_dir/failed/`` (never a hidden file)."""
+    A run that fails leaves its partly executed copy in ``out_dir/failed/`` (never a hidden file).
+    With ``kernel``, the chapter runs in that warm kernel instead of a fresh one."""
     import papermill as pm
 
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -90,6 +149,7 @@ def run_chapter(chapter: str, out_dir: Path, parameters: dict | None = None) -> 
             cwd=str(NOTEBOOKS),
             kernel_name="python3",
             progress_bar=False,
+            **({"km": kernel.prepare()} if kernel is not None else {}),
         )
     except BaseException:
         if tmp.exists():
@@ -463,17 +523,18 @@ def main(argv: list[str] | None = None) -> int:
     results = out / "results" if kind else ROOT / "book" / "results"
     artifacts = out / "artifacts" if kind == "smoke" else DEFAULT_ARTIFACTS
     from_scratch, start, rows = store_is_empty(artifacts), time.perf_counter(), {}
-    for name in names:
-        t0 = time.perf_counter()
-        if kind == "smoke":
-            params = smoke_parameters(name, out)
-        elif kind == "lesson":
-            params = {**parameter_set("lesson", name), "results_dir": str(results)}
-        else:
-            params = {}
-        target = run_chapter(name, out, params)
-        rows[name] = {**chapter_timing(name, time.perf_counter() - t0, target, results), "status": "ran"}
-        print(f"{name}: {rows[name]['seconds']:.0f} s", flush=True)
+    with WarmKernel() if kind == "smoke" else contextlib.nullcontext() as kernel:  # smoke: one kernel for all
+        for name in names:
+            t0 = time.perf_counter()
+            if kind == "smoke":
+                params = smoke_parameters(name, out)
+            elif kind == "lesson":
+                params = {**parameter_set("lesson", name), "results_dir": str(results)}
+            else:
+                params = {}
+            target = run_chapter(name, out, params, kernel)
+            rows[name] = {**chapter_timing(name, time.perf_counter() - t0, target, results), "status": "ran"}
+            print(f"{name}: {rows[name]['seconds']:.0f} s", flush=True)
     write_timings(results / "timings.json", rows, time.perf_counter() - start, from_scratch, artifacts)
     if kind is None:
         (results / "headline.md").write_text(intro_table(results))  # the intro includes it
