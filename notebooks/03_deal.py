@@ -291,6 +291,17 @@ table = pd.DataFrame({name: e[concept_text] for name, e in r.evals.items()}).T
 plots.table(table[[c for c in columns if c in table]])
 
 # %% [markdown]
+# **What chance scores.** Neither of DEAL's own scores comes with a chance level in the
+# paper, so the chapter computes one for each, through the same conversion as the score.
+# For disentanglability: the CLIP's maps with every map's pixels shuffled (the same values,
+# placed at random; maps that overlap *less* than that are disentangled by more than
+# their values alone explain). For localizability: uniform random maps (a random order of
+# insertion). The headline table and the summary set both scores beside these levels:
+
+# %%
+{m: round(v, 3) for m, v in chapter.chance_levels(ch, r).items()}
+
+# %% [markdown]
 # **Localizability three ways.** Correct (whole pixels of the image the map belongs to);
 # the original notebook's indexing (it ranks H×W pixels but indexes the flattened C×H×W
 # image, so it inserts only part of the first channel); and that indexing together with

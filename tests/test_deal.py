@@ -28,6 +28,7 @@ from conceptlab.metrics import (
     pairing_rows,
     pointing_game,
     separation_loss,
+    shuffled_pixels,
     sparsity_loss,
 )
 from conceptlab.models import images_to_tensor, load_clip
@@ -183,12 +184,22 @@ def test_train_frozen_text_and_resume(tiny_clip, tiny_world, tmp_path):
     assert json.loads((tmp_path / "b" / "history.json").read_text())[-1]["step"] == 3
 
 
+def test_shuffled_pixels_keep_each_maps_values_and_overlap_disjoint_maps():
+    """Two maps on disjoint pixels do not overlap (separation loss 0); shuffled, they do (the null)."""
+    maps = torch.zeros(1, 2, 4, 4)
+    maps[0, 0, :2], maps[0, 1, 2:] = 1.0, 1.0
+    shuffled = torch.stack([shuffled_pixels(maps, torch.Generator().manual_seed(s)) for s in range(20)])
+    assert torch.equal(shuffled.flatten(3).sort(-1).values, maps.flatten(2).sort(-1).values.expand(20, -1, -1, -1))
+    assert separation_loss(maps) == 0
+    assert np.mean([separation_loss(m).item() for m in shuffled]) == pytest.approx(4.0, abs=1.0)  # 16 px x 1/4
+
+
 def test_evaluate_on_the_world(tiny_clip, tiny_world):
     model, _, tokenizer, _ = tiny_clip
     batch = tiny_world.sample(12, "test")
     ds = oracle_descriptors(tiny_world)
     masks = ds.first(3).part_masks(tiny_world.class_names, batch.labels, batch.masks)
-    metrics, maps, _ = evaluate(
+    metrics, maps, per_image = evaluate(
         model,
         tokenizer,
         images_to_tensor(batch.images, model),
@@ -197,7 +208,12 @@ def test_evaluate_on_the_world(tiny_clip, tiny_world):
         ds,
         n_concepts=3,
         part_masks=masks,
+        n_localize=6,
+        nulls=True,
     )
+    assert metrics["chance_disentanglability"] != metrics["disentanglability"]
+    assert per_image["chance_separation_loss"].shape == (12,)
+    assert per_image["chance_localizability"].shape == (6,) and 0 <= metrics["chance_localizability"] <= 1
     assert maps.shape == (12, 3, 8, 8)
     for key in ("disentanglability", "localizability", "top1", "pointing_game", "energy_in_mask"):
         assert 0 <= metrics[key] <= 1, key
@@ -535,3 +551,16 @@ def test_breakdown_splits_the_change_into_loss_terms():
     assert d["L_sep"]["mean"] == pytest.approx(0.03)
     assert d["L_sep"]["low"] < 0.03 < d["L_sep"]["high"]
     assert parts["top1"]["whole change"]["high"] < 0  # a drop outside its interval
+
+
+@pytest.mark.notebook
+def test_chapter_reports_map_scores_against_their_null_maps(run_smoke):
+    """Disentanglability and localizability carry a chance level (null maps through the same conversion),
+    in the results, the headline and a generated summary sentence."""
+    record = json.loads((run_smoke("03_deal") / "results" / "03_deal.json").read_text())
+    chance = record["results"]["chance"]
+    for m in ("disentanglability", "localizability"):
+        assert 0 <= chance[m] <= 1
+        assert record["headline"][f"{m}, CLIP"]["chance"] == chance[m]
+        assert "chance:" in record["headline"][f"{m}, CLIP"]["note"]
+    assert any(line.startswith("Against chance") for line in record["summary"])

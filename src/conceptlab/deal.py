@@ -295,6 +295,7 @@ def evaluate(
     localizability: Sequence[str] = ("correct",),
     n_localize: int | None = None,
     zero_shot_prompts: str = "bare",
+    nulls: bool = False,
     progress: bool = False,
 ) -> tuple[dict[str, float], torch.Tensor, dict[str, np.ndarray]]:
     """DEAL's evaluation of ``model`` on preprocessed ``images``, plus ground truth where ``part_masks`` exist.
@@ -310,9 +311,21 @@ def evaluate(
     per image): ``per_image`` holds each image's ``top1`` hit, ``separation_loss``, ``localizability`` (first
     ``n_localize`` images, "correct" variant if computed) and, with masks, ``pointing_game`` (mean over its
     part descriptors), the units a bootstrap interval resamples.
+
+    ``nulls``: also the scores' chance levels, each through the same conversion as the score:
+    ``chance_disentanglability`` (every map's pixels permuted: the same values placed at random) and
+    ``chance_localizability`` (uniform random maps, "correct" variant); per image ``chance_separation_loss``
+    and ``chance_localizability``.
     """
     from .descriptors import description_logits, descriptor_text_features
-    from .metrics import disentanglability, energy_in_mask, insertion_fidelity, overlap_agreement, pointing_game
+    from .metrics import (
+        disentanglability,
+        energy_in_mask,
+        insertion_fidelity,
+        overlap_agreement,
+        pointing_game,
+        shuffled_pixels,
+    )
     from .models import class_text_weights, topk_accuracy
 
     dev = next(model.parameters()).device
@@ -321,6 +334,7 @@ def evaluate(
     encode = lambda x: F.normalize(model.encode_image(x).float(), dim=-1)  # noqa: E731
     maps, seps, feats = [], [], []
     locs: dict[str, list] = {v: [] for v in localizability}
+    gen, null_seps, null_locs = torch.Generator().manual_seed(0), [], []
     for s in tqdm(range(0, len(images), batch_size), disable=not progress, desc="evaluate"):
         x, texts = images[s : s + batch_size].to(dev), concept_feats[torch.as_tensor(labels[s : s + batch_size])]
         m = explain(model, x, texts, start_layer)
@@ -333,6 +347,12 @@ def evaluate(
                     encode, x[:keep], m[:keep], texts[:keep], original_indexing=indexing, original_pairing=pairing
                 ).cpu()
             )
+        if nulls:
+            shuffled = shuffled_pixels(m, gen)
+            null_seps += [separation_loss(shuffled[i : i + 1]).item() for i in range(len(m))]
+            if keep:
+                noise = torch.rand(m[:keep].shape, generator=gen).to(dev)
+                null_locs.append(insertion_fidelity(encode, x[:keep], noise, texts[:keep]).cpu())
         feats.append(encode(x).cpu())
         maps.append(m.cpu())
     maps, feats = torch.cat(maps), torch.cat(feats)
@@ -354,6 +374,12 @@ def evaluate(
             out["n_localize"] = len(torch.cat(values))
     if locs.get("correct"):
         per_image["localizability"] = torch.cat(locs["correct"]).mean(1).numpy()
+    if null_seps:
+        out["chance_disentanglability"] = disentanglability(null_seps)
+        per_image["chance_separation_loss"] = np.asarray(null_seps)
+    if null_locs:
+        out["chance_localizability"] = torch.cat(null_locs).mean().item()
+        per_image["chance_localizability"] = torch.cat(null_locs).mean(1).numpy()
     if part_masks is not None:
         overlap = overlap_agreement(maps, part_masks)
         same = overlap["mask_overlap"] > 0

@@ -47,6 +47,14 @@ def disentanglability(separation_losses: Sequence[float] | float) -> float:
     return 1.0 / (1.0 + math.exp(-10.0 * (0.2 - loss)))
 
 
+def shuffled_pixels(maps: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """(N, K, h, w) maps with each map's pixels permuted independently: the same values, placed at random.
+    The null of :func:`separation_loss`: how much maps with these values overlap by chance."""
+    flat = maps.flatten(2)
+    order = torch.rand(flat.shape, generator=generator).argsort(-1).to(flat.device)
+    return flat.gather(-1, order).view_as(maps)
+
+
 def blur(images: torch.Tensor) -> torch.Tensor:
     """DEAL's baseline image: bilinear down-sampling by 0.5, then back up."""
     size = images.shape[-2:]

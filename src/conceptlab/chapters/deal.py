@@ -289,6 +289,7 @@ def scores(
     n: int | None = None,
     localize: Sequence[str] = ("correct",),
     per_image: bool = False,
+    nulls: bool = False,
     **changes: Any,
 ):
     """:func:`conceptlab.deal.evaluate` of ``model`` on the first ``n`` test images with the chapter's
@@ -311,6 +312,7 @@ def scores(
             localizability=localize,
             n_localize=p["n_localize"],
             zero_shot_prompts=p["zero_shot_prompts"],
+            nulls=nulls,
         )
     return (metrics, values) if per_image else metrics
 
@@ -414,13 +416,20 @@ class Result:
 
 
 def evaluate_clip(ch: Chapter, data: DealData) -> tuple[dict[str, dict[str, float]], dict[str, np.ndarray]]:
-    """The base CLIP with both concept texts, and its per-image values (bootstrap units)."""
+    """The base CLIP with both concept texts, and its per-image values (bootstrap units); with the
+    chapter's concept text also the chance levels of disentanglability and localizability."""
     text = ch.params["concept_text"]
     evals: dict[str, dict[str, float]] = {}
     per_image: dict[str, np.ndarray] = {}
     for t in CONCEPT_TEXTS:
         evals[t], values = scores(
-            ch, ch.clip()[0], data, concept_text=t, per_image=True, localize=tuple(LOCALIZABILITY) if t == text else ()
+            ch,
+            ch.clip()[0],
+            data,
+            concept_text=t,
+            per_image=True,
+            localize=tuple(LOCALIZABILITY) if t == text else (),
+            nulls=t == text,
         )
         per_image = values if t == text else per_image
     return evals, per_image
@@ -500,17 +509,42 @@ def results(ch: Chapter, r: Result) -> dict:
         **{m: {"before": b, "after": a} for m, (b, a) in PAPER.items()},
         "top1_gain": round(PAPER["top1"][1] - PAPER["top1"][0], 3),
     }
-    out["chance"] = chance = {"top1": 1 / len(r.data.test.class_names)}
-    if r.data.part_masks is not None:
-        area = r.data.part_masks.mean((-2, -1))
-        chance["pointing_game"] = float(area[r.data.part_masks.any((-2, -1))].mean())
+    out["chance"] = chance_levels(ch, r)
     return out
 
 
-def _missing(chance: float | None, paper: float | None) -> str:
-    return ("" if chance is not None else "; no chance level: DEAL's score has none") + (
-        "" if paper is not None else "; no paper number: the paper has no part masks"
-    )
+def chance_levels(ch: Chapter, r: Result) -> dict[str, float]:
+    """Chance per measure: top-1 1/classes; the pointing game, the mean area of a part's mask; the map
+    scores, their null maps through the same conversion (:data:`CHANCE_NOTES`)."""
+    assert r.data is not None
+    chance = {"top1": 1 / len(r.data.test.class_names)}
+    if r.data.part_masks is not None:
+        area = r.data.part_masks.mean((-2, -1))
+        chance["pointing_game"] = float(area[r.data.part_masks.any((-2, -1))].mean())
+    clip = r.evals["CLIP"][ch.params["concept_text"]]
+    return chance | {m: clip[f"chance_{m}"] for m in CHANCE_NOTES if f"chance_{m}" in clip}
+
+
+# The chance level of a map score: the score of null maps through the same conversion (deal.evaluate's nulls).
+CHANCE_NOTES = {
+    "disentanglability": "; chance: the CLIP's maps with every map's pixels shuffled",
+    "localizability": "; chance: uniform random maps",
+}
+
+
+def _references(measure: str, chance: float | None, paper: float | None) -> str:
+    """The note's words on the chance level (what it is, or why there is none) and a missing paper number."""
+    if chance is None:
+        said = "; no chance level: DEAL's score has none"
+    else:
+        said = CHANCE_NOTES.get(measure, "")
+    return said + ("" if paper is not None else "; no paper number: the paper has no part masks")
+
+
+def _side(h: Reported) -> str:
+    """Where an interval lies against its chance level."""
+    assert h.chance is not None and h.low is not None and h.high is not None
+    return "above chance" if h.low > h.chance else "below chance" if h.high < h.chance else "at chance"
 
 
 def headline(ch: Chapter, r: Result) -> dict[str, Reported]:
@@ -539,7 +573,7 @@ def headline(ch: Chapter, r: Result) -> dict[str, Reported]:
             max(high, value),
             chance.get(m),
             paper[0],
-            "95 % bootstrap over test images" + _missing(chance.get(m), paper[0]),
+            "95 % bootstrap over test images" + _references(m, chance.get(m), paper[0]),
         )
         if after:
             mean, lo, hi = seed_interval(after)
@@ -549,7 +583,7 @@ def headline(ch: Chapter, r: Result) -> dict[str, Reported]:
                 hi,
                 chance.get(m),
                 paper[1],
-                f"mean and 95 % t interval over {len(after)} training seeds" + _missing(chance.get(m), paper[1]),
+                f"mean and 95 % t interval over {len(after)} training seeds" + _references(m, chance.get(m), paper[1]),
             )
     return out
 
@@ -636,6 +670,15 @@ def summary(ch: Chapter, r: Result) -> list[str]:
         )
         + "."
     )
+    heads = headline(ch, r)
+    for m, words in CHANCE_NOTES.items():
+        scored = [(who, heads[f"{m}, {who}"]) for who in ("CLIP", "DEAL") if f"{m}, {who}" in heads]
+        if scored and scored[0][1].chance is not None:
+            lines.append(
+                f"Against chance ({words.removeprefix('; chance: ')}: {scored[0][1].chance:.3f}), {m} is "
+                + ", ".join(f"{h.value:.3f} [{h.low:.3f}, {h.high:.3f}] for {who} ({_side(h)})" for who, h in scored)
+                + "."
+            )
     for name, e in r.evals.items():
         if name == "CLIP":
             continue
