@@ -34,6 +34,22 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
     torch.set_num_threads(1)
 
 
+SMOKE_FIXTURES = {"run_smoke", "smoke_book"}
+
+
+def pytest_collection_modifyitems(config, items):
+    """Put half of the tests that need smoke-executed chapters at the start of each half of the run order.
+
+    pytest-xdist's worksteal gives each of the two workers one half of the order to start with, so both begin
+    with smoke chapters and run them side by side (``run_smoke`` lets a worker take a chapter nobody has
+    started) instead of one worker running all seven while the other works through unit tests."""
+    smoke = [item for item in items if SMOKE_FIXTURES & set(getattr(item, "fixturenames", ()))]
+    chosen = {id(item) for item in smoke}
+    rest = [item for item in items if id(item) not in chosen]
+    k, half = len(smoke) // 2, len(items) // 2
+    items[:] = smoke[:k] + rest[: half - k] + smoke[k:] + rest[half - k :]
+
+
 @pytest.fixture(autouse=True)
 def _seeded():
     torch.manual_seed(0)

@@ -521,10 +521,15 @@ def test_the_habitat_gap_is_paired_over_test_images_and_its_direction_is_said():
 
 def test_the_original_codes_share_of_right_names_is_placed_against_the_books():
     book = {"value": 0.103, "low": 0.086, "high": 0.122}
-    higher = chapter.original_names_sentence(book, 0.271)
-    assert "27.1%" in higher and "higher than this book's 10.3%" in higher and "above its interval" in higher
-    lower = chapter.original_names_sentence(book, 0.05)
-    assert "lower than this book's" in lower and "below its interval" in lower
-    close = chapter.original_names_sentence(book, 0.11)
-    assert "higher than" in close and "inside its interval" in close
-    assert "equal to" in chapter.original_names_sentence(book, 0.103)
+
+    def original(value: float, low: float, high: float) -> dict[str, float]:
+        return {"share_right": value, "share_right_low": low, "share_right_high": high}
+
+    higher = chapter.original_names_sentence(book, original(0.271, 0.24, 0.30))
+    assert "27.1% (24.0%–30.0%)" in higher and "higher than this book's 10.3%" in higher
+    assert "do not overlap" in higher
+    lower = chapter.original_names_sentence(book, original(0.05, 0.03, 0.07))
+    assert "lower than this book's" in lower and "do not overlap" in lower
+    close = chapter.original_names_sentence(book, original(0.13, 0.11, 0.15))
+    assert "higher than" in close and "overlap, so this is no finding" in close
+    assert "equal to" in chapter.original_names_sentence(book, original(0.103, 0.09, 0.12))

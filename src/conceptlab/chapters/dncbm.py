@@ -351,7 +351,11 @@ def evaluate_many(chs: Sequence[Chapter], data: Data, progress: bool = False) ->
             words, embedded = vocabularies[c.params["vocabulary"]]
             names = dncbm.name_concepts(sae.directions, embedded, words)
             scores = dncbm.score_names(z["test"], names, test, class_names, sae.directions, c.params["right_auroc"])
-        points.append(dncbm.operating_point(history, z["test"], test["labels"], probe, scores))
+        point = dncbm.operating_point(history, z["test"], test["labels"], probe, scores)
+        if scores is not None:  # the share of right names, with its interval over live concepts
+            right = _interval(scores.loc[~scores["dead"], "right"].to_numpy(dtype=float), c.params["seed"])
+            point |= {"share_right_low": right["low"], "share_right_high": right["high"]}
+        points.append(point)
     return points
 
 
@@ -845,14 +849,16 @@ def habitat_sentence(concepts: float, raw: float, gap: dict[str, float]) -> str:
     )
 
 
-def original_names_sentence(book: dict[str, float], original: float) -> str:
-    """The original code's share of right names against this book's (``book``: value, low, high)."""
-    side = "higher than" if original > book["value"] else "lower than" if original < book["value"] else "equal to"
-    where = "above" if original > book["high"] else "below" if original < book["low"] else "inside"
+def original_names_sentence(book: dict[str, float], original: dict[str, float]) -> str:
+    """The original code's share of right names against this book's, each with its interval over live
+    concepts (``book``: value, low, high; ``original``: the original run's ``share_right``, ``_low``, ``_high``)."""
+    value, low, high = original["share_right"], original["share_right_low"], original["share_right_high"]
+    side = "higher than" if value > book["value"] else "lower than" if value < book["value"] else "equal to"
+    apart = low > book["high"] or high < book["low"]
     return (
-        f"The original code's settings name {original:.1%} of their live concepts right, {side} this book's "
-        f"{book['value']:.1%} and {where} its interval ({book['low']:.1%}–{book['high']:.1%}; one run of the "
-        "original's settings, without an interval of its own)."
+        f"The original code's settings name {value:.1%} ({low:.1%}–{high:.1%}) of their live concepts right, "
+        f"{side} this book's {book['value']:.1%} ({book['low']:.1%}–{book['high']:.1%}): "
+        + ("the two intervals do not overlap." if apart else "the two intervals overlap, so this is no finding.")
     )
 
 
@@ -872,7 +878,7 @@ def summary(ch: Chapter, r: Result) -> list[str]:
             f"{chance['mean']:.1%} that the same names shuffled among the concepts reach."
         )
         if "share_right" in res["original_code"]:
-            lines.append(original_names_sentence(right, res["original_code"]["share_right"]))
+            lines.append(original_names_sentence(right, res["original_code"]))
     else:
         lines.append(f"On {where} there is no ground truth: the names are shown, not checked.")
     said = "a real difference" if _finding(gap, 0.0) else "within noise"
