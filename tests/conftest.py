@@ -34,20 +34,19 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
     torch.set_num_threads(1)
 
 
-SMOKE_FIXTURES = {"run_smoke", "smoke_book"}
-
-
 def pytest_collection_modifyitems(config, items):
-    """Put half of the tests that need smoke-executed chapters at the start of each half of the run order.
+    """Order the run so that both xdist workers start on smoke chapters and neither waits for the book.
 
-    pytest-xdist's worksteal gives each of the two workers one half of the order to start with, so both begin
-    with smoke chapters and run them side by side (``run_smoke`` lets a worker take a chapter nobody has
-    started) instead of one worker running all seven while the other works through unit tests."""
-    smoke = [item for item in items if SMOKE_FIXTURES & set(getattr(item, "fixturenames", ()))]
-    chosen = {id(item) for item in smoke}
-    rest = [item for item in items if id(item) not in chosen]
-    k, half = len(smoke) // 2, len(items) // 2
-    items[:] = smoke[:k] + rest[: half - k] + smoke[k:] + rest[half - k :]
+    pytest-xdist's worksteal gives each of the two workers one half of the order to start with. The first
+    half starts with the tests of the built book (they run chapters, then build it); the second with the
+    tests of single chapters, so the second worker runs chapters beside the first (``run_smoke`` lets a
+    worker take a chapter nobody has started) and goes on to unit tests while the book is built."""
+    uses = [set(getattr(item, "fixturenames", ())) for item in items]
+    book = [item for item, names in zip(items, uses) if "smoke_book" in names]
+    single = [item for item, names in zip(items, uses) if "run_smoke" in names and "smoke_book" not in names]
+    rest = [item for item, names in zip(items, uses) if not {"run_smoke", "smoke_book"} & names]
+    head = max(0, len(items) // 2 - len(book))
+    items[:] = book + rest[:head] + single + rest[head:]
 
 
 @pytest.fixture(autouse=True)

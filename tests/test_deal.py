@@ -554,9 +554,9 @@ def test_breakdown_splits_the_change_into_loss_terms():
 
 
 @pytest.mark.notebook
-def test_chapter_reports_map_scores_against_their_null_maps(run_smoke):
+def test_chapter_scores_maps_against_null_maps_and_runs_the_original_training(run_smoke):
     """Disentanglability and localizability carry a chance level (null maps through the same conversion),
-    in the results, the headline and a generated summary sentence."""
+    in the results, the headline and a generated summary sentence; the original training is a literal run."""
     record = json.loads((run_smoke("03_deal") / "results" / "03_deal.json").read_text())
     chance = record["results"]["chance"]
     for m in ("disentanglability", "localizability"):
@@ -564,3 +564,23 @@ def test_chapter_reports_map_scores_against_their_null_maps(run_smoke):
         assert record["headline"][f"{m}, CLIP"]["chance"] == chance[m]
         assert "chance:" in record["headline"][f"{m}, CLIP"]["note"]
     assert any(line.startswith("Against chance") for line in record["summary"])
+    assert "deal_original_training" in record["results"]["scores"], "the per-image contrastive run is a literal run"
+
+
+def test_switch_steps_change_one_switch_at_a_time_up_to_the_original_training():
+    """Each column is a literal run: detaching the maps, then the per-image contrastive loss, then the
+    original localizability on that same run; without the per-image run its column is absent."""
+    scores = lambda d, loc: {"disentanglability": d, "localizability": loc, "top1": 0.9}  # noqa: E731
+    evals = {
+        "CLIP": {"bare": {**scores(0.5, 0.7), "localizability_original_indexing_pairing": 0.5}},
+        deal_chapter.PAPER_RUN: {"bare": scores(0.8, 0.75)},
+        deal_chapter.DETACHED_RUN: {"bare": {**scores(0.6, 0.72), "localizability_original_indexing_pairing": 0.52}},
+    }
+    without = deal_chapter.switch_steps(deal_chapter.Result(evals=evals), "bare")
+    assert "+ per-image contrastive" not in without.columns
+    assert without.loc["localizability"].iloc[-1] == "0.500 → 0.520"
+    evals[deal_chapter.ORIGINAL_RUN] = {"bare": {**scores(0.55, 0.71), "localizability_original_indexing_pairing": 0.6}}
+    table = deal_chapter.switch_steps(deal_chapter.Result(evals=evals), "bare")
+    assert list(table.loc["disentanglability"]) == ["0.500 → 0.800", "0.500 → 0.600", "0.500 → 0.550", "0.500 → 0.550"]
+    assert table.loc["localizability"].iloc[-1] == "0.500 → 0.600", "the original localizability of the last run"
+    assert deal_chapter.original_run(deal_chapter.Result(evals=evals)) == deal_chapter.ORIGINAL_RUN

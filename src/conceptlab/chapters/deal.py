@@ -41,10 +41,12 @@ PAPER = {"disentanglability": (0.361, 0.397), "localizability": (0.633, 0.673), 
 PAPER_RUN = "DEAL, maps trained (paper)"
 DETACHED_RUN = "DEAL, maps detached (original code)"
 NO_SEP_RUN = "DEAL without L_sep (λ_sep = 0)"
+ORIGINAL_RUN = "DEAL, maps detached, per-image contrastive (original code)"
 RUN_KEYS = {
     "CLIP": "clip",
     PAPER_RUN: "deal_maps_trained",
     DETACHED_RUN: "deal_maps_detached",
+    ORIGINAL_RUN: "deal_original_training",
     NO_SEP_RUN: "deal_no_separation",
     "DEAL checkpoint": "deal_checkpoint",
 }
@@ -329,11 +331,14 @@ def evaluate_both_texts(ch: Chapter, model: nn.Module, data: DealData) -> dict[s
 
 def fine_tune_runs(ch: Chapter, data: DealData, progress: bool = False) -> dict[str, tuple[nn.Module, list[dict]]]:
     """The chapter's fine-tunes at ``deal_steps``: the paper's maps trained and the original code's maps
-    detached (everything else equal); a ``deal_checkpoint`` beside them."""
+    detached (everything else equal), then detached with the original's per-image contrastive loss too
+    (train.py: same-class texts in a batch are negatives); a ``deal_checkpoint`` beside them."""
     p, runs = ch.params, {}
     if p["deal_steps"] > 0:
         for detach in (p["detach_maps"], not p["detach_maps"]):
             runs[DETACHED_RUN if detach else PAPER_RUN] = fine_tune(ch, data, progress, detach_maps=detach)
+        if p["contrastive"] != "per_image":
+            runs[ORIGINAL_RUN] = fine_tune(ch, data, progress, detach_maps=True, contrastive="per_image")
     if p["deal_checkpoint"] is not None:
         runs["DEAL checkpoint"] = (checkpoint_model(ch), [])
     return runs
@@ -588,13 +593,20 @@ def headline(ch: Chapter, r: Result) -> dict[str, Reported]:
     return out
 
 
+def original_run(r: Result) -> str:
+    """The run closest to the original code's training: maps detached with the per-image contrastive loss
+    where the chapter ran it, else maps detached."""
+    return ORIGINAL_RUN if ORIGINAL_RUN in r.evals else DETACHED_RUN
+
+
 def fidelity_rows(
     before: dict[str, float], book: dict[str, float], original: dict[str, float], headline: str = "correct"
 ) -> dict[str, dict[str, str]]:
     """Rows for :func:`conceptlab.chapter.fidelity_table`: paper, original code and this book, before -> after.
 
     ``book`` / ``original``: the DEAL runs with the paper's switches and with the original code's (maps
-    detached, localizability with the original notebook's indexing and pairing); ``before`` the base CLIP.
+    detached, per-image contrastive where run, localizability with the original notebook's indexing and
+    pairing: :func:`original_run`); ``before`` the base CLIP.
     """
     arrow = lambda a, b: f"{a:.3f} → {b:.3f}"  # noqa: E731
     rows = {}
@@ -611,18 +623,19 @@ def fidelity_rows(
 
 def switch_steps(r: Result, text: str) -> pd.DataFrame:
     """From the book's run to the original code's, one switch at a time (before → after DEAL): maps
-    detached (explainer.py), then localizability as exp_localizability.ipynb computes it. Columns are
-    literal runs; the original settings not run here (contrastive, lr, batch, steps) are in the switch table."""
+    detached (explainer.py), the per-image contrastive loss (train.py), then localizability as
+    exp_localizability.ipynb computes it. Columns are literal runs; the original settings not run here
+    (lr, batch, steps) are in the switch table."""
     if PAPER_RUN not in r.evals or DETACHED_RUN not in r.evals:
         return pd.DataFrame()
     before, book, det = (r.evals[n][text] for n in ("CLIP", PAPER_RUN, DETACHED_RUN))
     orig_loc = _loc_key("original_indexing_pairing")
     arrow = lambda a, b, m: f"{a[m]:.3f} → {b[m]:.3f}" if m in a and m in b else "—"  # noqa: E731
-    cols = {
-        "this book (paper's method)": (book, "localizability"),
-        "+ maps detached": (det, "localizability"),
-        "+ original localizability (contrastive, lr, batch, steps: not run)": (det, orig_loc),
-    }
+    cols = {"this book (paper's method)": (book, "localizability"), "+ maps detached": (det, "localizability")}
+    if ORIGINAL_RUN in r.evals:
+        det = r.evals[ORIGINAL_RUN][text]
+        cols["+ per-image contrastive"] = (det, "localizability")
+    cols["+ original localizability (lr, batch, steps: not run)"] = (det, orig_loc)
     rows = {
         m: {c: arrow(before, run, loc if m == "localizability" else m) for c, (run, loc) in cols.items()}
         for m in ("disentanglability", "localizability", "top1", "pointing_game")
