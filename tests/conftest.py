@@ -35,18 +35,26 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
 
 
 def pytest_collection_modifyitems(config, items):
-    """Order the run so that both xdist workers start on smoke chapters and neither waits for the book.
+    """Order the run so that both xdist workers start on shared work and neither waits for the other.
 
     pytest-xdist's worksteal gives each of the two workers one half of the order to start with. The first
-    half starts with the tests of the built book (they run chapters, then build it); the second with the
-    tests of single chapters, so the second worker runs chapters beside the first (``run_smoke`` lets a
-    worker take a chapter nobody has started) and goes on to unit tests while the book is built."""
+    half starts with the tests of the built book (they run chapters, then build it) and the tests of the
+    tiny CLIP (the first trains it); the second with the tests of single chapters, so the second worker runs
+    chapters beside the first (``run_smoke`` lets a worker take a chapter nobody has started), then tests
+    that need neither, while the book is built and the tiny CLIP trained."""
     uses = [set(getattr(item, "fixturenames", ())) for item in items]
-    book = [item for item, names in zip(items, uses) if "smoke_book" in names]
-    single = [item for item, names in zip(items, uses) if "run_smoke" in names and "smoke_book" not in names]
-    rest = [item for item, names in zip(items, uses) if not {"run_smoke", "smoke_book"} & names]
-    head = max(0, len(items) // 2 - len(book))
-    items[:] = book + rest[:head] + single + rest[head:]
+
+    def group(item: pytest.Item, names: set[str]) -> str:
+        if "smoke_book" in names:
+            return "book"
+        return "single" if "run_smoke" in names else "clip" if "tiny_clip" in names else "rest"
+
+    groups: dict[str, list] = {"book": [], "single": [], "clip": [], "rest": []}
+    for item, names in zip(items, uses):
+        groups[group(item, names)].append(item)
+    first = groups["book"] + groups["clip"]
+    head = max(0, len(items) // 2 - len(first))
+    items[:] = first + groups["rest"][:head] + groups["single"] + groups["rest"][head:]
 
 
 @pytest.fixture(autouse=True)

@@ -397,6 +397,7 @@ def test_switches_say_where_the_run_departs_from_the_original(tmp_path):
     assert chapter6.breakdown_changes(original) == {}
 
 
+@pytest.mark.slow  # the whole chapter in-process (world_chapter)
 def test_world_pipeline_and_an_exercise_change_with_the_parameter(world_chapter):
     ch = world_chapter[0]
     base = chapter6.exercise(ch)
@@ -474,6 +475,7 @@ def world_chapter(tmp_path_factory):
     return ch, r, json.loads((tmp_path / "results" / "06_lavise.json").read_text())
 
 
+@pytest.mark.slow  # the whole chapter in-process (world_chapter)
 def test_the_world_chapter_reports_every_recall_beside_chance(world_chapter):
     from conceptlab.chapters.report import unsupported_numbers
 
