@@ -33,7 +33,7 @@ from ..explain import explain
 from ..metrics import disentanglability
 from ..stats import bootstrap_interval, seed_interval
 from .descriptors import check_descriptor_source
-from .report import Reported
+from .report import Reported, versus_chance
 
 NAME = "03_deal"
 # The paper's headline, ViT-B/32 on ImageNet (before -> after DEAL), Table 1 of li2024deal.
@@ -546,12 +546,6 @@ def _references(measure: str, chance: float | None, paper: float | None) -> str:
     return said + ("" if paper is not None else "; no paper number: the paper has no part masks")
 
 
-def _side(h: Reported) -> str:
-    """Where an interval lies against its chance level."""
-    assert h.chance is not None and h.low is not None and h.high is not None
-    return "above chance" if h.low > h.chance else "below chance" if h.high < h.chance else "at chance"
-
-
 def headline(ch: Chapter, r: Result) -> dict[str, Reported]:
     """Before and after DEAL (the paper's method) for disentanglability, localizability, top-1 and pointing
     game: the CLIP with a bootstrap interval over images, DEAL with a t interval over training seeds;
@@ -689,7 +683,10 @@ def summary(ch: Chapter, r: Result) -> list[str]:
         if scored and scored[0][1].chance is not None:
             lines.append(
                 f"Against chance ({words.removeprefix('; chance: ')}: {scored[0][1].chance:.3f}), {m} is "
-                + ", ".join(f"{h.value:.3f} [{h.low:.3f}, {h.high:.3f}] for {who} ({_side(h)})" for who, h in scored)
+                + ", ".join(
+                    f"{h.value:.3f} [{h.low:.3f}, {h.high:.3f}] for {who} ({versus_chance(h.low, h.high, h.chance)})"
+                    for who, h in scored
+                )
                 + "."
             )
     for name, e in r.evals.items():

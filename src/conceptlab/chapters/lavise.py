@@ -28,6 +28,7 @@ from ..chapter import SHARED, Chapter, Param, Switch
 from ..cnn import CNNConfig, CNNInput, cnn_accuracy, get_cnn, randomised_copy
 from ..data.coco import CocoImages, split_coco
 from ..lavise import KS, MASK_RESIZES, MASKINGS, ConceptImages, ExplainerHead, FilterExplanations
+from . import report
 from .report import Reported
 
 NAME = "06_lavise"
@@ -824,7 +825,7 @@ def versus_chance(a: Recall, c: float) -> str:
     """Where an interval lies against chance, in words."""
     if not np.isfinite(a.value):
         return "undefined"
-    return "above chance" if a.low > c else "below chance" if a.high < c else "at chance"
+    return report.versus_chance(a.low, a.high, c)
 
 
 def summary(ch: Chapter, r: Result) -> list[str]:

@@ -16,6 +16,11 @@ from typing import Any
 import pandas as pd
 
 
+def versus_chance(low: float, high: float, chance: float) -> str:
+    """Where an interval lies against chance, in words."""
+    return "above chance" if low > chance else "below chance" if high < chance else "at chance"
+
+
 @dataclass(frozen=True)
 class Reported:
     """A headline number with its references.
