@@ -42,16 +42,14 @@ def pytest_collection_modifyitems(config, items):
     tiny CLIP (the first trains it); the second with the tests of single chapters, so the second worker runs
     chapters beside the first (``run_smoke`` lets a worker take a chapter nobody has started), then tests
     that need neither, while the book is built and the tiny CLIP trained."""
-    uses = [set(getattr(item, "fixturenames", ())) for item in items]
-
-    def group(item: pytest.Item, names: set[str]) -> str:
-        if "smoke_book" in names:
-            return "book"
-        return "single" if "run_smoke" in names else "clip" if "tiny_clip" in names else "rest"
-
     groups: dict[str, list] = {"book": [], "single": [], "clip": [], "rest": []}
-    for item, names in zip(items, uses):
-        groups[group(item, names)].append(item)
+    for item in items:
+        names = set(getattr(item, "fixturenames", ()))
+        group = next(
+            (g for g, f in (("book", "smoke_book"), ("single", "run_smoke"), ("clip", "tiny_clip")) if f in names),
+            "rest",
+        )
+        groups[group].append(item)
     first = groups["book"] + groups["clip"]
     head = max(0, len(items) // 2 - len(first))
     items[:] = first + groups["rest"][:head] + groups["single"] + groups["rest"][head:]

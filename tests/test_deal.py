@@ -24,6 +24,7 @@ from conceptlab.metrics import (
     energy_in_mask,
     insertion_fidelity,
     insertion_images,
+    mask_maps,
     overlap_agreement,
     pairing_rows,
     pointing_game,
@@ -209,11 +210,17 @@ def test_evaluate_on_the_world(tiny_clip, tiny_world):
         n_concepts=3,
         part_masks=masks,
         n_localize=6,
-        nulls=True,
+        references=True,
     )
     assert metrics["chance_disentanglability"] != metrics["disentanglability"]
     assert per_image["chance_separation_loss"].shape == (12,)
     assert per_image["chance_localizability"].shape == (6,) and 0 <= metrics["chance_localizability"] <= 1
+    # the truth: the part masks as maps, through the same conversion
+    truth = mask_maps(masks, (8, 8))
+    assert metrics["truth_disentanglability"] == pytest.approx(
+        disentanglability([separation_loss(truth[i : i + 1]).item() for i in range(12)])
+    )
+    assert per_image["truth_localizability"].shape == (6,) and 0 <= metrics["truth_localizability"] <= 1
     assert maps.shape == (12, 3, 8, 8)
     for key in ("disentanglability", "localizability", "top1", "pointing_game", "energy_in_mask"):
         assert 0 <= metrics[key] <= 1, key
@@ -559,8 +566,11 @@ def test_chapter_scores_maps_against_null_maps_and_runs_the_original_training(ru
     in the results, the headline and a generated summary sentence; the original training is a literal run."""
     record = json.loads((run_smoke("03_deal") / "results" / "03_deal.json").read_text())
     chance = record["results"]["chance"]
+    references = record["results"]["map_references"]
     for m in ("disentanglability", "localizability"):
         assert 0 <= chance[m] <= 1
+        assert references[m]["chance_low"] <= chance[m] <= references[m]["chance_high"]
+        assert 0 <= references[m]["truth"] <= 1, "the part masks through the same conversion (the ceiling)"
         assert record["headline"][f"{m}, CLIP"]["chance"] == chance[m]
         assert "chance:" in record["headline"][f"{m}, CLIP"]["note"]
     assert any(line.startswith("Against chance") for line in record["summary"])

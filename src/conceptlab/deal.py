@@ -295,7 +295,7 @@ def evaluate(
     localizability: Sequence[str] = ("correct",),
     n_localize: int | None = None,
     zero_shot_prompts: str = "bare",
-    nulls: bool = False,
+    references: bool = False,
     progress: bool = False,
 ) -> tuple[dict[str, float], torch.Tensor, dict[str, np.ndarray]]:
     """DEAL's evaluation of ``model`` on preprocessed ``images``, plus ground truth where ``part_masks`` exist.
@@ -312,16 +312,19 @@ def evaluate(
     ``n_localize`` images, "correct" variant if computed) and, with masks, ``pointing_game`` (mean over its
     part descriptors), the units a bootstrap interval resamples.
 
-    ``nulls``: also the scores' chance levels, each through the same conversion as the score:
+    ``references``: also each map score's references, through the same conversion as the score. Chance:
     ``chance_disentanglability`` (every map's pixels permuted: the same values placed at random) and
-    ``chance_localizability`` (uniform random maps, "correct" variant); per image ``chance_separation_loss``
-    and ``chance_localizability``.
+    ``chance_localizability`` (uniform random maps, "correct" variant). With ``part_masks``, the truth
+    (the ceiling): ``truth_disentanglability`` and ``truth_localizability`` of the part masks as maps
+    (:func:`~conceptlab.metrics.mask_maps`; localizability over concepts with a part). Per image:
+    ``chance_separation_loss``, ``chance_localizability``, ``truth_separation_loss``, ``truth_localizability``.
     """
     from .descriptors import description_logits, descriptor_text_features
     from .metrics import (
         disentanglability,
         energy_in_mask,
         insertion_fidelity,
+        mask_maps,
         overlap_agreement,
         pointing_game,
         shuffled_pixels,
@@ -334,7 +337,8 @@ def evaluate(
     encode = lambda x: F.normalize(model.encode_image(x).float(), dim=-1)  # noqa: E731
     maps, seps, feats = [], [], []
     locs: dict[str, list] = {v: [] for v in localizability}
-    gen, null_seps, null_locs = torch.Generator().manual_seed(0), [], []
+    gen = torch.Generator().manual_seed(0)
+    refs: dict[str, list] = {k: [] for k in ("chance_sep", "chance_loc", "truth_sep", "truth_loc")}
     for s in tqdm(range(0, len(images), batch_size), disable=not progress, desc="evaluate"):
         x, texts = images[s : s + batch_size].to(dev), concept_feats[torch.as_tensor(labels[s : s + batch_size])]
         m = explain(model, x, texts, start_layer)
@@ -347,12 +351,19 @@ def evaluate(
                     encode, x[:keep], m[:keep], texts[:keep], original_indexing=indexing, original_pairing=pairing
                 ).cpu()
             )
-        if nulls:
+        if references:
             shuffled = shuffled_pixels(m, gen)
-            null_seps += [separation_loss(shuffled[i : i + 1]).item() for i in range(len(m))]
+            refs["chance_sep"] += [separation_loss(shuffled[i : i + 1]).item() for i in range(len(m))]
             if keep:
                 noise = torch.rand(m[:keep].shape, generator=gen).to(dev)
-                null_locs.append(insertion_fidelity(encode, x[:keep], noise, texts[:keep]).cpu())
+                refs["chance_loc"].append(insertion_fidelity(encode, x[:keep], noise, texts[:keep]).cpu())
+        if references and part_masks is not None:
+            truth = mask_maps(part_masks[s : s + batch_size], tuple(m.shape[-2:])).to(dev)
+            refs["truth_sep"] += [separation_loss(truth[i : i + 1]).item() for i in range(len(m))]
+            if keep:
+                fidelity = insertion_fidelity(encode, x[:keep], truth[:keep], texts[:keep]).cpu()
+                has_part = truth[:keep].flatten(2).sum(-1).cpu() > 0
+                refs["truth_loc"].append(torch.where(has_part, fidelity, torch.nan))
         feats.append(encode(x).cpu())
         maps.append(m.cpu())
     maps, feats = torch.cat(maps), torch.cat(feats)
@@ -374,12 +385,14 @@ def evaluate(
             out["n_localize"] = len(torch.cat(values))
     if locs.get("correct"):
         per_image["localizability"] = torch.cat(locs["correct"]).mean(1).numpy()
-    if null_seps:
-        out["chance_disentanglability"] = disentanglability(null_seps)
-        per_image["chance_separation_loss"] = np.asarray(null_seps)
-    if null_locs:
-        out["chance_localizability"] = torch.cat(null_locs).mean().item()
-        per_image["chance_localizability"] = torch.cat(null_locs).mean(1).numpy()
+    for ref in ("chance", "truth"):
+        if refs[f"{ref}_sep"]:
+            out[f"{ref}_disentanglability"] = disentanglability(refs[f"{ref}_sep"])
+            per_image[f"{ref}_separation_loss"] = np.asarray(refs[f"{ref}_sep"])
+        if refs[f"{ref}_loc"]:
+            fidelity = torch.cat(refs[f"{ref}_loc"])
+            out[f"{ref}_localizability"] = fidelity.nanmean().item()
+            per_image[f"{ref}_localizability"] = fidelity.nanmean(1).numpy()
     if part_masks is not None:
         overlap = overlap_agreement(maps, part_masks)
         same = overlap["mask_overlap"] > 0

@@ -55,6 +55,12 @@ def shuffled_pixels(maps: torch.Tensor, generator: torch.Generator) -> torch.Ten
     return flat.gather(-1, order).view_as(maps)
 
 
+def mask_maps(masks: np.ndarray | torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """(N, K, H, W) boolean part masks as (N, K, h, w) maps: each cell's share of the part. The truth
+    pushed through a map score (its ceiling); a concept without a part gets an empty map."""
+    return F.adaptive_avg_pool2d(torch.as_tensor(masks, dtype=torch.float32), size)
+
+
 def blur(images: torch.Tensor) -> torch.Tensor:
     """DEAL's baseline image: bilinear down-sampling by 0.5, then back up."""
     size = images.shape[-2:]

@@ -291,7 +291,7 @@ def scores(
     n: int | None = None,
     localize: Sequence[str] = ("correct",),
     per_image: bool = False,
-    nulls: bool = False,
+    references: bool = False,
     **changes: Any,
 ):
     """:func:`conceptlab.deal.evaluate` of ``model`` on the first ``n`` test images with the chapter's
@@ -314,7 +314,7 @@ def scores(
             localizability=localize,
             n_localize=p["n_localize"],
             zero_shot_prompts=p["zero_shot_prompts"],
-            nulls=nulls,
+            references=references,
         )
     return (metrics, values) if per_image else metrics
 
@@ -422,7 +422,7 @@ class Result:
 
 def evaluate_clip(ch: Chapter, data: DealData) -> tuple[dict[str, dict[str, float]], dict[str, np.ndarray]]:
     """The base CLIP with both concept texts, and its per-image values (bootstrap units); with the
-    chapter's concept text also the chance levels of disentanglability and localizability."""
+    chapter's concept text also the references (chance and truth) of disentanglability and localizability."""
     text = ch.params["concept_text"]
     evals: dict[str, dict[str, float]] = {}
     per_image: dict[str, np.ndarray] = {}
@@ -434,7 +434,7 @@ def evaluate_clip(ch: Chapter, data: DealData) -> tuple[dict[str, dict[str, floa
             concept_text=t,
             per_image=True,
             localize=tuple(LOCALIZABILITY) if t == text else (),
-            nulls=t == text,
+            references=t == text,
         )
         per_image = values if t == text else per_image
     return evals, per_image
@@ -515,6 +515,7 @@ def results(ch: Chapter, r: Result) -> dict:
         "top1_gain": round(PAPER["top1"][1] - PAPER["top1"][0], 3),
     }
     out["chance"] = chance_levels(ch, r)
+    out["map_references"] = map_references(r, p["concept_text"])
     return out
 
 
@@ -530,11 +531,30 @@ def chance_levels(ch: Chapter, r: Result) -> dict[str, float]:
     return chance | {m: clip[f"chance_{m}"] for m in CHANCE_NOTES if f"chance_{m}" in clip}
 
 
-# The chance level of a map score: the score of null maps through the same conversion (deal.evaluate's nulls).
+# The chance level of a map score: the score of null maps through the same conversion (deal.evaluate's
+# references); the truth is the part masks as maps.
 CHANCE_NOTES = {
     "disentanglability": "; chance: the CLIP's maps with every map's pixels shuffled",
     "localizability": "; chance: uniform random maps",
 }
+PER_IMAGE_REFERENCE = {"disentanglability": "separation_loss", "localizability": "localizability"}
+
+
+def map_references(r: Result, text: str) -> dict[str, dict[str, float]]:
+    """Per map score: chance with its 95 % bootstrap band over test images, and the truth (the part masks
+    as maps: the ceiling), each through the same conversion as the score (world only for the truth)."""
+    out: dict[str, dict[str, float]] = {}
+    clip, per = r.evals["CLIP"][text], r.clip_per_image
+    for m, unit in PER_IMAGE_REFERENCE.items():
+        if f"chance_{m}" not in clip:
+            continue
+        values = per[f"chance_{unit}"]
+        stat: Any = disentanglability if m == "disentanglability" else np.mean
+        low, high = bootstrap_interval(values[~np.isnan(values)], stat=stat)
+        out[m] = {"chance": clip[f"chance_{m}"], "chance_low": low, "chance_high": high}
+        if f"truth_{m}" in clip:
+            out[m]["truth"] = clip[f"truth_{m}"]
+    return out
 
 
 def _references(measure: str, chance: float | None, paper: float | None) -> str:
@@ -678,17 +698,19 @@ def summary(ch: Chapter, r: Result) -> list[str]:
         + "."
     )
     heads = headline(ch, r)
-    for m, words in CHANCE_NOTES.items():
+    for m, ref in res["map_references"].items():
         scored = [(who, heads[f"{m}, {who}"]) for who in ("CLIP", "DEAL") if f"{m}, {who}" in heads]
-        if scored and scored[0][1].chance is not None:
-            lines.append(
-                f"Against chance ({words.removeprefix('; chance: ')}: {scored[0][1].chance:.3f}), {m} is "
-                + ", ".join(
-                    f"{h.value:.3f} [{h.low:.3f}, {h.high:.3f}] for {who} ({versus_chance(h.low, h.high, h.chance)})"
-                    for who, h in scored
-                )
-                + "."
+        truth = f"; the part masks as maps reach {ref['truth']:.3f}" if "truth" in ref else ""
+        lines.append(
+            f"Against chance ({CHANCE_NOTES[m].removeprefix('; chance: ')}: {ref['chance']:.3f} "
+            f"[{ref['chance_low']:.3f}, {ref['chance_high']:.3f}]{truth}), {m} is "
+            + ", ".join(
+                f"{h.value:.3f} [{h.low:.3f}, {h.high:.3f}] for {who} "
+                f"({versus_chance(h.low, h.high, ref['chance_low'], ref['chance_high'])})"
+                for who, h in scored
             )
+            + "."
+        )
     for name, e in r.evals.items():
         if name == "CLIP":
             continue

@@ -16,9 +16,10 @@ from typing import Any
 import pandas as pd
 
 
-def versus_chance(low: float, high: float, chance: float) -> str:
-    """Where an interval lies against chance, in words."""
-    return "above chance" if low > chance else "below chance" if high < chance else "at chance"
+def versus_chance(low: float, high: float, chance: float, chance_high: float | None = None) -> str:
+    """Where an interval lies against chance (a level, or the band ``chance`` to ``chance_high``), in words."""
+    top = chance if chance_high is None else chance_high
+    return "above chance" if low > top else "below chance" if high < chance else "at chance"
 
 
 @dataclass(frozen=True)
