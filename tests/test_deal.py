@@ -594,3 +594,16 @@ def test_switch_steps_change_one_switch_at_a_time_up_to_the_original_training():
     assert list(table.loc["disentanglability"]) == ["0.500 → 0.800", "0.500 → 0.600", "0.500 → 0.550", "0.500 → 0.550"]
     assert table.loc["localizability"].iloc[-1] == "0.500 → 0.600", "the original localizability of the last run"
     assert deal_chapter.original_run(deal_chapter.Result(evals=evals)) == deal_chapter.ORIGINAL_RUN
+
+
+def test_reference_sentence_places_each_model_against_the_chance_band_and_the_truth():
+    from conceptlab.chapters.report import Reported
+
+    ref = {"chance": 0.69, "chance_low": 0.66, "chance_high": 0.72, "truth": 0.75}
+    clip, deal = Reported(0.79, 0.76, 0.82, chance=0.69), Reported(0.715, 0.70, 0.73, chance=0.69)
+    said = deal_chapter.reference_sentence("localizability", ref, [("CLIP", clip), ("DEAL", deal)])
+    assert "0.690 [0.660, 0.720]" in said and "part masks as maps reach 0.750" in said
+    assert "for CLIP (above chance)" in said and "for DEAL (at chance)" in said, "the band, not the level, decides"
+    assert "above the part masks themselves" in said
+    below_truth = deal_chapter.reference_sentence("localizability", {**ref, "truth": 0.9}, [("CLIP", clip)])
+    assert "above the part masks" not in below_truth

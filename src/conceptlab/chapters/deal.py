@@ -557,6 +557,30 @@ def map_references(r: Result, text: str) -> dict[str, dict[str, float]]:
     return out
 
 
+def reference_sentence(measure: str, ref: dict[str, float], scored: list[tuple[str, Reported]]) -> str:
+    """A map score of each model (``scored``: CLIP first) against its chance band and its truth (``ref``:
+    one entry of :func:`map_references`), in words."""
+    truth = f"; the part masks as maps reach {ref['truth']:.3f}" if "truth" in ref else ""
+    above_truth = "truth" in ref and bool(scored) and scored[0][1].low is not None and scored[0][1].low > ref["truth"]
+    return (
+        f"Against chance ({CHANCE_NOTES[measure].removeprefix('; chance: ')}: {ref['chance']:.3f} "
+        f"[{ref['chance_low']:.3f}, {ref['chance_high']:.3f}]{truth}), {measure} is "
+        + ", ".join(
+            f"{h.value:.3f} [{h.low:.3f}, {h.high:.3f}] for {who} "
+            f"({versus_chance(h.low, h.high, ref['chance_low'], ref['chance_high'])})"
+            for who, h in scored
+            if h.low is not None and h.high is not None
+        )
+        + (
+            "; the CLIP's maps score above the part masks themselves, so this score does not reward finding the "
+            "part a concept names"
+            if above_truth
+            else ""
+        )
+        + "."
+    )
+
+
 def _references(measure: str, chance: float | None, paper: float | None) -> str:
     """The note's words on the chance level (what it is, or why there is none) and a missing paper number."""
     if chance is None:
@@ -699,17 +723,8 @@ def summary(ch: Chapter, r: Result) -> list[str]:
     )
     heads = headline(ch, r)
     for m, ref in res["map_references"].items():
-        scored = [(who, heads[f"{m}, {who}"]) for who in ("CLIP", "DEAL") if f"{m}, {who}" in heads]
-        truth = f"; the part masks as maps reach {ref['truth']:.3f}" if "truth" in ref else ""
         lines.append(
-            f"Against chance ({CHANCE_NOTES[m].removeprefix('; chance: ')}: {ref['chance']:.3f} "
-            f"[{ref['chance_low']:.3f}, {ref['chance_high']:.3f}]{truth}), {m} is "
-            + ", ".join(
-                f"{h.value:.3f} [{h.low:.3f}, {h.high:.3f}] for {who} "
-                f"({versus_chance(h.low, h.high, ref['chance_low'], ref['chance_high'])})"
-                for who, h in scored
-            )
-            + "."
+            reference_sentence(m, ref, [(w, heads[f"{m}, {w}"]) for w in ("CLIP", "DEAL") if f"{m}, {w}" in heads])
         )
     for name, e in r.evals.items():
         if name == "CLIP":
