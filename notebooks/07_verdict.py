@@ -258,6 +258,10 @@ show_source(explainers.tower_maps)
 # (the ceiling) and noise drawn afresh for each model (chance). Your own explainer enters with
 # the same signature, `explainer(subject, batch) -> Explanation`
 # (`chapter.rows(ch, r, yours={"mine": explainers.map_method(mine, "...")})`).
+# Explanations are kept in the artifact store, keyed by the method's settings, the model (a
+# DEAL-tuned or re-initialised copy is another model) and the images, so a rerun that changes only
+# how they are scored (`n_bootstrap`, `n_permutations`) loads them; yours are recomputed unless you
+# give your method a `config`.
 
 # %%
 if chapter.section(ch, "Every explainer, on every model"):

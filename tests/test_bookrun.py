@@ -182,3 +182,30 @@ def test_a_warm_kernel_runs_chapters_in_turn_each_in_a_clean_namespace(tmp_path)
         (new_pid, seen), _ = run(second, kernel)
         assert new_pid != pid and seen == "False", "a kernel that died is replaced"
     assert not kernel.manager.has_kernel
+
+
+@pytest.mark.notebook
+def test_a_run_stopped_by_sigterm_keeps_its_executed_copy_in_failed_and_no_hidden_file(tmp_path):
+    """``kill`` (a CI timeout, a stopped ``make book``) stops the build; the chapter that was running
+    leaves its partly executed copy in ``failed/``, never a hidden ``.<chapter>.running.ipynb``."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    chapter = bookrun.chapters()[0]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "conceptlab.bookrun", "--smoke", "--chapters", chapter, "--out", str(tmp_path)],
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    hidden = tmp_path / f".{chapter}.running.ipynb"
+    deadline = time.monotonic() + 120
+    while not hidden.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert hidden.exists(), "the run never started its chapter"
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 128 + signal.SIGTERM, err
+    assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".")]
+    assert (tmp_path / "failed" / f"{chapter}.ipynb").is_file() and "failed/" in err

@@ -4,6 +4,7 @@ each measure must register what it tests, and fail when it is broken (issue 20, 
 from __future__ import annotations
 
 import json
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -232,6 +233,52 @@ def test_randomisation_check_fails_an_explainer_blind_to_the_weights(tiny_clip, 
 
     follows = vd.randomisation_check(reads_weights, subject, small, [1])
     assert follows.similarity.iloc[0] < vd.similarity_band(reads_weights(subject, small).scores, 100)[2]
+
+
+def test_measure_all_renders_each_worlds_images_once_and_matches_measure(tiny_clip, tiny_world, monkeypatch):
+    from dataclasses import replace
+
+    from conceptlab.world import ConceptWorld
+
+    clip, _, tokenizer, _ = tiny_clip
+    other = ConceptWorld(replace(tiny_world.config, habitat_correlation=0.5))
+    subjects = [
+        vd.Subject(name, "no-shortcut", 0, clip, tokenizer, world, {"name": name})
+        for name, world in (("a", tiny_world), ("b", ConceptWorld(tiny_world.config)), ("c", other))
+    ]
+    rendered = []
+    real = vd.intervention_batches
+    monkeypatch.setattr(vd, "intervention_batches", lambda world, *a: rendered.append(world) or real(world, *a))
+    shared = vd.measure_all(subjects, 16, seed=3)
+    assert len(rendered) == 2, "the two subjects of one world share its images"
+    for s in subjects:
+        alone = vd.measure(s, 16, seed=3)
+        assert np.array_equal(alone.drops, shared[s.name].drops, equal_nan=True)
+        assert np.array_equal(alone.base.images, shared[s.name].base.images)
+
+
+def test_explanations_are_cached_per_method_config_subject_and_images(tiny_clip, tiny_world, proto, tmp_path):
+    from conceptlab.artifacts import ArtifactStore
+
+    calls = []
+
+    def counting(s, b):
+        calls.append(s.name)
+        return vd.Explanation(np.where(vd.factor_present(b), len(calls), np.nan))
+
+    store, method = ArtifactStore(tmp_path), xp.Method(counting, "factor", "a counter", config={"explainer": "counter"})
+    subject = vd.Subject("s", "no-shortcut", 0, tiny_clip[0], tiny_clip[2], tiny_world, {"model": 1})
+    first = xp.explain_cached(store, method, subject, proto)
+    again = xp.explain_cached(store, method, subject, proto)
+    assert len(calls) == 1 and np.array_equal(first.scores, again.scores, equal_nan=True)
+    xp.explain_cached(store, method, subject, proto.first(8))  # other images
+    xp.explain_cached(store, xp.Method(counting, "factor", "", config={"explainer": "other"}), subject, proto)
+    for seed in (0, 1, 0):
+        vd.randomisation_check(partial(xp.explain_cached, store, method), subject, proto, [1, 2], seed, first)
+    assert len(calls) == 7, "each re-initialised copy (stages and seed) has its own key"
+    xp.explain_cached(store, xp.Method(counting, "factor", "yours, no config"), subject, proto)
+    xp.explain_cached(store, xp.Method(counting, "factor", "yours, no config"), subject, proto)
+    assert len(calls) == 9, "an explainer without a config is never cached"
 
 
 @pytest.mark.parametrize("arch", ["vit", "rn"])

@@ -23,6 +23,7 @@ import difflib
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -491,7 +492,35 @@ def book_from_file(path: Path, out: Path, names: list[str]) -> int:
     return 1 if failed else 0
 
 
+class Terminated(BaseException):
+    """SIGTERM as an exception, so that a killed run moves its half-executed copy to ``failed/`` (not an
+    ``Exception``: a book file's loop, which goes on after a failed chapter, must stop)."""
+
+
+@contextlib.contextmanager
+def terminate_as_exception():
+    """Within the block, SIGTERM (``kill``, a CI timeout, ``make`` stopped) raises :class:`Terminated`."""
+
+    def _raise(signum: int, frame: object) -> None:
+        raise Terminated(f"stopped by signal {signum}")
+
+    previous = signal.signal(signal.SIGTERM, _raise)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def main(argv: list[str] | None = None) -> int:
+    try:
+        with terminate_as_exception():
+            return _main(argv)
+    except Terminated as err:
+        print(f"bookrun {err}: the chapter that was running left its partly executed copy in failed/", file=sys.stderr)
+        return 128 + signal.SIGTERM
+
+
+def _main(argv: list[str] | None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sets = ap.add_mutually_exclusive_group()
     sets.add_argument("--smoke", action="store_true", help="use notebooks/smoke.yml (seconds per chapter)")

@@ -12,15 +12,17 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .artifacts import ArtifactStore
 from .explain import explain_batches, model_kind
 from .models import class_text_weights, encode_images, encode_texts, images_to_tensor
 from .reliance import FACTORS
@@ -51,16 +53,40 @@ class Method:
     descriptions), ``null`` (its conversion fed with uninformative inputs: named factor scores; the
     verdict takes the one that agrees best with the truth, the strongest null), ``explains``
     (what it explains, in words) and ``first_stage`` (the first re-initialised stage count of the
-    randomisation cascade that reaches what it explains: LaViSE explains a layer, not the output)."""
+    randomisation cascade that reaches what it explains: LaViSE explains a layer, not the output).
+    ``config``: everything besides the model and the images that makes its explanations (JSON-able);
+    with it, :func:`explain_cached` keeps them in the artifact store; without it (your own explainer
+    unless you give one) they are recomputed on every run."""
 
     explain: Explainer
     granularity: str
     explains: str
     null: Null | None = None
     first_stage: Callable[[nn.Module], int] | None = None
+    config: Mapping[str, Any] | None = None
 
     def counted_from(self, clip: nn.Module) -> int:
         return 1 if self.first_stage is None else self.first_stage(clip)
+
+
+def explain_cached(store: ArtifactStore | None, method: Method, subject: Subject, batch: WorldBatch) -> Explanation:
+    """``method.explain(subject, batch)``, its factor scores kept in ``store`` (kind ``verdict_explanation``)
+    when the method states its ``config``: keyed by that config, the subject's key (a DEAL-tuned or
+    re-initialised copy has its own) and the content of the images and labels. The cached explanation
+    holds the scores only (the scoreboard's input), not the maps."""
+    if store is None or method.config is None:
+        return method.explain(subject, batch)
+    key = {
+        "method": dict(method.config),
+        "subject": subject.key,
+        "images": hashlib.sha256(np.ascontiguousarray(batch.images).tobytes()).hexdigest(),
+        "labels": hashlib.sha256(np.ascontiguousarray(batch.labels).tobytes()).hexdigest(),
+    }
+
+    def build(d: Path) -> None:
+        np.save(d / "scores.npy", method.explain(subject, batch).scores)
+
+    return store.get_or_build("verdict_explanation", key, build, lambda d: Explanation(np.load(d / "scores.npy")))
 
 
 # ---------------------------------------------------------------------------- nulls
@@ -231,8 +257,13 @@ def dncbm_explainer(n_corpus: int, sae_cfg, probe, scale: str = "unit_rms") -> E
     from .dncbm import embed_vocabulary, feature_scale, fit_probe, name_concepts
     from .sae import encode_concepts, train_sae
 
+    corpora: dict[str, WorldBatch] = {}  # the corpus of a world, rendered once for all its models and copies
+
     def explainer(subject: Subject, batch: WorldBatch) -> Explanation:
-        corpus = subject.world.sample(n_corpus, "corpus")
+        world = json.dumps(subject.world.config.to_dict(), sort_keys=True)
+        if world not in corpora:
+            corpora[world] = subject.world.sample(n_corpus, "corpus")
+        corpus = corpora[world]
         features = encode_images(subject.clip, corpus.images)
         c = feature_scale(features, scale)
         torch.manual_seed(subject.seed)
@@ -389,9 +420,9 @@ def lavise_target(clip: nn.Module) -> str:
 
 
 # ---------------------------------------------------------------------------- the methods
-def map_method(explainer: Explainer, explains: str) -> Method:
+def map_method(explainer: Explainer, explains: str, config: Mapping[str, Any] | None = None) -> Method:
     """A map explainer scored per region, with the silhouette map as its null."""
-    return Method(explainer, "region", explains, map_null)
+    return Method(explainer, "region", explains, map_null, config=config)
 
 
 def dncbm_method(n_corpus: int, sae_cfg, probe, scale: str = "unit_rms") -> Method:
@@ -400,6 +431,13 @@ def dncbm_method(n_corpus: int, sae_cfg, probe, scale: str = "unit_rms") -> Meth
         "factor",
         "the model's image embeddings, through chapter 5's SAE and sparse probe",
         words_null(dncbm_vocabulary),
+        config={
+            "explainer": "DN-CBM",
+            "n_corpus": n_corpus,
+            "sae": asdict(sae_cfg),
+            "probe": asdict(probe),
+            "scale": scale,
+        },
     )
 
 
@@ -410,6 +448,7 @@ def lavise_method(n_train: int, epochs: int) -> Method:
         "filters of the vision tower, in words",
         words_null(lavise_vocabulary),
         lavise_first_stage,
+        {"explainer": "LaViSE", "n_train": n_train, "epochs": epochs},
     )
 
 
@@ -419,6 +458,7 @@ def reward_ranking_method(beta: float) -> Method:
         "factor",
         "the text tower's reward on true one-factor sentences (no language model)",
         lambda s, b: ranking_null(s, b, beta),
+        config={"explainer": "KL-optimal reward ranking", "beta": beta},
     )
 
 
@@ -432,6 +472,7 @@ __all__ = [
     "dncbm_explainer",
     "dncbm_method",
     "dncbm_vocabulary",
+    "explain_cached",
     "filter_factor_scores",
     "filter_relevance",
     "gradient_input_explainer",

@@ -98,6 +98,21 @@ class Interventions:
         return frame.groupby(np.asarray(class_names)[self.base.labels]).mean()
 
 
+def intervention_batches(
+    world: ConceptWorld, n: int = 512, split: str = "test", factors: Sequence[str] = FACTORS, seed: int = 0
+) -> list[WorldBatch]:
+    """The images :func:`intervene` scores: ``n`` prototypical images, then the same images with each factor
+    of ``factors`` changed in turn (the edits draw their new values from one generator seeded by ``seed``,
+    in the order of ``factors``)."""
+    proto = prototypical(world)
+    rng = np.random.default_rng(seed)
+    batches = [world.sample(n, split, edit=proto)]
+    for factor in factors:
+        edit = factor_edit(factor, rng)
+        batches.append(world.sample(n, split, edit=lambda lab, att, hab, e=edit: e(lab, *proto(lab, att, hab))))  # type: ignore[misc]
+    return batches
+
+
 def intervene(
     score: Scorer,
     world: ConceptWorld,
@@ -105,24 +120,20 @@ def intervene(
     split: str = "test",
     factors: Sequence[str] = FACTORS,
     seed: int = 0,
+    batches: Sequence[WorldBatch] | None = None,
 ) -> Interventions:
     """Change each factor in turn on ``n`` prototypical images and record the margin drops.
 
-    The edits of the factors draw their new values from one generator seeded by ``seed``, in the
-    order of ``factors``.
-    """
-    proto = prototypical(world)
-    base = world.sample(n, split, edit=proto)
+    ``batches``: the images of :func:`intervention_batches` for these arguments, when already rendered
+    (several models of one world are scored on the same images)."""
+    base, *edited = batches if batches is not None else intervention_batches(world, n, split, factors, seed)
     correct_base, margin_base = score(base.images, base.labels)
-    rng = np.random.default_rng(seed)
     drops = np.full((n, len(factors)), np.nan)
     correct = np.zeros((n, len(factors)), bool)
-    for j, factor in enumerate(factors):
-        edit = factor_edit(factor, rng)
-        edited = world.sample(n, split, edit=lambda lab, att, hab, e=edit: e(lab, *proto(lab, att, hab)))  # type: ignore[misc]
+    for j, (factor, batch) in enumerate(zip(factors, edited, strict=True)):
         p = factor_part(factor)
-        keep = np.ones(n, bool) if p is None else edited.present[:, p]
-        correct[:, j], margin = score(edited.images, edited.labels)
+        keep = np.ones(n, bool) if p is None else batch.present[:, p]
+        correct[:, j], margin = score(batch.images, batch.labels)
         drops[keep, j] = (margin_base - margin)[keep]
         correct[~keep, j] = False
     return Interventions(base, tuple(factors), correct_base, margin_base, correct, drops)

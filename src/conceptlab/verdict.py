@@ -28,9 +28,11 @@ Bring your own explainer: any ``explainer(subject, batch) -> Explanation`` (see 
 from __future__ import annotations
 
 import copy
+import json
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, replace
+from functools import partial
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -42,7 +44,7 @@ from scipy.stats import rankdata
 from torch import nn
 
 from .models import TrainConfig, world_clip
-from .reliance import FACTORS, Interventions, intervene, prototypical, zero_shot_scorer
+from .reliance import FACTORS, Interventions, intervene, intervention_batches, prototypical, zero_shot_scorer
 from .stats import permutation_band
 from .world import ATTRIBUTES, HABITATS, PARTS, ConceptWorld, WorldBatch, WorldConfig
 
@@ -114,19 +116,19 @@ def planted_models(
     return subjects
 
 
-def measure(subject: Subject, n: int, seed: int = 0, store=None) -> Interventions:
+def measure(
+    subject: Subject, n: int, seed: int = 0, store=None, images: Callable[[], Sequence[WorldBatch]] | None = None
+) -> Interventions:
     """The subject's measured reliance on every factor (zero-shot margin drops on ``n`` prototypical test
-    images); with a ``store`` the per-image results are cached (the images are re-rendered, bit-identical)."""
+    images); with a ``store`` the per-image results are cached (the images are re-rendered, bit-identical).
+    ``images``: returns the subject's :func:`~conceptlab.reliance.intervention_batches` (called only to build)."""
+
+    def batches() -> Sequence[WorldBatch]:
+        return images() if images is not None else intervention_batches(subject.world, n, "test", FACTORS, seed)
 
     def run() -> Interventions:
-        return intervene(
-            zero_shot_scorer(subject.clip, subject.tokenizer, subject.world.class_names),
-            subject.world,
-            n,
-            "test",
-            FACTORS,
-            seed,
-        )
+        score = zero_shot_scorer(subject.clip, subject.tokenizer, subject.world.class_names)
+        return intervene(score, subject.world, n, "test", FACTORS, seed, batches())
 
     if store is None:
         return run()
@@ -144,6 +146,20 @@ def measure(subject: Subject, n: int, seed: int = 0, store=None) -> Intervention
     return store.get_or_build(
         "verdict_reliance", {"subject": subject.key, "n": n, "seed": seed, "factors": list(FACTORS)}, build, load
     )
+
+
+def measure_all(subjects: Sequence[Subject], n: int, seed: int = 0, store=None) -> dict[str, Interventions]:
+    """:func:`measure` for every subject, each world's intervention images rendered once (when needed) and
+    shared by its models: a planted condition's seeds and their DEAL-tuned copies see the same images."""
+    rendered: dict[str, Sequence[WorldBatch]] = {}
+
+    def images(subject: Subject) -> Sequence[WorldBatch]:
+        world = json.dumps(subject.world.config.to_dict(), sort_keys=True)
+        if world not in rendered:
+            rendered[world] = intervention_batches(subject.world, n, "test", FACTORS, seed)
+        return rendered[world]
+
+    return {s.name: measure(s, n, seed, store, partial(images, s)) for s in subjects}
 
 
 def planted_check(truths: Mapping[str, Interventions], subjects: Sequence[Subject], blind_factor: str) -> pd.DataFrame:
@@ -667,7 +683,11 @@ def randomisation_check(
     ref = reference if reference is not None else explainer(subject, batch)
     rows = []
     for k in sorted({min(c, len(stages)) for c in cascade}):
-        rnd = replace(subject, clip=randomised(subject.clip, k, seed), key={**subject.key, "randomised": k})
+        rnd = replace(
+            subject,
+            clip=randomised(subject.clip, k, seed),
+            key={**subject.key, "randomised": {"stages": k, "seed": seed}},
+        )
         rows.append(
             {
                 "model": subject.name,
@@ -875,6 +895,7 @@ __all__ = [
     "map_similarity",
     "mean_interval",
     "measure",
+    "measure_all",
     "model_only_check",
     "mention_factor_scores",
     "noise_images",

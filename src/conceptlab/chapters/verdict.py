@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field, replace
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -265,7 +266,7 @@ def measure_truths(ch: Chapter, r: Result) -> pd.DataFrame:
     """Measure every planted model's reliance and check that the planted answers are recovered."""
     p = ch.params
     with ch.stage("measure"):
-        r.truths = {s.name: vd.measure(s, p["n_images"], p["seed"], ch.store) for s in r.subjects}
+        r.truths = vd.measure_all(r.subjects, p["n_images"], p["seed"], ch.store)
     r.check = vd.planted_check(r.truths, r.subjects, p["blind_factor"])
     r.recovered = vd.planted_recovered(r.check, p["planted_classes"])
     r.retest = {g: float(np.mean([vd.retest(t, g) for t in r.truths.values()])) for g in vd.GRANULARITIES}
@@ -280,7 +281,7 @@ def tune(ch: Chapter, r: Result) -> None:
     with ch.stage("train"):
         r.tuned = [xp.deal_subject(ch.store, s, p["deal_steps"], p["seed"]) for s in r.subjects]
     with ch.stage("measure"):
-        r.tuned_truths = {s.name: vd.measure(s, p["n_images"], p["seed"], ch.store) for s in r.tuned}
+        r.tuned_truths = vd.measure_all(r.tuned, p["n_images"], p["seed"], ch.store)
 
 
 def probe(ch: Chapter):
@@ -308,22 +309,26 @@ def sae(ch: Chapter):
 def rows(ch: Chapter, r: Result, yours: dict[str, xp.Method] | None = None) -> dict[str, xp.Method]:
     """The scoreboard's rows: the methods, the reward ranking (apart), ``yours``, then the references."""
     p = ch.params
+    class_map = {"explainer": "class map"}
+    descriptor_maps = {"explainer": "descriptor maps", "n_descriptors": 5}
     maps = {
-        "class map (CLIP)": xp.map_method(xp.class_map_explainer, "the CLIP's map of its class text"),
+        "class map (CLIP)": xp.map_method(xp.class_map_explainer, "the CLIP's map of its class text", class_map),
         "descriptor maps (CLIP)": xp.map_method(
-            xp.descriptor_map_explainer, "the CLIP's maps of the class's descriptors"
+            xp.descriptor_map_explainer, "the CLIP's maps of the class's descriptors", descriptor_maps
         ),
     }
     if p["deal_steps"]:
         maps |= {
             "class map (DEAL-tuned)": xp.map_method(
-                xp.class_map_explainer, "the DEAL-tuned copy's map of its class text"
+                xp.class_map_explainer, "the DEAL-tuned copy's map of its class text", class_map
             ),
             "descriptor maps (DEAL-tuned)": xp.map_method(
-                xp.descriptor_map_explainer, "the DEAL-tuned copy's descriptor maps"
+                xp.descriptor_map_explainer, "the DEAL-tuned copy's descriptor maps", descriptor_maps
             ),
         }
-    maps["gradient × input"] = xp.map_method(xp.gradient_input_explainer, "gradient x input of the class logit")
+    maps["gradient × input"] = xp.map_method(
+        xp.gradient_input_explainer, "gradient x input of the class logit", {"explainer": "gradient x input"}
+    )
     r.methods = {
         **maps,
         "DN-CBM": xp.dncbm_method(p["sae_n_corpus"], sae(ch), probe(ch), dncbm_scale()),
@@ -351,7 +356,9 @@ def explain(ch: Chapter, r: Result, progress: bool = False) -> None:
     with ch.stage("explain"):
         for name, method in tqdm(r.methods.items(), desc="methods", disable=not progress):
             subjects, truths = _models(r, name)
-            r.explanations[name] = {s.name: method.explain(s, truths[s.name].base) for s in subjects}
+            r.explanations[name] = {
+                s.name: xp.explain_cached(ch.store, method, s, truths[s.name].base) for s in subjects
+            }
 
 
 def score(ch: Chapter, r: Result) -> None:
@@ -421,7 +428,8 @@ def randomise(ch: Chapter, r: Result) -> pd.DataFrame:
                 ref = vd.Explanation(r.explanations[name][s.name].scores[: p["n_random_images"]])
                 counted = [k for k in p["cascade"] if k >= method.counted_from(s.clip)]
                 if counted:  # only stages at or below what the row explains
-                    frame = vd.randomisation_check(method.explain, s, batch, counted, p["seed"], ref)
+                    explain = partial(xp.explain_cached, ch.store, method)
+                    frame = vd.randomisation_check(explain, s, batch, counted, p["seed"], ref)
                     frames.append(frame.assign(row=name))
     r.randomisation = pd.concat(frames, ignore_index=True)
     for name in r.methods:
