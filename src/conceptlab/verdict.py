@@ -150,7 +150,7 @@ def measure(
 
 def measure_all(subjects: Sequence[Subject], n: int, seed: int = 0, store=None) -> dict[str, Interventions]:
     """:func:`measure` for every subject, each world's intervention images rendered once (when needed) and
-    shared by its models: a planted condition's seeds and their DEAL-tuned copies see the same images."""
+    shared by its models (chapter 7's nine planted models render three sets, one per condition)."""
     rendered: dict[str, Sequence[WorldBatch]] = {}
 
     def images(subject: Subject) -> Sequence[WorldBatch]:
