@@ -22,10 +22,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .artifacts import ArtifactStore
+from .artifacts import ArtifactStore, params_key
 from .explain import explain_batches, model_kind
 from .models import class_text_weights, encode_images, encode_texts, images_to_tensor
 from .reliance import FACTORS
+from .sae import tensor_fingerprint
 from .verdict import (
     Explainer,
     Explanation,
@@ -79,8 +80,8 @@ def explain_cached(store: ArtifactStore | None, method: Method, subject: Subject
     key = {
         "method": dict(method.config),
         "subject": subject.key,
-        "images": hashlib.sha256(np.ascontiguousarray(batch.images).tobytes()).hexdigest(),
-        "labels": hashlib.sha256(np.ascontiguousarray(batch.labels).tobytes()).hexdigest(),
+        "images": tensor_fingerprint(torch.from_numpy(batch.images)),
+        "labels": tensor_fingerprint(torch.from_numpy(batch.labels)),
     }
 
     def build(d: Path) -> None:
@@ -260,7 +261,7 @@ def dncbm_explainer(n_corpus: int, sae_cfg, probe, scale: str = "unit_rms") -> E
     corpora: dict[str, WorldBatch] = {}  # the corpus of a world, rendered once for all its models and copies
 
     def explainer(subject: Subject, batch: WorldBatch) -> Explanation:
-        world = json.dumps(subject.world.config.to_dict(), sort_keys=True)
+        world = params_key(subject.world.config)
         if world not in corpora:
             corpora[world] = subject.world.sample(n_corpus, "corpus")
         corpus = corpora[world]

@@ -28,7 +28,6 @@ Bring your own explainer: any ``explainer(subject, batch) -> Explanation`` (see 
 from __future__ import annotations
 
 import copy
-import json
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, replace
@@ -43,6 +42,7 @@ import torch.nn.functional as F
 from scipy.stats import rankdata
 from torch import nn
 
+from .artifacts import params_key
 from .models import TrainConfig, world_clip
 from .reliance import FACTORS, Interventions, intervene, intervention_batches, prototypical, zero_shot_scorer
 from .stats import permutation_band
@@ -154,7 +154,7 @@ def measure_all(subjects: Sequence[Subject], n: int, seed: int = 0, store=None) 
     rendered: dict[str, Sequence[WorldBatch]] = {}
 
     def images(subject: Subject) -> Sequence[WorldBatch]:
-        world = json.dumps(subject.world.config.to_dict(), sort_keys=True)
+        world = params_key(subject.world.config)
         if world not in rendered:
             rendered[world] = intervention_batches(subject.world, n, "test", FACTORS, seed)
         return rendered[world]
