@@ -203,7 +203,8 @@ fig = chapter.training_curves(r.history)
 #
 # The original trains for 200 epochs on 3.3 million embeddings; this chapter can afford a
 # few thousand steps, with a smaller batch than the original's 4096 so that there are more
-# of them. Each λ₁ of `sweep_l1` trains an SAE (cached) and measures active concepts per
+# of them. Each λ₁ of `sweep_l1` trains an SAE and measures (both kept in the artifact store, so an
+# exercise that lands on a sweep's point reads it back) active concepts per
 # image (L0), unexplained variance (FVU), dead concepts, the concept probe's accuracy, the
 # concepts a decision needs, and the share of concepts whose name the ground truth confirms
 # (defined below). A code is sparse when L0 is well below the embedding's dimension. The

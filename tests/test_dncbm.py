@@ -533,3 +533,29 @@ def test_the_original_codes_share_of_right_names_is_placed_against_the_books():
     close = chapter.original_names_sentence(book, original(0.13, 0.11, 0.15))
     assert "higher than" in close and "overlap, so this is no finding" in close
     assert "equal to" in chapter.original_names_sentence(book, original(0.103, 0.09, 0.12))
+
+
+def test_operating_points_are_kept_so_a_repeated_point_is_read_not_recomputed(tiny_store, tmp_path, monkeypatch):
+    from conceptlab import chapters
+    from conceptlab.bookrun import smoke_parameters
+
+    small = {"n_corpus": 256, "n_probe_train": 64, "n_test": 64, "sae_epochs": 1, "probe_epochs": 2}
+    params = {**smoke_parameters(chapter.NAME, tmp_path), **small, "artifacts_dir": str(tiny_store.root)}
+    ch = chapters.start(chapter.NAME, params)
+    data = chapter.chapter_features(ch, progress=False)
+    computed, compute = [], chapter._compute_points
+
+    def counted(chs, data, progress=False):
+        computed.append([(c.params["sae_l1"], c.params["probe_lambda"]) for c in chs])
+        return compute(chs, data, progress)
+
+    monkeypatch.setattr(chapter, "_compute_points", counted)
+    sweep = chapter.evaluate_many([ch.with_params(sae_l1=v) for v in (0.01, 0.02)], data)
+    assert computed == [[(0.01, ch.params["probe_lambda"]), (0.02, ch.params["probe_lambda"])]], "one batch"
+    assert chapter.evaluate(ch.with_params(sae_l1=0.02), data) == sweep[1], "a sweep's point, read back"
+    assert len(computed) == 1
+    chapter.evaluate(ch.with_params(sae_l1=0.02, probe_lambda=1.0), data)  # another probe: computed
+    assert computed[-1] == [(0.02, 1.0)]
+    test = {**data[2], "labels": data[2]["labels"].roll(1)}  # other test labels: computed
+    chapter.evaluate(ch.with_params(sae_l1=0.02), (data[0], data[1], test, data[3]))
+    assert len(computed) == 3

@@ -308,3 +308,16 @@ def test_store_keeps_parameters_beside_the_model(tiny_store, tiny_clip):
     dirs = list((tiny_store.root / "world_clip").iterdir())
     assert any((d / "model.pt").exists() and (d / "params.json").exists() for d in dirs)
     assert isinstance(tiny_store, ArtifactStore)
+
+
+def test_image_embeddings_do_not_depend_on_the_batch_size(tiny_clip, tiny_world):
+    """encode_images batches by 64 for speed: the embeddings are bitwise those of batches of 256 (features
+    cached before the change stay valid), and an image alone gets its embedding up to rounding."""
+    from conceptlab.dncbm import embed_images
+    from conceptlab.models import encode_images
+
+    images = tiny_world.sample(300, "test").images
+    assert torch.equal(encode_images(tiny_clip[0], images, batch_size=256), encode_images(tiny_clip[0], images))
+    assert torch.equal(embed_images(tiny_clip[0], images, batch_size=256), embed_images(tiny_clip[0], images))
+    alone = torch.cat([encode_images(tiny_clip[0], images[i : i + 1]) for i in range(0, 300, 50)])
+    torch.testing.assert_close(encode_images(tiny_clip[0], images)[::50], alone, rtol=1e-5, atol=1e-6)

@@ -145,11 +145,18 @@ def _numbers(value) -> list[float]:
     return [value] if isinstance(value, (int, float)) and not isinstance(value, bool) else []
 
 
+def _plain(text: str) -> str:
+    """Text without the terminal's colour codes (Sphinx colours its warnings)."""
+    return re.sub(r"\x1b\[[0-9;]*m", "", text)
+
+
 @pytest.mark.notebook
 def test_book_builds_from_executed_chapters_without_reexecuting(smoke_book):
     book, proc = smoke_book
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     assert "Executing" not in proc.stdout, "jupyter-book must not execute notebooks"
+    docstrings = [line for line in _plain(proc.stderr).splitlines() if "docstring of" in line or "autosummary>" in line]
+    assert not docstrings, "the API reference renders every docstring (write |x| as ``|x|``):\n" + "\n".join(docstrings)
     for chapter in CHAPTERS:
         html = (book / "_build" / "html" / "book" / "chapters" / f"{chapter}.html").read_text()
         assert "<img" in html and "Traceback (most recent call last)" not in html, chapter

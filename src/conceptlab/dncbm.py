@@ -5,7 +5,7 @@ A library, usable on a researcher's own tensors: raw (not L2-normalised) CLIP im
 (:func:`feature_scale`) -> a sparse autoencoder (:mod:`conceptlab.sae`) -> a name per concept,
 the vocabulary word whose text embedding is closest to the concept's decoder direction
 (:func:`name_concepts`) -> a sparse linear probe on concept strengths (:func:`fit_probe` with a
-:class:`ProbeConfig`: the original's Adam on cross-entropy plus λ times the *mean* |W|, or FISTA).
+:class:`ProbeConfig`: the original's Adam on cross-entropy plus λ times the *mean* ``|W|``, or FISTA).
 On Concept World, :func:`score_names` checks every name against the ground truth,
 :func:`name_score_nulls` gives the same scores for concepts that detect nothing, and
 :func:`local_truth` checks an image's explanation against what the image shows.
@@ -93,8 +93,9 @@ FEATURE_SCALES = ("raw", "unit_rms")
 
 # ---------------------------------------------------------------------------- features
 @torch.no_grad()
-def embed_images(clip: torch.nn.Module, images: np.ndarray | torch.Tensor, batch_size: int = 256) -> torch.Tensor:
-    """Raw image embeddings (after the projection, *not* L2-normalised: what the original SAE learns)."""
+def embed_images(clip: torch.nn.Module, images: np.ndarray | torch.Tensor, batch_size: int = 64) -> torch.Tensor:
+    """Raw image embeddings (after the projection, *not* L2-normalised: what the original SAE learns), in
+    batches of 64 (see :func:`conceptlab.models.encode_images`)."""
     dev = next(clip.parameters()).device
     out = []
     for s in range(0, len(images), batch_size):
@@ -452,7 +453,7 @@ def name_score_nulls(
 @dataclass(frozen=True)
 class ProbeConfig:
     """The linear probe; defaults are the original's README command (Adam, lr 1e-2, batch 512,
-    200 epochs, no bias, cross-entropy + 0.1 x mean |W|)."""
+    200 epochs, no bias, cross-entropy + 0.1 x mean ``|W|``)."""
 
     lam: float = 0.1
     l1: str = "mean"  # "mean": nn.L1Loss against zeros, as coded; "sum": ||W||_1, as written
@@ -468,7 +469,7 @@ class ProbeConfig:
 
 
 def probe_l1_term(weight: torch.Tensor, l1: str = "mean") -> torch.Tensor:
-    """The probe's sparsity term: mean |W| over all classes x concepts (the code's ``nn.L1Loss``
+    """The probe's sparsity term: mean ``|W|`` over all classes x concepts (the code's ``nn.L1Loss``
     against zeros) or the sum (the paper's ``||W||_1``)."""
     return weight.abs().mean() if l1 == "mean" else weight.abs().sum()
 

@@ -148,7 +148,7 @@ def class_maps(clip: nn.Module, images: torch.Tensor, texts: torch.Tensor, batch
 
 
 def gradient_input_maps(clip: nn.Module, images: torch.Tensor, texts: torch.Tensor, batch_size: int = 64) -> np.ndarray:
-    """Plain gradient x input of each image's logit for its own text feature (|sum over channels|), (N, S, S)."""
+    """Plain gradient x input of each image's logit for its own text feature (absolute channel sum), (N, S, S)."""
     dev, out = next(clip.parameters()).device, []
     for s in range(0, len(images), batch_size):
         x = images[s : s + batch_size].to(dev).detach().requires_grad_(True)
@@ -164,7 +164,7 @@ MODEL_ONLY_MAPS: dict[str, MapFn] = {"class map": class_maps, "gradient × input
 
 
 def gradient_input_explainer(subject: Subject, batch: WorldBatch) -> Explanation:
-    """Plain gradient x input of the true class's zero-shot logit (|sum over channels|), as a map."""
+    """Plain gradient x input of the true class's zero-shot logit (absolute channel sum), as a map."""
     weights = _class_weights(subject)[torch.as_tensor(batch.labels)]
     maps = gradient_input_maps(subject.clip, images_to_tensor(batch.images, subject.clip), weights, len(batch))
     return Explanation(map_factor_scores(maps, batch), maps)

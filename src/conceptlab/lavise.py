@@ -571,7 +571,7 @@ def dissect(
 ) -> np.ndarray:
     """Network Dissection: (C, K) data-set IoU of each filter's thresholded regions with each concept's masks.
 
-    IoU(u, k) = sum over images of |region ∩ mask| / sum of |region ∪ mask|; uses every annotation.
+    IoU(u, k) = sum over images of ``|region ∩ mask|`` / sum of ``|region ∪ mask|``; uses every annotation.
     """
     n, c = features.shape[:2]
     size = iou_size or data.images(np.arange(1)).shape[1]

@@ -20,8 +20,10 @@ whose probe stays within ``tolerance`` of the raw-feature probe).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import json
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import matplotlib.pyplot as plt
@@ -32,6 +34,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import dncbm, plots
+from ..artifacts import atomic_write_json
 from ..chapter import Chapter, Param, Switch
 from ..data import load_dataset
 from ..models import class_text_weights
@@ -43,6 +46,7 @@ from ..sae import (
     encode_concepts,
     l1_on_original_scale,
     load_or_train_sae,
+    tensor_fingerprint,
 )
 from ..stats import bootstrap_interval, excludes, paired_difference_interval
 from .report import Reported
@@ -327,8 +331,44 @@ def evaluate(ch: Chapter, data: Data, progress: bool = False) -> dict[str, float
 
 
 def evaluate_many(chs: Sequence[Chapter], data: Data, progress: bool = False) -> list[dict[str, float]]:
-    """:func:`evaluate` for several parameter sets (a sweep) on the same data (so the same CLIP), their probes
-    fitted together and each vocabulary embedded once."""
+    """:func:`evaluate` for several parameter sets (a sweep) on the same data (so the same CLIP). Each point is
+    kept in the store (kind ``dncbm_point``, keyed by :func:`point_key`), so a sweep's point that an exercise
+    repeats, or a rerun, is read back; the points still to compute have their probes fitted together."""
+    keys = [point_key(c, data) for c in chs]
+    todo = [i for i, (c, key) in enumerate(zip(chs, keys)) if not c.store.finished("dncbm_point", key)]
+    computed = dict(zip(todo, _compute_points([chs[i] for i in todo], data, progress))) if todo else {}
+
+    def build(i: int) -> Callable[[Path], Any]:
+        def write(d: Path) -> None:
+            point = computed[i] if i in computed else _compute_points([chs[i]], data, progress)[0]
+            atomic_write_json(d / "point.json", point)
+
+        return write
+
+    return [
+        c.store.get_or_build("dncbm_point", key, build(i), lambda d: json.loads((d / "point.json").read_text()))
+        for i, (c, key) in enumerate(zip(chs, keys))
+    ]
+
+
+def point_key(ch: Chapter, data: Data) -> dict[str, Any]:
+    """What one operating point depends on: the CLIP and input files (``ch.key()``), every parameter of the
+    run besides where files go, the content of every tensor of the data (features and ground truth), and
+    the class names."""
+    corpus, train, test, class_names = data
+    return ch.key(
+        params={k: v for k, v in ch.params.items() if k not in ("artifacts_dir", "results_dir")},
+        data={
+            split: {name: tensor_fingerprint(torch.as_tensor(np.asarray(v))) for name, v in sorted(d.items())}
+            for split, d in (("corpus", corpus), ("train", train), ("test", test))
+        },
+        class_names=list(class_names),
+    )
+
+
+def _compute_points(chs: Sequence[Chapter], data: Data, progress: bool = False) -> list[dict[str, float]]:
+    """The operating points of several parameter sets, their probes fitted together and each vocabulary
+    embedded once."""
     corpus, train, test, class_names = data
     vocabularies: dict[Any, tuple[list[str], torch.Tensor]] = {}
     runs = [(c, *chapter_sae(c, corpus, progress=progress)) for c in chs]
@@ -355,7 +395,7 @@ def evaluate_many(chs: Sequence[Chapter], data: Data, progress: bool = False) ->
         if scores is not None:  # the share of right names, with its interval over live concepts
             right = _interval(scores.loc[~scores["dead"], "right"].to_numpy(dtype=float), c.params["seed"])
             point |= {"share_right_low": right["low"], "share_right_high": right["high"]}
-        points.append(point)
+        points.append({k: v.item() if isinstance(v, np.generic) else v for k, v in point.items()})  # JSON-ready
     return points
 
 

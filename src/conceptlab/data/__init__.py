@@ -4,6 +4,7 @@ Both give an :class:`ImageSet` of file paths, integer labels and readable class 
 which the chapters turn into model inputs with the model's own preprocess.
 
 Checks made when a data set is read:
+
 - hidden entries (``.name``) and macOS ``__MACOSX`` folders are ignored, never made classes;
 - a file that PIL cannot open as an image is **skipped with a warning naming it** (so one
   bad download does not stop a run); a file that opens but fails to decode later stops the run
