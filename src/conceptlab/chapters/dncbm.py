@@ -20,6 +20,7 @@ whose probe stays within ``tolerance`` of the raw-feature probe).
 
 from __future__ import annotations
 
+import inspect
 import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -353,10 +354,13 @@ def evaluate_many(chs: Sequence[Chapter], data: Data, progress: bool = False) ->
 
 def point_key(ch: Chapter, data: Data) -> dict[str, Any]:
     """What one operating point depends on: the CLIP and input files (``ch.key()``), every parameter of the
-    run besides where files go, the content of every tensor of the data (features and ground truth), and
-    the class names."""
+    run besides where files go, the content of every tensor of the data (features and ground truth), the
+    class names, and the code that computes it (this module, :mod:`conceptlab.dncbm` and
+    :mod:`conceptlab.sae`: a point is a result, so editing how it is computed must recompute it)."""
     corpus, train, test, class_names = data
+    sources = {"chapter": __file__, "method": dncbm.__file__, "sae": inspect.getfile(SparseAutoencoder)}
     return ch.key(
+        code={name: ch.store.fingerprint(path) for name, path in sources.items()},
         params={k: v for k, v in ch.params.items() if k not in ("artifacts_dir", "results_dir")},
         data={
             split: {name: tensor_fingerprint(torch.as_tensor(np.asarray(v))) for name, v in sorted(d.items())}
