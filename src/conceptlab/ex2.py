@@ -135,7 +135,6 @@ def class_image_embeddings(
     labels: np.ndarray,
     n_classes: int,
     per_class: int = 256,
-    batch_size: int = 256,
 ) -> torch.Tensor:
     """(C, D) mean of the normalised image embeddings of up to ``per_class`` images of each class.
 
@@ -147,7 +146,7 @@ def class_image_embeddings(
     missing = sorted(set(range(n_classes)) - set(labels[keep].tolist()))
     if missing:
         raise ValueError(f"No images of classes {missing}: pass images of every class (or fewer classes).")
-    emb = encode_images(clip, images[keep], batch_size=batch_size)
+    emb = encode_images(clip, images[keep])
     out = torch.zeros(n_classes, emb.shape[1])
     out.index_add_(0, torch.as_tensor(labels[keep]), emb)
     return out / torch.bincount(torch.as_tensor(labels[keep]), minlength=n_classes)[:, None]
