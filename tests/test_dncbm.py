@@ -23,6 +23,7 @@ from conceptlab.sae import (
     load_or_train_sae,
     resample_dead,
     sae_loss,
+    sae_step_gradients,
     train_sae,
 )
 from conceptlab.world import ATTRIBUTES, PARTS
@@ -50,6 +51,28 @@ def test_sae_loss_is_the_mean_reduced_formula_of_the_original_code():
     # the paper's sum with l1 * D is D times the code's mean with l1: the same minimiser
     torch.testing.assert_close(sae_loss(x, x_hat, z, 0.5 * 2, "sum")[0], 2 * sae_loss(x, x_hat, z, 0.5)[0])
     assert l1_on_original_scale(0.5 * 2, "sum", 2) == 0.5 and l1_on_original_scale(0.5, "mean", 2) == 0.5
+
+
+@pytest.mark.parametrize("reconstruction", ["mean", "sum"])
+def test_written_out_sae_gradients_are_autograds_on_sae_loss(reconstruction):
+    """The training step's gradients are those of :func:`sae_loss` (the loss the chapter shows), for both
+    reductions, with some concepts off (ReLU at zero) and a decoder bias away from zero."""
+    torch.manual_seed(0)
+    sae = SparseAutoencoder(6, 24)
+    with torch.no_grad():
+        sae.b_dec.copy_(torch.randn(6))
+        sae.b_enc.copy_(torch.randn(24))
+    x = torch.randn(32, 6)
+    x_hat, z = sae(x)
+    loss, rec, l1 = sae_loss(x, x_hat, z, 0.3, reconstruction)
+    loss.backward()
+    expected = {name: p.grad.clone() for name, p in sae.named_parameters()}
+    assert 0 < (z == 0).float().mean() < 1, "some concepts are off, some on"
+    got_x_hat, got_z, got_rec, got_l1 = sae_step_gradients(sae, x, 0.3, reconstruction)
+    for name, p in sae.named_parameters():
+        torch.testing.assert_close(p.grad, expected[name], rtol=1e-5, atol=1e-7, msg=name)
+    torch.testing.assert_close(got_x_hat, x_hat.detach())
+    torch.testing.assert_close(torch.stack([got_rec, got_l1]), torch.stack([rec, l1]).detach())
 
 
 def test_sae_recovers_a_planted_dictionary():
