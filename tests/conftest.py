@@ -18,20 +18,30 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
-import torch
 
-from conceptlab.artifacts import ArtifactStore
-from conceptlab.bookrun import WarmKernel, assemble_book, chapters, run_chapter, smoke_parameters
-from conceptlab.models import TrainConfig, world_clip
-from conceptlab.world import ConceptWorld, WorldConfig
+from conceptlab.world import ConceptWorld, WorldConfig  # numpy only
 
+# The xdist controller imports this file too, but runs no test: torch, open_clip and papermill (11 s of CPU)
+# are imported by the fixtures and tests that need them, so the controller does not compete with the two
+# workers for the two cores while they collect.
 TINY_WORLD = WorldConfig(n_classes=6, seed=0)
-TINY_TRAIN = TrainConfig(n_train=512, steps=20, batch_size=32, warmup=5)
+_TINY_TRAIN = {"n_train": 512, "steps": 20, "batch_size": 32, "warmup": 5}
 
 if os.environ.get("PYTEST_XDIST_WORKER"):
+    import torch
+
     # two workers on two cores: one thread each, for this process and the notebook kernels it starts
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     torch.set_num_threads(1)
+
+
+def __getattr__(name: str):
+    """``TINY_TRAIN`` (the tiny CLIP's :class:`~conceptlab.models.TrainConfig`), built when a test imports it."""
+    if name == "TINY_TRAIN":
+        from conceptlab.models import TrainConfig
+
+        return TrainConfig(**_TINY_TRAIN)
+    raise AttributeError(name)
 
 
 def pytest_collection_modifyitems(config, items):
@@ -57,6 +67,8 @@ def pytest_collection_modifyitems(config, items):
 
 @pytest.fixture(autouse=True)
 def _seeded():
+    import torch
+
     torch.manual_seed(0)
 
 
@@ -66,17 +78,21 @@ def tiny_world() -> ConceptWorld:
 
 
 @pytest.fixture(scope="session")
-def tiny_store(tmp_path_factory) -> ArtifactStore:
+def tiny_store(tmp_path_factory):
     """The smoke chapters' artifact store, shared by every xdist worker: the tiny world CLIP below has the
     smoke parameters' key, so it is trained once per session for the tests and the smoke chapters alike
     (the store's file locks make concurrent builds safe)."""
+    from conceptlab.artifacts import ArtifactStore
+
     return ArtifactStore(_shared_dir(tmp_path_factory, "smoke") / "artifacts")
 
 
 @pytest.fixture(scope="session")
 def tiny_clip(tiny_store):
     """(model, preprocess, tokenizer, history) of a world CLIP trained for a few steps."""
-    return world_clip(tiny_store, TINY_WORLD, TINY_TRAIN, progress=False)
+    from conceptlab.models import TrainConfig, world_clip
+
+    return world_clip(tiny_store, TINY_WORLD, TrainConfig(**_TINY_TRAIN), progress=False)
 
 
 def _shared_dir(tmp_path_factory, name: str) -> Path:
@@ -115,9 +131,11 @@ def _try_locked(path: Path) -> Iterator[bool]:
 
 
 @pytest.fixture(scope="session")
-def kernel() -> Iterator[WarmKernel]:
+def kernel():
     """This worker's warm Jupyter kernel: the notebook tests pay the imports once per worker, not once per run
     (the fresh-kernel path is tested by the refusal test and the book-from-a-file test)."""
+    from conceptlab.bookrun import WarmKernel
+
     with WarmKernel() as warm:
         yield warm
 
@@ -128,6 +146,8 @@ def run_smoke(tmp_path_factory, kernel):
 
     A worker that finds its chapter running in the other worker runs another chapter nobody has started
     instead of waiting idle (the chapters share one artifact store, whose locks make that safe)."""
+    from conceptlab.bookrun import chapters, run_chapter, smoke_parameters
+
     workdir = _shared_dir(tmp_path_factory, "smoke")
 
     def done(chapter: str) -> bool:
@@ -156,6 +176,8 @@ def smoke_book(run_smoke, tmp_path_factory) -> tuple[Path, subprocess.CompletedP
 
     Built once per session (under a lock, shared by the xdist workers); the build's output is kept
     beside it so every worker sees the same process record."""
+    from conceptlab.bookrun import assemble_book, chapters
+
     for chapter in chapters():
         workdir = run_smoke(chapter)
     root = _shared_dir(tmp_path_factory, "book")

@@ -2,6 +2,7 @@
 
     accelerate launch --num_processes 2 -m conceptlab.prepare 04_ex2 -f params.yml
     papermill notebooks/04_ex2.ipynb out.ipynb -f params.yml     # loads what prepare built
+    accelerate launch --num_processes 2 -m conceptlab.prepare 04_ex2 06_lavise -f both.yml
 
 ``params.yml`` holds the chapter's papermill parameters; relative paths in it resolve against
 ``notebooks/``, as they do when papermill runs there. Every process validates the parameters and
@@ -9,6 +10,8 @@ builds the stages before training into the shared artifact store (one builds, th
 the training that ``accelerate`` spreads over the processes (EX2's GRPO, LaViSE's CNN) is then stored
 by the main process, and the notebook, run with the same parameters, finds every artifact built.
 A chapter takes part by giving its module (:mod:`conceptlab.chapters`) a ``prepare(ch)`` function.
+Several chapters in one launch pay the start-up (imports, process group) once; each takes the names
+of the file it declares (:func:`chapter_parameters`).
 """
 
 from __future__ import annotations
@@ -35,9 +38,24 @@ def prepare(chapter: str, params: dict) -> None:
     chapters.load(chapter).prepare(chapters.start(chapter, params))
 
 
+def chapter_parameters(names: list[str], params: dict) -> dict[str, dict]:
+    """Each chapter's share of one parameter file. One chapter gets the whole file (and rejects a name it
+    does not declare); several get the names each declares, as a book file's ``common`` block gives
+    them, and a name that none of them declares is an error."""
+    if len(names) == 1:
+        return {names[0]: params}
+    from . import chapters
+
+    declared = {name: set(chapters.spec(name)) for name in names}
+    unused = sorted(set(params) - set().union(*declared.values()))
+    if unused:
+        raise ValueError(f"none of the chapters {names} declares {unused}: remove them from the file")
+    return {name: {k: v for k, v in params.items() if k in declared[name]} for name in names}
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("chapter", choices=PREPARED, help="the chapter whose artifacts to build")
+    ap.add_argument("chapter", nargs="+", choices=PREPARED, help="the chapters whose artifacts to build, in turn")
     ap.add_argument("-f", "--parameters", type=Path, default=None, help="a YAML file of papermill parameters")
     args = ap.parse_args(argv)
     params: dict = {}
@@ -45,10 +63,15 @@ def main(argv: list[str] | None = None) -> int:
         params = yaml.safe_load(args.parameters.read_text()) or {}
         if not isinstance(params, dict):
             ap.error(f"{args.parameters} must hold a mapping of parameter names to values")
+    try:
+        shares = chapter_parameters(args.chapter, params)
+    except ValueError as err:
+        ap.error(f"{args.parameters}: {err}")
     os.chdir(NOTEBOOKS)  # relative paths mean what they mean in the notebook
-    prepare(args.chapter, params)
-    # torchrun and accelerate launch set RANK and WORLD_SIZE: one line per process says who took part
-    print(f"{args.chapter} prepared: process {os.environ.get('RANK', '0')} of {os.environ.get('WORLD_SIZE', '1')}")
+    for chapter, share in shares.items():
+        prepare(chapter, share)
+        # torchrun and accelerate launch set RANK and WORLD_SIZE: one line per process says who took part
+        print(f"{chapter} prepared: process {os.environ.get('RANK', '0')} of {os.environ.get('WORLD_SIZE', '1')}")
     return 0
 
 
