@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 
@@ -489,6 +490,36 @@ def test_exercise_solution_is_computed_by_a_run(tiny_clip, tiny_store, tmp_path)
     assert len(table) == 3 and "detach" in str(table.index[1])  # as in the chapter, changed, change
     assert table.iloc[2][human_label("disentanglability")] != 0  # the changed parameter changes the solution
     assert table.iloc[0][human_label("weight_change")] > 0
+
+
+def test_scores_are_kept_and_recomputed_only_when_the_model_data_settings_or_code_change(
+    tiny_clip, tiny_store, tmp_path, monkeypatch
+):
+    """A score is read back for the same weights, images and settings (a rerun, an exercise repeating the
+    chapter's own model); other weights, another image count, another setting or edited code compute it."""
+    ch = _tiny_chapter("03_deal", deal_chapter.PARAMETERS, tiny_store, tmp_path, n_train=8, n_test=11, n_localize=2)
+    data = deal_chapter.load_data(ch)
+    calls = []
+    real = deal_chapter.evaluate
+    monkeypatch.setattr(deal_chapter, "evaluate", lambda *a, **k: calls.append(1) or real(*a, **k))
+    clip = ch.clip()[0]
+    first, values = deal_chapter.scores(ch, clip, data, per_image=True)
+    assert deal_chapter.scores(ch, clip, data, per_image=True)[0] == first and len(calls) == 1, "read back"
+    assert all(np.array_equal(values[k], v) for k, v in deal_chapter.scores(ch, clip, data, per_image=True)[1].items())
+    calls.clear()
+    deal_chapter.scores(ch, clip, data, n=10)  # other images
+    deal_chapter.scores(ch, clip, data, concept_text="sentence")  # another setting
+    changed = copy.deepcopy(clip)
+    with torch.no_grad():
+        next(changed.parameters()).add_(1e-3)
+    deal_chapter.scores(ch, changed, data)  # other weights
+    assert len(calls) == 3
+    fingerprint = ch.store.fingerprint
+    monkeypatch.setattr(
+        ch.store, "fingerprint", lambda path: "edited" if path == deal_chapter.__file__ else fingerprint(path)
+    )
+    deal_chapter.scores(ch, clip, data)
+    assert len(calls) == 4, "a score computed by other code is computed again"
 
 
 def test_evaluate_only_runs_list_no_training_switch():

@@ -7,8 +7,13 @@ parameters, switches, runs over seeds, tables, figures, results and summary.
 
 from __future__ import annotations
 
+import hashlib
+import inspect
+import io
+import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -16,6 +21,7 @@ import pandas as pd
 import torch
 from torch import nn
 
+from ..artifacts import atomic_write_bytes
 from ..chapter import Chapter, Param, Switch
 from ..data import EvalSet, load_eval_set, load_train_test, spread_over_classes
 from ..deal import (
@@ -31,6 +37,7 @@ from ..deal import (
 from ..descriptors import CONCEPT_TEXTS, DescriptorSet, descriptor_text_features, get_descriptors
 from ..explain import explain
 from ..metrics import disentanglability
+from ..sae import tensor_fingerprint
 from ..stats import bootstrap_interval, seed_interval
 from .descriptors import check_descriptor_source
 from .report import Reported, versus_chance
@@ -295,28 +302,65 @@ def scores(
     **changes: Any,
 ):
     """:func:`conceptlab.deal.evaluate` of ``model`` on the first ``n`` test images with the chapter's
-    parameters and ``changes``: the metrics (and, with ``per_image``, the per-image values too)."""
+    parameters and ``changes``: the metrics (and, with ``per_image``, the per-image values too).
+
+    Kept in the store (kind ``deal_scores``, keyed by :func:`score_key`), so a rerun, or an exercise that
+    scores a model the chapter already scored, reads the numbers back instead of computing the maps again."""
     p = {**ch.params, **changes}
-    test, n = data.test, n or len(data.test.labels)
-    masks = None if data.part_masks is None else data.part_masks[:n]
-    with ch.stage("evaluate"):
-        metrics, _, values = evaluate(
-            model,
-            ch.clip()[2],
-            test.images[:n],
-            test.labels[:n],
-            test.class_names,
-            data.descriptors,
-            n_concepts=p["n_concepts"],
-            part_masks=masks,
-            start_layer=p["start_layer"],
-            concept_text=p["concept_text"],
-            localizability=localize,
-            n_localize=p["n_localize"],
-            zero_shot_prompts=p["zero_shot_prompts"],
-            references=references,
-        )
+    n = n or len(data.test.labels)
+    settings = {k: p[k] for k in ("n_concepts", "start_layer", "concept_text", "n_localize", "zero_shot_prompts")}
+
+    def build(d: Path) -> None:
+        masks = None if data.part_masks is None else data.part_masks[:n]
+        with ch.stage("evaluate"):
+            metrics, _, values = evaluate(
+                model,
+                ch.clip()[2],
+                data.test.images[:n],
+                data.test.labels[:n],
+                data.test.class_names,
+                data.descriptors,
+                part_masks=masks,
+                localizability=localize,
+                references=references,
+                **settings,
+            )
+        buffer = io.BytesIO()
+        np.savez(buffer, **values)
+        atomic_write_bytes(d / "per_image.npz", buffer.getvalue())
+        in_order = {k: v.item() if hasattr(v, "item") else v for k, v in metrics.items()}  # tables keep this order
+        atomic_write_bytes(d / "metrics.json", json.dumps(in_order).encode())
+
+    def load(d: Path) -> tuple[dict[str, float], dict[str, np.ndarray]]:
+        with np.load(d / "per_image.npz", allow_pickle=False) as values:
+            return json.loads((d / "metrics.json").read_text()), dict(values)
+
+    key = score_key(ch, model, data, n, {**settings, "localize": list(localize), "references": references})
+    metrics, values = ch.store.get_or_build("deal_scores", key, build, load)
     return (metrics, values) if per_image else metrics
+
+
+def score_key(ch: Chapter, model: nn.Module, data: DealData, n: int, settings: dict[str, Any]) -> dict[str, Any]:
+    """What a score depends on: the weights of the model scored (by content: the CLIP or any fine-tune), the
+    first ``n`` test images, their labels and part masks, the class names and descriptors, the evaluation's
+    settings, and the code that computes it (this module and the library modules of the evaluation)."""
+    from .. import deal, descriptors, explain, metrics, models
+
+    test = data.test
+    code = {m.__name__: ch.store.fingerprint(inspect.getfile(m)) for m in (deal, descriptors, explain, metrics, models)}
+    code["chapter"] = ch.store.fingerprint(__file__)
+    return ch.key(
+        scored=hashlib.sha256(
+            "".join(f"{k}={tensor_fingerprint(v)};" for k, v in model.state_dict().items()).encode()
+        ).hexdigest(),
+        code=code,
+        images=tensor_fingerprint(torch.as_tensor(test.images[:n])),
+        labels=tensor_fingerprint(torch.as_tensor(np.asarray(test.labels[:n]))),
+        masks=None if data.part_masks is None else tensor_fingerprint(torch.as_tensor(data.part_masks[:n])),
+        class_names=list(test.class_names),
+        descriptors=data.descriptors.descriptors,
+        settings=settings,
+    )
 
 
 def evaluate_both_texts(ch: Chapter, model: nn.Module, data: DealData) -> dict[str, dict[str, float]]:
