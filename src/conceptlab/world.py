@@ -385,16 +385,23 @@ class ConceptWorld:
         grow = np.where(attrs[:, :, 2] == 1, 1.2, 0.85).astype(np.float32)  # size attribute
         stripes = np.sin(u * 22) > 0.35  # pattern marks, shared by all parts
         spots = np.sin(u * 20 + 1) * np.sin(v * 20 + 1) > 0.45
+        # Painter's algorithm by index: each pixel keeps the colour index of the last part drawn over it
+        # (2p + 1 plain, 2p + 2 marked; 0 the background), then one gather paints them. Copying the
+        # broadcast colours part by part (np.copyto with a where mask) was half of all rendering time.
+        paint = np.zeros((n, r, r), dtype=np.int8)
+        colours = np.zeros((n, 2 * len(PARTS) + 1, 3), dtype=np.float32)
         for p, part in enumerate(PARTS):
             shape = _part_shape(part, u, v, col(grow[:, p])) & present[:, p, None, None]
             masks[:, :p] &= ~shape[:, None]  # later parts occlude earlier ones
             masks[:, p] = shape
-            base = self._palette[np.maximum(attrs[:, p, 0], 0)][:, None, None, :]
-            dark = np.where(base.mean(-1, keepdims=True) < 0.3, 0.55 + 0.45 * base, 0.45 * base)
+            base = self._palette[np.maximum(attrs[:, p, 0], 0)]
+            colours[:, 2 * p + 1] = base
+            colours[:, 2 * p + 2] = np.where(base.mean(-1, keepdims=True) < 0.3, 0.55 + 0.45 * base, 0.45 * base)
             pattern = attrs[:, p, 1, None, None]
             marks = ((pattern == 1) & stripes) | ((pattern == 2) & spots)
-            np.copyto(images, base, where=(shape & ~marks)[..., None])
-            np.copyto(images, dark, where=(shape & marks)[..., None])
+            np.copyto(paint, (2 * p + 1 + marks).astype(np.int8), where=shape)
+        drawn = np.nonzero(paint)
+        images[drawn] = colours[drawn[0], paint[drawn]]
         return images, masks
 
     def _backgrounds(self, habitats: np.ndarray, phase: np.ndarray) -> np.ndarray:
