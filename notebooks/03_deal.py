@@ -366,24 +366,26 @@ plots.table(r.learning_rates)
 # %% [markdown]
 # ## Ablation: λ_sep and steps
 #
-# A grid over $\lambda_{sep}$ and $\lambda_{con}$ ($\lambda_{spa}$ fixed), each trained for
-# `ablation_steps` steps with the paper's differentiable maps (one seed); the lower row of
-# the figure follows the chapter's λ's over steps, with the seeds of the breakdown at
-# `deal_steps`. Read it against $\lambda_{sep} = 0$: a gain that appears there too does not
-# come from $L_{sep}$.
+# A grid over $\lambda_{sep}$ and $\lambda_{con}$ ($\lambda_{spa}$ fixed), each point trained for
+# `ablation_steps` steps with the paper's differentiable maps and every seed of the breakdown
+# (`deal_seeds`); the table gives each point's mean and t interval over the seeds. In the figure,
+# the top row sets the grid beside the breakdown's runs at `deal_steps` ($\lambda_{sep} = 0$ and
+# the chapter's), the bottom row follows the chapter's λ's over steps; every point is a mean over
+# seeds with its interval, the dots the seeds. Read it against $\lambda_{sep} = 0$: a gain that
+# appears there too does not come from $L_{sep}$.
 
 # %%
 r.ablation = chapter.ablation(ch, r.data)
 if r.ablation:
-    display(plots.table(pd.DataFrame(r.ablation)))
+    display(plots.table(chapter.ablation_table(r.ablation)))
     fig = chapter.ablation_figure(ch, r)
 
 # %% [markdown]
 # *What to look for:* in the top row, each measure at λ_sep = 0 against the chapter's λ_sep and
 # against the dashed CLIP line: a gain over the CLIP that is already there at λ_sep = 0 does not
 # come from L_sep. In the bottom row, whether the measures keep moving from `ablation_steps` to
-# `deal_steps` (a trend still rising suggests that a longer run would move them further) and how
-# far apart the seeds' dots lie at `deal_steps`.
+# `deal_steps` (a trend still rising suggests that a longer run would move them further). Two
+# points whose intervals overlap are not told apart by these seeds.
 
 # %% [markdown]
 # ## The same images before and after

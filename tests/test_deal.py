@@ -606,6 +606,27 @@ def test_chapter_scores_maps_against_null_maps_and_runs_the_original_training(ru
         assert "chance:" in record["headline"][f"{m}, CLIP"]["note"]
     assert any(line.startswith("Against chance") for line in record["summary"])
     assert "deal_original_training" in record["results"]["scores"], "the per-image contrastive run is a literal run"
+    p, grid = record["parameters"], record["results"]["ablation"]
+    assert len(p["deal_seeds"]) > 1, "the smoke set trains the grid with several seeds"
+    for l_sep in p["ablation_lambda_sep"]:
+        seeds = [a["seed"] for a in grid if a["lambda_sep"] == l_sep]
+        assert sorted(seeds) == sorted(p["deal_seeds"]), "each grid point is trained with every seed"
+
+
+def test_ablation_table_gives_each_grid_point_its_mean_and_interval_over_seeds():
+    from conceptlab.stats import seed_interval
+
+    rows = [
+        {"lambda_sep": lam, "lambda_con": 0.01, "seed": s, "top1": v}
+        for lam, values in ((0.0, [0.90, 0.92, 0.91]), (0.1, [0.80, 0.86, 0.83]))
+        for s, v in enumerate(values)
+    ]
+    table = deal_chapter.ablation_table(rows, metrics=("top1", "pointing_game"))
+    assert list(table.index) == [(0.0, 0.01), (0.1, 0.01)] and "pointing_game" not in table
+    mean, low, high = seed_interval([0.80, 0.86, 0.83])
+    assert low < mean < high and table.loc[(0.1, 0.01), "seeds"] == 3
+    assert table.loc[(0.1, 0.01), "top1"] == f"{mean:.3f} [{low:.3f}, {high:.3f}]"
+    assert table.loc[(0.0, 0.01), "top1"].startswith("0.910 [")
 
 
 def test_switch_steps_change_one_switch_at_a_time_up_to_the_original_training():

@@ -441,13 +441,35 @@ def learning_rates(ch: Chapter, data: DealData, before: dict[str, float]) -> pd.
 
 
 def ablation(ch: Chapter, data: DealData) -> list[dict]:
-    """A grid over λ_sep and λ_con at ``ablation_steps`` (λ_spa fixed), the paper's differentiable maps."""
+    """A grid over λ_sep and λ_con at ``ablation_steps`` (λ_spa fixed), the paper's differentiable maps, each
+    point trained with every seed of ``deal_seeds`` (the chapter's ``seed`` when there are none): a row per
+    point and seed."""
     p, rows = ch.params, []
     for l_sep in p["ablation_lambda_sep"] if p["deal_steps"] > 0 else []:
         for l_con in p["ablation_lambda_con"]:
-            tuned, _ = fine_tune(ch, data, False, deal_steps=p["ablation_steps"], lambda_sep=l_sep, lambda_con=l_con)
-            rows.append({"lambda_sep": l_sep, "lambda_con": l_con, **scores(ch, tuned, data, localize=())})
+            for s in p["deal_seeds"] or [p["seed"]]:
+                changes = {"deal_steps": p["ablation_steps"], "lambda_sep": l_sep, "lambda_con": l_con, "seed": s}
+                tuned, _ = fine_tune(ch, data, False, **changes)
+                rows.append(
+                    {"lambda_sep": l_sep, "lambda_con": l_con, "seed": s, **scores(ch, tuned, data, localize=())}
+                )
     return rows
+
+
+def ablation_table(
+    rows: list[dict], metrics: Sequence[str] = ("disentanglability", "pointing_game", "top1")
+) -> pd.DataFrame:
+    """The grid's rows over seeds: per (λ_sep, λ_con) the number of seeds and each metric as
+    ``mean [low, high]`` (t interval over the seeds)."""
+    table = pd.DataFrame(rows)
+    out = {}
+    for point, group in table.groupby(["lambda_sep", "lambda_con"]):
+        cells: dict[str, Any] = {"seeds": len(group)}
+        for m in (m for m in metrics if m in group):
+            mean, low, high = seed_interval(group[m])
+            cells[m] = f"{mean:.3f} [{low:.3f}, {high:.3f}]"
+        out[point] = cells
+    return pd.DataFrame(out).T.rename_axis(["lambda_sep", "lambda_con"])
 
 
 # ---------------------------------------------------------------------------- the chapter's result
@@ -843,27 +865,60 @@ def breakdown_figure(ch: Chapter, r: Result):
 
 
 def ablation_figure(ch: Chapter, r: Result):
-    """The same three metrics against λ_sep at ``ablation_steps`` and against steps (0, ``ablation_steps``,
-    ``deal_steps``) at the chapter's λ_sep; steps at ``deal_steps`` are shown over seeds."""
+    """The same three metrics against λ_sep and against steps, each point the mean over seeds with its t
+    interval and the seeds as dots: top, the grid at ``ablation_steps`` and the breakdown's runs at
+    ``deal_steps`` (λ_sep = 0 and the chapter's); bottom, 0, ``ablation_steps`` and ``deal_steps`` steps at
+    the chapter's λ's."""
     import matplotlib.pyplot as plt
 
-    text = ch.params["concept_text"]
-    before = r.evals["CLIP"][text]
+    p = ch.params
+    before = r.evals["CLIP"][p["concept_text"]]
     metrics = [m for m in ("disentanglability", "pointing_game", "top1") if m in before]
+    grid = [a for a in r.ablation if a["lambda_con"] == p["lambda_con"]]
+    at_end = {0.0: r.seeds.get(NO_SEP_RUN, []), p["lambda_sep"]: r.seeds.get(PAPER_RUN, [])}
     fig, axes = plt.subplots(2, len(metrics), figsize=(3.4 * len(metrics), 5.2), squeeze=False)
+
+    def over_seeds(ax, xs: list[float], runs: list[list[float]], label: str, colour: str) -> None:
+        kept = [(x, v) for x, v in zip(xs, runs) if v]
+        for x, v in kept:
+            ax.plot([x] * len(v), v, ".", color=colour, alpha=0.4)
+        stats = np.array([seed_interval(v) for _, v in kept]).reshape(-1, 3)
+        xk = [x for x, _ in kept]
+        ax.errorbar(
+            xk,
+            stats[:, 0],
+            yerr=[stats[:, 0] - stats[:, 1], stats[:, 2] - stats[:, 0]],
+            fmt="o-",
+            color=colour,
+            capsize=3,
+            label=label,
+        )
+
     for j, m in enumerate(metrics):
-        rows = [a for a in r.ablation if a["lambda_con"] == ch.params["lambda_con"]]
-        axes[0, j].plot([a["lambda_sep"] for a in rows], [a[m] for a in rows], "o-")
-        axes[0, j].axhline(before[m], color="k", ls="--", lw=1, label="CLIP")
-        axes[0, j].set(xlabel=f"λ_sep ({ch.params['ablation_steps']} steps)", title=m.replace("_", " "))
-        same = [a[m] for a in rows if a["lambda_sep"] == ch.params["lambda_sep"]]
-        finals = [s[m] for s in r.seeds.get(PAPER_RUN, [])]
-        steps = [0] + ([ch.params["ablation_steps"]] if same else [])
-        axes[1, j].plot(steps, [before[m]] + same, "o-", label="seed " + str(ch.params["seed"]))
-        axes[1, j].plot([ch.params["deal_steps"]] * len(finals), finals, "o", alpha=0.6, label="seeds")
-        axes[1, j].set(xlabel="steps (λ_sep as in the chapter)")
-        axes[0, j].legend(fontsize=7)
-        axes[1, j].legend(fontsize=7)
+        lambdas = sorted({a["lambda_sep"] for a in grid})
+        over_seeds(
+            axes[0, j],
+            lambdas,
+            [[a[m] for a in grid if a["lambda_sep"] == lam] for lam in lambdas],
+            f"{p['ablation_steps']} steps",
+            "C0",
+        )
+        ends = sorted(at_end)
+        over_seeds(axes[0, j], ends, [[s[m] for s in at_end[lam]] for lam in ends], f"{p['deal_steps']} steps", "C1")
+        axes[0, j].set(xlabel="λ_sep", title=m.replace("_", " "))
+        same = [a[m] for a in grid if a["lambda_sep"] == p["lambda_sep"]]
+        steps = [0, p["ablation_steps"], p["deal_steps"]]
+        over_seeds(
+            axes[1, j],
+            steps,
+            [[before[m]], same, [s[m] for s in at_end[p["lambda_sep"]]]],
+            f"λ_sep = {p['lambda_sep']:g}",
+            "C1",
+        )
+        axes[1, j].set(xlabel="steps")
+        for ax in axes[:, j]:
+            ax.axhline(before[m], color="k", ls="--", lw=1, label="CLIP")
+            ax.legend(fontsize=7)
     fig.tight_layout()
     return fig
 
