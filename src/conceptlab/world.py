@@ -367,7 +367,9 @@ class ConceptWorld:
         if cfg.pixel_noise > 0:
             noise = _block_noise(rng, (n, *images.shape[1:]))[rows]
             images += noise * np.float32(cfg.pixel_noise)
-        np.clip(images * 255 + 0.5, 0, 255, out=images)
+        images *= 255
+        images += 0.5
+        np.clip(images, 0, 255, out=images)
         images = images.astype(np.uint8)
         captions, styles = self._captions(rng, labels, present, attrs, habitats)
         return WorldBatch(
@@ -413,9 +415,13 @@ class ConceptWorld:
             if idx.size == 0:
                 continue
             ph = phase[idx]
-            tex = _habitat_texture(name, x, y, ph)[..., None]  # (m, H, W, 1) in [0, 1]
+            tex = _habitat_texture(name, x, y, ph)  # (m, H, W) in [0, 1]
             lo, hi = (np.array(c, dtype=np.float32) for c in _HABITAT_COLOURS[name])
-            out[idx] = lo + (hi - lo) * tex
+            colour = np.empty((idx.size, r, r, 3), dtype=np.float32)
+            for c in range(3):  # lo + (hi - lo) * tex a channel at a time: twice as fast as broadcasting over 3
+                np.multiply(tex, hi[c] - lo[c], out=colour[..., c])
+                colour[..., c] += lo[c]
+            out[idx] = colour
         return out
 
     # ------------------------------------------------------------------ captions
