@@ -5,6 +5,10 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 JOBS ?= all
+# Cache compiled modules (__pycache__/, ignored by git) even where the environment turns caching off
+# (PYTHONDONTWRITEBYTECODE): every chapter kernel, test worker and subprocess imports the package again,
+# and pytest rewrites every test module's asserts in each worker without its cache (about 3 s a process).
+export PYTHONDONTWRITEBYTECODE :=
 
 .PHONY: install book notebooks html smoke test check bench lint format sync clean
 .PHONY: lesson lab browser
