@@ -385,7 +385,10 @@ if r.ablation:
 # against the dashed CLIP line: a gain over the CLIP that is already there at λ_sep = 0 does not
 # come from L_sep. In the bottom row, whether the measures keep moving from `ablation_steps` to
 # `deal_steps` (a trend still rising suggests that a longer run would move them further). Two
-# points whose intervals overlap are not told apart by these seeds.
+# points whose intervals overlap are not told apart by these seeds. The grey band is
+# disentanglability's chance (the CLIP's maps with their pixels shuffled) and the dotted line the
+# part masks' own score: a gain that ends inside the band has made the maps as disentangled as
+# noise, not as the parts.
 
 # %% [markdown]
 # ## The same images before and after

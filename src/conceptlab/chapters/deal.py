@@ -868,11 +868,13 @@ def ablation_figure(ch: Chapter, r: Result):
     """The same three metrics against λ_sep and against steps, each point the mean over seeds with its t
     interval and the seeds as dots: top, the grid at ``ablation_steps`` and the breakdown's runs at
     ``deal_steps`` (λ_sep = 0 and the chapter's); bottom, 0, ``ablation_steps`` and ``deal_steps`` steps at
-    the chapter's λ's."""
+    the chapter's λ's. Each panel has the CLIP's level; a map score also its chance band and the part masks'
+    score (:func:`map_references`), the others their chance in the title (:func:`chance_levels`)."""
     import matplotlib.pyplot as plt
 
     p = ch.params
     before = r.evals["CLIP"][p["concept_text"]]
+    chance, references = chance_levels(ch, r), map_references(r, p["concept_text"])
     metrics = [m for m in ("disentanglability", "pointing_game", "top1") if m in before]
     grid = [a for a in r.ablation if a["lambda_con"] == p["lambda_con"]]
     at_end = {0.0: r.seeds.get(NO_SEP_RUN, []), p["lambda_sep"]: r.seeds.get(PAPER_RUN, [])}
@@ -905,7 +907,8 @@ def ablation_figure(ch: Chapter, r: Result):
         )
         ends = sorted(at_end)
         over_seeds(axes[0, j], ends, [[s[m] for s in at_end[lam]] for lam in ends], f"{p['deal_steps']} steps", "C1")
-        axes[0, j].set(xlabel="λ_sep", title=m.replace("_", " "))
+        title = m.replace("_", " ") + (f" (chance {chance[m]:.3f})" if m in chance and m not in references else "")
+        axes[0, j].set(xlabel="λ_sep", title=title)
         same = [a[m] for a in grid if a["lambda_sep"] == p["lambda_sep"]]
         steps = [0, p["ablation_steps"], p["deal_steps"]]
         over_seeds(
@@ -916,8 +919,13 @@ def ablation_figure(ch: Chapter, r: Result):
             "C1",
         )
         axes[1, j].set(xlabel="steps")
+        ref = references.get(m, {})
         for ax in axes[:, j]:
             ax.axhline(before[m], color="k", ls="--", lw=1, label="CLIP")
+            if ref:
+                ax.axhspan(ref["chance_low"], ref["chance_high"], color="0.85", label="chance band")
+            if "truth" in ref:
+                ax.axhline(ref["truth"], color="C2", ls=":", lw=1.5, label="part masks")
             ax.legend(fontsize=7)
     fig.tight_layout()
     return fig
