@@ -659,3 +659,45 @@ def test_reference_sentence_places_each_model_against_the_chance_band_and_the_tr
     assert "above the part masks themselves" in said
     below_truth = deal_chapter.reference_sentence("localizability", {**ref, "truth": 0.9}, [("CLIP", clip)])
     assert "above the part masks" not in below_truth
+
+
+def test_grid_figure_draws_each_measures_chance_and_the_part_masks_score():
+    """The λ_sep figure carries the references of what it plots: disentanglability's chance band (null maps)
+    and the part masks' score (the ceiling) as drawn lines, the other measures' chance in their titles."""
+    from types import SimpleNamespace
+
+    import matplotlib.pyplot as plt
+    from matplotlib.patches import Rectangle
+
+    params = {"concept_text": "bare", "lambda_con": 0.01, "lambda_sep": 0.1, "ablation_steps": 20, "deal_steps": 40}
+    scores = lambda d, pg, t: {"disentanglability": d, "pointing_game": pg, "top1": t}  # noqa: E731
+    masks = np.zeros((4, 5, 8, 8), dtype=bool)
+    masks[:, 0, :2, :2] = True  # one part of 4 pixels in 64: chance 1/16 for the pointing game
+    clip = {**scores(0.69, 0.29, 0.93), "chance_disentanglability": 0.795, "truth_disentanglability": 0.873}
+    r = deal_chapter.Result(
+        data=SimpleNamespace(test=SimpleNamespace(class_names=[f"c{i}" for i in range(16)]), part_masks=masks),
+        evals={"CLIP": {"bare": clip}},
+        clip_per_image={"chance_separation_loss": np.array([2.0, 4.0, 6.0, 8.0])},
+        ablation=[
+            {"lambda_sep": lam, "lambda_con": 0.01, "seed": s, **scores(0.78 + lam, 0.3, 0.92)}
+            for lam in (0.0, 0.1)
+            for s in range(3)
+        ],
+        seeds={
+            deal_chapter.PAPER_RUN: [scores(0.81 + e, 0.32, 0.91) for e in (0.0, 0.01, 0.02)],
+            deal_chapter.NO_SEP_RUN: [scores(0.79 + e, 0.30, 0.91) for e in (0.0, 0.01, 0.02)],
+        },
+    )
+    fig = deal_chapter.ablation_figure(SimpleNamespace(params=params), r)
+    for ax in fig.axes[:3]:
+        assert ax.get_xlabel() == "λ_sep"
+    disent, pointing, top1 = fig.axes[0], fig.axes[1], fig.axes[2]
+    band = [p for p in disent.patches if isinstance(p, Rectangle) and p.get_label() == "chance band"]
+    assert band, "the chance band of disentanglability is drawn"
+    low, high = band[0].get_y(), band[0].get_y() + band[0].get_height()
+    reference = deal_chapter.map_references(r, "bare")["disentanglability"]
+    assert np.isclose(low, reference["chance_low"]) and np.isclose(high, reference["chance_high"])
+    assert any(np.allclose(line.get_ydata(), 0.873) for line in disent.lines), "the part masks' score is drawn"
+    assert "chance 0.062" in top1.get_title() and "chance 0.062" in pointing.get_title()
+    assert "chance" not in disent.get_title(), "a drawn band is not repeated in the title"
+    plt.close(fig)
