@@ -45,13 +45,15 @@ def __getattr__(name: str):
 
 
 def pytest_collection_modifyitems(config, items):
-    """Order the run so that both xdist workers start on shared work and neither waits for the other.
+    """Order the run so that neither xdist worker waits for the other.
 
-    pytest-xdist's worksteal gives each of the two workers one half of the order to start with. The first
-    half starts with the tests of the built book (they run chapters, then build it) and the tests of the
-    tiny CLIP (the first trains it); the second with the tests of single chapters, so the second worker runs
-    chapters beside the first (``run_smoke`` lets a worker take a chapter nobody has started), then tests
-    that need neither, while the book is built and the tiny CLIP trained."""
+    pytest-xdist's worksteal gives each of the two workers one half of the order to start with (then a worker
+    that runs out takes from the other). The first half starts with the tests of the built book: that worker
+    runs the smoke chapters one after the other (the first trains the tiny CLIP, which the tests of the tiny
+    CLIP that follow reuse) and builds the book. The second half starts with the slow tests that need neither
+    (processes of their own, long in-process runs), so a long test never comes last, and ends with the tests
+    of single chapters, which by then find their chapters executed (``run_smoke`` lets a worker that gets
+    there early take a chapter nobody has started rather than wait)."""
     groups: dict[str, list] = {"book": [], "single": [], "clip": [], "rest": []}
     for item in items:
         names = set(getattr(item, "fixturenames", ()))
@@ -60,9 +62,11 @@ def pytest_collection_modifyitems(config, items):
             "rest",
         )
         groups[group].append(item)
+    slow = [item for item in groups["rest"] if item.get_closest_marker("slow")]
+    quick = [item for item in groups["rest"] if not item.get_closest_marker("slow")]
     first = groups["book"] + groups["clip"]
     head = max(0, len(items) // 2 - len(first))
-    items[:] = first + groups["rest"][:head] + groups["single"] + groups["rest"][head:]
+    items[:] = first + quick[:head] + slow + quick[head:] + groups["single"]
 
 
 @pytest.fixture(autouse=True)
@@ -133,7 +137,7 @@ def _try_locked(path: Path) -> Iterator[bool]:
 @pytest.fixture(scope="session")
 def kernel():
     """This worker's warm Jupyter kernel: the notebook tests pay the imports once per worker, not once per run
-    (the fresh-kernel path is tested by the refusal test and the book-from-a-file test)."""
+    (the fresh-kernel path is tested by the book-from-a-file test)."""
     from conceptlab.bookrun import WarmKernel
 
     with WarmKernel() as warm:

@@ -106,14 +106,15 @@ def test_every_chapter_refuses_bad_parameters_before_any_work(tmp_path, monkeypa
 
 
 @pytest.mark.notebook
-def test_a_chapter_refuses_bad_parameters_in_its_kernel(tmp_path):
+def test_a_chapter_refuses_bad_parameters_in_its_kernel(tmp_path, kernel):
     """The same through papermill and a kernel, once: the error a user of ``papermill -p`` sees, and the
-    failed run's executed copy kept in ``failed/`` for reading, with no hidden half-written notebook."""
+    failed run's executed copy kept in ``failed/`` for reading, with no hidden half-written notebook.
+    (This worker's warm kernel, reset as for every chapter: the book-from-a-file test runs the fresh one.)"""
     import papermill as pm
 
     params = {**smoke_parameters(CHAPTERS[0], tmp_path), "seed": "abc"}
     with pytest.raises(pm.PapermillExecutionError) as err:
-        run_chapter(CHAPTERS[0], tmp_path / "executed", params)
+        run_chapter(CHAPTERS[0], tmp_path / "executed", params, kernel)
     assert err.value.ename == "ParameterError" and "seed='abc'" in err.value.evalue
     assert err.value.exec_count <= 3 and not (tmp_path / "artifacts").exists()
     assert not [p.name for p in (tmp_path / "executed").iterdir() if p.name.startswith(".")]
