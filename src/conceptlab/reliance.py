@@ -13,11 +13,13 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import torch
 
+from .artifacts import ArtifactStore
 from .models import class_text_weights, encode_images
 from .world import ATTRIBUTES, HABITATS, PARTS, ConceptWorld, Edit, WorldBatch
 
@@ -137,6 +139,34 @@ def intervene(
         drops[keep, j] = (margin_base - margin)[keep]
         correct[~keep, j] = False
     return Interventions(base, tuple(factors), correct_base, margin_base, correct, drops)
+
+
+def stored_intervene(
+    store: ArtifactStore,
+    kind: str,
+    key: dict,
+    scorer: Callable[[], Scorer],
+    world: ConceptWorld,
+    n: int = 512,
+    seed: int = 0,
+    factors: Sequence[str] = FACTORS,
+    batches: Callable[[], Sequence[WorldBatch]] | None = None,
+) -> Interventions:
+    """:func:`intervene` on the test split, its per-image results kept in ``store`` under ``kind`` and ``key``
+    (plus ``n``, ``seed`` and ``factors``): a rerun re-renders the base images (bit-identical) and reads the
+    rest back. ``scorer`` and ``batches`` (the :func:`intervention_batches`) are called only to build."""
+    arrays = ("correct_base", "margin_base", "correct_edited", "drops")
+
+    def build(d: Path) -> None:
+        res = intervene(scorer(), world, n, "test", factors, seed, batches() if batches is not None else None)
+        np.savez(d / "reliance.npz", **{k: getattr(res, k) for k in arrays})
+
+    def load(d: Path) -> Interventions:
+        data = np.load(d / "reliance.npz")
+        base = world.sample(n, "test", edit=prototypical(world))
+        return Interventions(base, tuple(factors), *(data[k] for k in arrays))
+
+    return store.get_or_build(kind, {**key, "n": n, "seed": seed, "factors": list(factors)}, build, load)
 
 
 def counterfactual_reliance(

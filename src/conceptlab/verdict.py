@@ -32,7 +32,6 @@ import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, replace
 from functools import partial
-from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
@@ -44,7 +43,14 @@ from torch import nn
 
 from .artifacts import params_key
 from .models import TrainConfig, world_clip
-from .reliance import FACTORS, Interventions, intervene, intervention_batches, prototypical, zero_shot_scorer
+from .reliance import (
+    FACTORS,
+    Interventions,
+    intervene,
+    intervention_batches,
+    stored_intervene,
+    zero_shot_scorer,
+)
 from .stats import permutation_band
 from .world import ATTRIBUTES, HABITATS, PARTS, ConceptWorld, WorldBatch, WorldConfig
 
@@ -123,29 +129,13 @@ def measure(
     images); with a ``store`` the per-image results are cached (the images are re-rendered, bit-identical).
     ``images``: returns the subject's :func:`~conceptlab.reliance.intervention_batches` (called only to build)."""
 
-    def batches() -> Sequence[WorldBatch]:
-        return images() if images is not None else intervention_batches(subject.world, n, "test", FACTORS, seed)
-
-    def run() -> Interventions:
-        score = zero_shot_scorer(subject.clip, subject.tokenizer, subject.world.class_names)
-        return intervene(score, subject.world, n, "test", FACTORS, seed, batches())
+    def scorer():
+        return zero_shot_scorer(subject.clip, subject.tokenizer, subject.world.class_names)
 
     if store is None:
-        return run()
-    arrays = ("correct_base", "margin_base", "correct_edited", "drops")
-
-    def build(d: Path) -> None:
-        res = run()
-        np.savez(d / "reliance.npz", **{k: getattr(res, k) for k in arrays})
-
-    def load(d: Path) -> Interventions:
-        data = np.load(d / "reliance.npz")
-        base = subject.world.sample(n, "test", edit=prototypical(subject.world))
-        return Interventions(base, FACTORS, *(data[k] for k in arrays))
-
-    return store.get_or_build(
-        "verdict_reliance", {"subject": subject.key, "n": n, "seed": seed, "factors": list(FACTORS)}, build, load
-    )
+        return intervene(scorer(), subject.world, n, "test", FACTORS, seed, images() if images is not None else None)
+    key = {"subject": subject.key}
+    return stored_intervene(store, "verdict_reliance", key, scorer, subject.world, n, seed, FACTORS, images)
 
 
 def measure_all(subjects: Sequence[Subject], n: int, seed: int = 0, store=None) -> dict[str, Interventions]:

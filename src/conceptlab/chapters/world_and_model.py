@@ -74,12 +74,17 @@ def classify(ch: Chapter, r: Result) -> Result:
 def measure_reliance(ch: Chapter, r: Result) -> Result:
     """The margin drop when one factor of prototypical creatures changes: what the model uses (per image,
     kept in the artifact store under the CLIP's key, so a rerun reads it back)."""
-    from ..verdict import Subject, measure
-
     clip, _, tokenizer, _ = ch.clip()
-    subject = Subject("chapter 1's CLIP", "chapter 1", ch.params["seed"], clip, tokenizer, ch.world, ch.key())
     with ch.stage("reliance"):
-        r.interventions = measure(subject, ch.params["n_reliance"], ch.params["seed"], ch.store)
+        r.interventions = reliance.stored_intervene(
+            ch.store,
+            "reliance",
+            {"clip": ch.key()},
+            lambda: reliance.zero_shot_scorer(clip, tokenizer, ch.world.class_names),
+            ch.world,
+            n=ch.params["n_reliance"],
+            seed=ch.params["seed"],
+        )
     return r
 
 
