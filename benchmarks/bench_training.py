@@ -1,7 +1,9 @@
 """World-CLIP training speed: seconds per step of chapter 1's configuration, and the full run projected.
 
-Baseline, measured in the same run: the same steps fed through open_clip's own per-image PIL
-preprocess instead of the vectorised ``images_to_tensor`` the training loop uses.
+Baselines, measured in the same run: the same steps fed through open_clip's own per-image PIL
+preprocess instead of the vectorised ``images_to_tensor`` the training loop uses; and the same steps
+(chapter 1's batch of 128, chapter 7's planted batch of 64) with AdamW's per-parameter loop instead of
+its fused kernel (``TrainConfig.fused_adamw``).
 """
 
 import tempfile
@@ -17,7 +19,7 @@ from conceptlab.bench import figure
 from conceptlab.models import TrainConfig, _quiet_random_init, images_to_tensor, train_world_clip
 from conceptlab.world import ConceptWorld, WorldConfig
 
-STEPS = 6
+STEPS = 8
 
 
 def _seconds_per_step(cfg: TrainConfig, world: ConceptWorld) -> float:
@@ -57,4 +59,15 @@ def run() -> list[dict]:
             batch_size=cfg.batch_size,
         ),
         figure("world_clip_full_run_projected", ours * default.steps, "s", steps=default.steps),
+        *(
+            figure(
+                f"world_clip_step_fused_adamw_batch_{batch}",
+                _seconds_per_step(replace(cfg, batch_size=batch), world),
+                "s/step",
+                baseline=_seconds_per_step(replace(cfg, batch_size=batch, fused_adamw=False), world),
+                baseline_kind="AdamW's per-parameter loop",
+                higher_is_better=False,
+            )
+            for batch in (default.batch_size, 64)
+        ),
     ]

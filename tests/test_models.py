@@ -218,6 +218,7 @@ def test_topk_accuracies_omit_k_at_or_above_the_number_of_classes():
         ({"steps": 20, "warmup": 50}, "warmup=50 exceeds steps=20"),
         ({"warmup": -1}, "warmup=-1 must be >= 0"),
         ({"weight_decay": -0.1}, "weight_decay"),
+        ({"fused_adamw": "yes"}, "fused_adamw='yes' must be True or False"),
     ],
 )
 def test_bad_training_parameters_say_what_is_wrong(bad, word):

