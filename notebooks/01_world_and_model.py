@@ -43,7 +43,7 @@ results_dir = "../book/results"
 # This chapter (declared, with types and ranges, in conceptlab.chapters.chapter.PARAMETERS)
 n_test = 2000  # held-out test images
 n_reliance = 512  # prototypical test creatures changed one factor at a time
-exercise_steps = 100  # training steps of the lesson-sized CLIPs that exercise 1 trains
+exercise_steps = 150  # training steps of exercise 1's planted CLIPs (chapter 7's models at 150)
 
 # %% tags=["hide-cell"]
 import importlib.util
@@ -262,16 +262,19 @@ chapters.finish(ch, r, chapter)
 # ## Exercises
 #
 # Predict first, then run. Each solution below is computed by running the exercise (click
-# to show it); the first row of each is the chapter's own setting.
+# to show it); the first row of each is the chapter's own setting (in exercise 1, the
+# no-shortcut model).
 #
-# **1. A stronger shortcut.** Train on a world where the creature sits in its home habitat
-# 95 % of the time instead of the chapter's rate, and test on the chapter's test images.
-# Will the gap between home-habitat and other-habitat accuracy grow or shrink? And overall
-# accuracy? Both rows are lesson-sized CLIPs (the chapter's recipe for `exercise_steps`
-# steps), so compare the two rows with each other, not with the chapter's model.
+# **1. Plant the shortcut.** Chapter 7 trains small CLIPs on worlds of six classes where the
+# answer is forced: in the *shortcut* world every creature sits in its class's home habitat, in
+# the *no-shortcut* world the habitat is drawn at random. Both are tested here on no-shortcut
+# test images, where a creature is at home only by chance. Predict each model's accuracy at
+# home and away from home. Both rows are `exercise_steps`-step planted CLIPs (at the default,
+# the very models of chapter 7, trained once for both chapters), so compare them with each
+# other, not with the chapter's model.
 
 # %% tags=["hide-cell"]
-ch.exercise("stronger shortcut", chapter.exercise_train_habitat, habitat_correlation=0.95)
+ch.exercise("planted shortcut", chapter.exercise_train_habitat, condition="shortcut")
 
 # %% [markdown]
 # **2. Break the habitat cue at test time.** Without retraining, test the chapter's CLIP on

@@ -13,6 +13,7 @@ from conftest import TINY_TRAIN, TINY_WORLD
 from conceptlab import chapters
 from conceptlab.chapters import world_and_model
 from conceptlab.chapters.report import unsupported_numbers
+from conceptlab.verdict import planted_models, planted_recipe
 
 
 @pytest.fixture(scope="module")
@@ -88,22 +89,47 @@ def test_test_time_exercises_reuse_the_chapter_clip_and_the_training_one_changes
     assert world_and_model.exercise_prompts(ch, template="{}")["top1"] >= 0
     assert world_and_model.exercise_test_habitat(ch)["top-1"] == pytest.approx(record["results"]["zero_shot"]["top1"])
     assert calls == []  # test-time changes never retrain
-    for correlation in (None, 0.95):
+    for condition in ("no-shortcut", "shortcut"):
         with pytest.raises(Trained):
-            world_and_model.exercise_train_habitat(ch, habitat_correlation=correlation)
+            world_and_model.exercise_train_habitat(ch, condition=condition)
     (base_world, base_cfg), (world, cfg) = calls[0], calls[-1]
-    assert base_world == ch.world_cfg and world == replace(ch.world_cfg, habitat_correlation=0.95)
+    assert base_world.habitat_correlation == 0.0 and world.habitat_correlation == 1.0
+    assert replace(base_world, habitat_correlation=1.0) == world  # only the habitat's correlation differs
     assert (
         base_cfg
         == cfg
         == replace(
-            ch.train_cfg,
+            planted_recipe(ch.train_cfg),
             steps=ch.params["exercise_steps"],
-            warmup=min(ch.params["exercise_steps"] // 5, 50),
-            batch_size=min(ch.train_cfg.batch_size, 64),
-            n_train=min(ch.train_cfg.n_train, 4000),
+            warmup=max(1, ch.params["exercise_steps"] // 10),
         )
-    )  # one lesson recipe: only the world differs
+    )
+
+
+def test_the_shortcut_exercise_trains_chapter_7s_planted_models(tmp_path, monkeypatch):
+    """At its default steps, exercise 1's models have the keys of chapter 7's first planted seed: trained once."""
+    from conceptlab.chapter import setup
+    from conceptlab.chapters import verdict as chapter7
+
+    keys = []
+
+    def train(world, cfg, out_dir, progress=True, **kwargs):
+        raise Trained
+
+    def record(store, kind, key, build, load):
+        keys.append(key)
+        raise Trained
+
+    monkeypatch.setattr("conceptlab.models.train_world_clip", train)
+    ch1 = setup("01_world_and_model", {"artifacts_dir": str(tmp_path)}, world_and_model.PARAMETERS)
+    ch7 = setup("07_verdict", {"artifacts_dir": str(tmp_path)}, chapter7.PARAMETERS)
+    monkeypatch.setattr(type(ch1.store), "get_or_build", record)
+    for condition in ("shortcut", "no-shortcut"):
+        with pytest.raises(Trained):
+            world_and_model.exercise_train_habitat(ch1, condition=condition)
+        with pytest.raises(Trained):
+            planted_models(ch7.store, ch7.world_cfg, chapter7.planted_recipe(ch7), [condition], 1, "head colour", 6)
+    assert keys[0] == keys[1] and keys[2] == keys[3] and keys[0] != keys[2]
 
 
 def test_reliance_is_kept_in_the_store_and_read_back_on_a_rerun(chapter_run, monkeypatch):

@@ -64,6 +64,12 @@ CONDITIONS: dict[str, dict] = {
 # half visual captions a no-shortcut model stayed near chance (zero-shot accuracy 0.22 of 6 classes);
 # with half class captions its training loss fell clearly faster (3.1 against 3.6 at step 120).
 PLANTED_CAPTIONS = {"visual": 0.3, "class": 0.5, "habitat": 0.2, "behaviour": 0.0, "spurious": 0.0}
+PLANTED_CLASSES = 6  # classes of a planted world
+PLANTED_BLIND = "head colour"  # the attribute a blind model never sees
+# The planted models' recipe (benchmarks/bench_planted.py): 100 steps recover both planted answers but
+# leave the no-shortcut model's blinded-factor reliance near 0, 150 give it a contrast; 2e-3 stalls at
+# chance (loss ln 64 after 50 steps).
+PLANTED_RECIPE = {"steps": 150, "batch_size": 64, "n_train": 2000, "lr": 1e-3}
 REGIONS: tuple[str, ...] = ("background", *PARTS)  # what a map can point at; the habitat is the background
 GRANULARITIES = ("region", "factor")
 
@@ -80,6 +86,13 @@ class Subject:
     tokenizer: Callable
     world: ConceptWorld
     key: dict
+
+
+def planted_recipe(train: TrainConfig, **changes: Any) -> TrainConfig:
+    """``train`` (the world CLIP's recipe) cut to the planted models' size: :data:`PLANTED_RECIPE` with any
+    ``changes`` (``steps``, ``batch_size``, ``n_train``, ``lr``), warm-up a tenth of the steps."""
+    recipe = {**PLANTED_RECIPE, **changes}
+    return replace(train, **recipe, warmup=max(1, recipe["steps"] // 10))
 
 
 def planted_world(condition: str, base: WorldConfig, blind_factor: str, n_classes: int) -> WorldConfig:

@@ -53,18 +53,14 @@ PARAMETERS: dict[str, Param] = {
         help="planted training conditions",
     ),
     "n_seeds": Param(3, int, min=1, help="planted models per condition"),
-    "blind_factor": Param("head colour", str, choices=FACTORS[1:], help="the attribute a blind model never sees"),
-    "planted_classes": Param(6, int, min=2, max=len(HABITATS), help="classes of the planted worlds"),
+    "blind_factor": Param(vd.PLANTED_BLIND, str, choices=FACTORS[1:], help="the attribute a blind model never sees"),
+    "planted_classes": Param(vd.PLANTED_CLASSES, int, min=2, max=len(HABITATS), help="classes of the planted worlds"),
     "planted_steps": Param(
-        150,
-        int,
-        min=1,
-        help="training steps of each planted CLIP (benchmarks/bench_planted.py: 100 steps recover both planted "
-        "answers but leave the no-shortcut model's blinded-factor reliance near 0, 150 give it a contrast)",
+        vd.PLANTED_RECIPE["steps"], int, min=1, help="training steps of each planted CLIP (see verdict.PLANTED_RECIPE)"
     ),
-    "planted_batch_size": Param(64, int, min=2),
-    "planted_n_train": Param(2000, int, min=64, help="training images of each planted CLIP"),
-    "planted_lr": Param(1e-3, float, min=1e-6, help="2e-3 stalls at chance (loss ln 64 after 50 steps)"),
+    "planted_batch_size": Param(vd.PLANTED_RECIPE["batch_size"], int, min=2),
+    "planted_n_train": Param(vd.PLANTED_RECIPE["n_train"], int, min=64, help="training images of each planted CLIP"),
+    "planted_lr": Param(vd.PLANTED_RECIPE["lr"], float, min=1e-6),
     "n_images": Param(256, int, min=8, help="prototypical test images per model (interventions, explanations)"),
     "n_bootstrap": Param(200, int, min=10, help="joint bootstrap resamples (seeds and images)"),
     "n_permutations": Param(200, int, min=10, help="draws of every permutation band"),
@@ -225,13 +221,12 @@ def section(ch: Chapter, title: str | None = None) -> bool:
 def planted_recipe(ch: Chapter):
     """The planted models' training recipe: the chapter's CLIP recipe, shorter (see ``planted_*``)."""
     p = ch.params
-    return replace(
+    return vd.planted_recipe(
         ch.train_cfg,
         n_train=p["planted_n_train"],
         steps=p["planted_steps"],
         lr=p["planted_lr"],
         batch_size=p["planted_batch_size"],
-        warmup=max(1, p["planted_steps"] // 10),
     )
 
 

@@ -9,7 +9,7 @@ filling the :class:`Result`: :func:`look`, :func:`train`, :func:`classify`, :fun
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any
 
 import matplotlib.pyplot as plt
@@ -18,6 +18,7 @@ import pandas as pd
 import torch
 
 from .. import plots, reliance
+from .. import verdict as vd
 from ..chapter import Chapter, Param
 from ..models import CLASS_PROMPTS, habitat_shortcut, zero_shot
 from ..stats import bootstrap_interval, excludes
@@ -28,7 +29,12 @@ NAME = "01_world_and_model"
 PARAMETERS: dict[str, Param] = {
     "n_test": Param(2000, int, min=10, help="held-out test images"),
     "n_reliance": Param(512, int, min=8, help="prototypical test creatures changed one factor at a time"),
-    "exercise_steps": Param(100, int, min=1, help="steps of the exercises' lesson-sized CLIPs"),
+    "exercise_steps": Param(
+        vd.PLANTED_RECIPE["steps"],
+        int,
+        min=1,
+        help="steps of exercise 1's planted CLIPs (chapter 7's: at its default both chapters share the models)",
+    ),
 }
 SWITCHES: dict = {}  # no original code: Concept World and its CLIP are this book's
 
@@ -271,31 +277,19 @@ def ontology_table(world: ConceptWorld) -> pd.DataFrame:
 
 
 # ---------------------------------------------------------------------------- exercises
-def lesson_recipe(ch: Chapter) -> dict[str, Any]:
-    """The exercises' lesson-sized training: the chapter's recipe for ``exercise_steps`` steps of at most
-    64 pairs on at most 4,000 images (two of these cost about a quarter of one chapter CLIP)."""
-    cfg, steps = ch.train_cfg, ch.params["exercise_steps"]
-    return {
-        **asdict(cfg),
-        "n_train": min(cfg.n_train, 4000),
-        "steps": steps,
-        "warmup": min(steps // 5, 50),
-        "batch_size": min(cfg.batch_size, 64),
-    }
-
-
-def exercise_train_habitat(ch: Chapter, habitat_correlation: float | None = None) -> dict[str, float]:
-    """A lesson-sized CLIP trained on a world with another habitat correlation, tested on the chapter's
-    test images; both rows train the same lesson recipe, so only the world differs."""
-    world = (
-        ch.params["world"]
-        if habitat_correlation is None
-        else {**ch.params["world"], "habitat_correlation": habitat_correlation}
+def exercise_train_habitat(ch: Chapter, condition: str = "no-shortcut") -> dict[str, float]:
+    """Seed 0 of chapter 7's planted CLIP of ``condition`` ('shortcut': every creature in its class's home
+    habitat; 'no-shortcut': the habitat drawn at random), trained for ``exercise_steps`` steps of chapter 7's
+    recipe, tested on no-shortcut test images, where the habitat says nothing about the class. With the
+    default steps the key is chapter 7's, so the model is trained once for both chapters."""
+    recipe = vd.planted_recipe(ch.train_cfg, steps=ch.params["exercise_steps"])
+    (subject,) = vd.planted_models(
+        ch.store, ch.world_cfg, recipe, [condition], 1, vd.PLANTED_BLIND, vd.PLANTED_CLASSES, progress=False
     )
-    clip, _, tokenizer, _ = ch.with_params(world=world, world_clip=lesson_recipe(ch)).clip(progress=False)
-    test = ch.world.sample(ch.params["n_test"], split="test")
-    logits, acc = zero_shot(clip, tokenizer, test.images, test.labels, ch.world.class_names)
-    return {"top-1": acc["top1"], **habitat_shortcut(logits.argmax(1).numpy(), test, ch.world)}
+    world = ConceptWorld(vd.planted_world("no-shortcut", ch.world_cfg, vd.PLANTED_BLIND, vd.PLANTED_CLASSES))
+    test = world.sample(ch.params["n_test"], split="test")
+    logits, acc = zero_shot(subject.clip, subject.tokenizer, test.images, test.labels, world.class_names)
+    return {"top-1": acc["top1"], **habitat_shortcut(logits.argmax(1).numpy(), test, world)}
 
 
 def exercise_test_habitat(ch: Chapter, habitat_correlation: float | None = None) -> dict[str, float]:
