@@ -296,7 +296,10 @@ r.mentions_against_reliance().round(3) if r.reliance is not None else None
 # control with the world's captions, the planted one with `planted_style` captions raised to
 # `planted_share`. They differ in that one setting. The same LM is aligned to each. If EX2 works,
 # the aligned share of web phrases the planted VLM saw in training rises beyond its interval,
-# while web phrases it never saw stay where they were.
+# while web phrases it never saw stay where they were. The summary also checks the plant
+# itself, before blaming or crediting EX2: does the planted VLM's *reward* prefer those
+# phrases more than the control's (paired over classes), and how large a shift of the aligned
+# mix does KL-regularised RL predict from the two VLMs' rewards?
 
 # %%
 chapter.run_planted(ch, r)
@@ -357,7 +360,8 @@ if ch.on_world:  # the solutions are judged against the world's ground truth
 
 # %% [markdown]
 # **5. A positive control.** Plant habitat captions instead of web phrases
-# (`planted_style="habitat"`). Does the aligned share of habitat sentences rise?
+# (`planted_style="habitat"`). Does the aligned share of habitat sentences rise, and did the
+# plant take (the habitat reward gap, and the shift RL predicts from it)?
 
 # %% tags=["hide-cell"]
 if ch.on_world and planted:  # the planted VLMs need the world CLIP

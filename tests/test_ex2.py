@@ -638,6 +638,40 @@ def test_planted_vlm_differs_from_its_control_in_one_setting(tmp_path):
     assert len(set(np.round(list(ratio.values()), 9))) == 1  # the other styles keep their proportions
 
 
+def _preference(rng, n_classes=6, per_kind=8, raised=0.0):
+    rows = [
+        {"class_index": c, "kind": k, "reward": 0.6 + 0.01 * rng.normal() + (raised if k == "web_seen" else 0.0)}
+        for c in range(n_classes)
+        for k in ("class", "web_seen", "visual_true")
+        for _ in range(per_kind)
+    ]
+    return pd.DataFrame(rows)
+
+
+def test_planted_reward_gap_sees_a_plant_that_took_and_not_one_that_did_not():
+    rng = np.random.default_rng(0)
+    control = _preference(rng)
+    took = ex2.planted_reward_gap(control, _preference(rng, raised=0.05), "web_seen")
+    assert took[0] == pytest.approx(0.05, abs=0.01) and took[1] > 0
+    same = ex2.planted_reward_gap(control, control, "web_seen")
+    assert same == (0.0, 0.0, 0.0)
+    flat = ex2.planted_reward_gap(control, _preference(rng), "web_seen")
+    assert flat[1] < 0 < flat[2]
+
+
+def test_the_planted_reading_says_when_there_was_nothing_to_recover(tmp_path, monkeypatch):
+    from conceptlab.chapter import setup
+
+    ch = setup("04_ex2", {"world": {"n_classes": 6}, "artifacts_dir": str(tmp_path)}, chapter4.PARAMETERS)
+    r = chapter4.Result()
+    for gap, expected in ((0.0, "no planted preference"), (0.05, "cannot see"), (0.05, "within")):
+        took = {"kind": "web_seen", "reward_gap": gap, "reward_gap_low": gap - 0.01, "reward_gap_high": gap + 0.01}
+        took["predicted_difference"] = 0.2 if expected == "within" else 0.001
+        took.update(observed_difference=0.0, observed_half_width=0.02)
+        monkeypatch.setattr(chapter4, "plant_took", lambda ch, r, t=took: t)
+        assert expected in chapter4.plant_sentence(ch, r)
+
+
 def test_text_tower_retraining_leaves_the_image_tower(tiny_clip, tiny_world):
     clip = tiny_clip[0]
     cfg = ex2.TextTowerConfig(caption_mix={"spurious": 1.0}, steps=2, batch_size=16, n_images=64)
@@ -675,3 +709,15 @@ def test_prediction_agreement_stands_beside_its_permutation_band():
     assert same["r"] == pytest.approx(1.0) and same["r"] > same["null_high"]
     assert mirror["r"] == pytest.approx(-1.0) and mirror["r"] < mirror["null_low"]
     assert -1 < same["null_low"] < 0 < same["null_high"] < 1
+
+
+def test_stored_language_models_reload_without_progress_bars(tiny_lm, tiny_store, capfd):
+    """The store's own small LMs reload silently (a chapter reloads them many times), and the user's
+    progress-bar setting is back afterwards."""
+    from transformers.utils import logging as hf_logging
+
+    capfd.readouterr()
+    world_lm(tiny_store, TINY_LM, ex2.TEMPLATES, progress=False)
+    out, err = capfd.readouterr()
+    assert "Loading weights" not in out + err
+    assert hf_logging.is_progress_bar_enabled()

@@ -386,14 +386,16 @@ def align(
 def load_policy(folder: str | Path, base) -> torch.nn.Module:
     """The aligned policy saved by :func:`align`: a full model, or LoRA adapters put on a copy of ``base``
     (merged into it, unless ``base`` is quantized)."""
+    from .textlm import load_lm, quiet_transformers
+
     folder = Path(folder)
     if not (folder / "adapter_config.json").exists():
-        from .textlm import load_lm
-
-        return load_lm(str(folder), device=str(base.device), dtype=base.dtype)[0]
+        with quiet_transformers():
+            return load_lm(str(folder), device=str(base.device), dtype=base.dtype)[0]
     from peft import PeftModel
 
-    policy = PeftModel.from_pretrained(copy.deepcopy(base), str(folder))
+    with quiet_transformers():
+        policy = PeftModel.from_pretrained(copy.deepcopy(base), str(folder))
     quantized = getattr(base, "is_quantized", False) or getattr(base, "quantization_method", None)
     return (policy if quantized else policy.merge_and_unload()).eval()
 
@@ -641,6 +643,21 @@ def kind_table(preference: pd.DataFrame, reference: str = "class", seed: int = 0
         diff, low, high = paired_difference_interval(per_class[kind], per_class[reference], seed=seed)
         rows[kind] = {"reward": float(per_class[kind].mean()), f"minus {reference}": diff, "low": low, "high": high}
     return pd.DataFrame(rows).T.sort_values("reward", ascending=False).rename_axis("kind")
+
+
+def planted_reward_gap(
+    control: pd.DataFrame, planted: pd.DataFrame, kind: str, reference: str = "class", seed: int = 0
+) -> tuple[float, float, float]:
+    """Did a plant take? ``(gap, low, high)``: how much more the planted VLM's reward prefers ``kind``
+    sentences over ``reference`` ones than the control's does, per class, with a 95 % interval paired over
+    classes. ``control`` and ``planted`` are :func:`kind_preference` frames of the same sentences."""
+    from .stats import paired_difference_interval
+
+    def relative(preference: pd.DataFrame) -> pd.Series:
+        per_class = preference.pivot_table(index="class_index", columns="kind", values="reward", aggfunc="mean")
+        return per_class[kind] - per_class[reference]
+
+    return paired_difference_interval(relative(planted), relative(control), seed=seed)
 
 
 def optimal_mix(reference: pd.Series, reward: pd.Series, beta: float, scale: float = 1.0) -> pd.Series:

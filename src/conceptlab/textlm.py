@@ -19,12 +19,13 @@ transformers causal LM by name or path instead.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
 import shutil
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -293,13 +294,29 @@ def pretrain_world_lm(
     return run.history
 
 
+@contextlib.contextmanager
+def quiet_transformers() -> Iterator[None]:
+    """transformers' "Loading weights" / "Writing model shards" bars off while the store saves or reloads
+    one of its own small models (a chapter does so many times; the bars would fill the book's pages)."""
+    from transformers.utils import logging as hf_logging
+
+    was_on = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_on:
+            hf_logging.enable_progress_bar()
+
+
 def save_pretrained_atomic(model, tokenizer, target: str | Path) -> Path:
     """``save_pretrained`` into a temporary sibling directory, then rename it into place."""
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}."))
     try:
-        model.save_pretrained(tmp)
+        with quiet_transformers():
+            model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         if target.exists():
             shutil.rmtree(target)
@@ -320,10 +337,15 @@ def world_lm(store: ArtifactStore, cfg: WorldLMConfig, templates: Sequence[str],
         {"lm": asdict(cfg), "templates": list(templates), "arch": "llama-word"},
         build=lambda d: pretrain_world_lm(cfg, templates, d, progress=progress),
         load=lambda d: (
-            *load_lm(str(d / "lm"), device="cpu", dtype=torch.float32),
+            *_load_stored(d / "lm"),
             json.loads((d / "history.json").read_text()),
         ),
     )
+
+
+def _load_stored(folder: Path):
+    with quiet_transformers():
+        return load_lm(str(folder), device="cpu", dtype=torch.float32)
 
 
 @torch.no_grad()

@@ -421,9 +421,7 @@ class Result:
         shares = pd.DataFrame({s: ex2.sentence_kind_shares(self.descriptions[s], ch.world) for s in STAGES})
         reward = self.kind_table()["reward"]
         before = self.descriptions["before"]
-        spread = float(np.sqrt(before.groupby(["class_index", "template_index"]).reward.var().mean()))
-        if np.isnan(spread):  # one sample per query: the spread within a class instead
-            spread = float(before.groupby("class_index").reward.std().mean())
+        spread = reward_spread(before)
         shares["predicted"] = ex2.optimal_mix(shares["before"], reward, self.align.beta, scale=spread)
         shares["predicted from descriptions"] = ex2.reweighted_kind_shares(
             self.descriptions["before"], ch.world, self.align.beta, scale=spread
@@ -599,6 +597,14 @@ def gain_figure(r: Result) -> plt.Axes:
     return ax
 
 
+def reward_spread(before: pd.DataFrame) -> float:
+    """The reward's unit for GRPO: its spread within a query (within a class with one sample per query)."""
+    spread = float(np.sqrt(before.groupby(["class_index", "template_index"]).reward.var().mean()))
+    if np.isnan(spread):
+        spread = float(before.groupby("class_index").reward.std().mean())
+    return spread
+
+
 def examples(r: Result, n_classes: int = 4) -> pd.DataFrame:
     """The first template's first sample for the first classes, before and after alignment, side by side."""
 
@@ -673,7 +679,7 @@ def run_planted(ch: Chapter, r: Result, progress: bool = True) -> None:
                 "config": cfg,
                 "before": before,
                 "after": after,
-                "preference": ex2.kind_table(ex2.kind_preference(reward, ch.world, ch.params["preference_sentences"])),
+                "preference": ex2.kind_preference(reward, ch.world, ch.params["preference_sentences"]),
             }
     r.planted = out
 
@@ -686,7 +692,7 @@ def planted_table(ch: Chapter, r: Result) -> pd.DataFrame | None:
     for name, v in r.planted.items():
         for stage in STAGES:
             rows[(name, stage)] = ex2.sentence_kind_shares(v[stage], ch.world)
-        rows[(name, "kind reward")] = v["preference"]["reward"]
+        rows[(name, "kind reward")] = ex2.kind_table(v["preference"])["reward"]
     return pd.DataFrame(rows).rename_axis("kind of sentence")
 
 
@@ -696,6 +702,36 @@ def planted_difference(ch: Chapter, r: Result, kind: str) -> tuple[float, float,
     diff = _slot_shares(r.planted["planted"]["after"], ch, kind) - _slot_shares(r.planted["control"]["after"], ch, kind)
     low, high = bootstrap_interval(diff, seed=0)
     return float(diff.mean()), low, high
+
+
+def planted_kind(ch: Chapter) -> str:
+    """The kind of sentence the planted caption style writes (web phrases: ``web_seen``)."""
+    style = ch.params["planted_style"]
+    return {"spurious": "web_seen", "visual": "visual_true"}.get(style, style)
+
+
+def plant_took(ch: Chapter, r: Result) -> dict[str, float]:
+    """Did the plant take, and what could EX2 find? The planted-minus-control gap of the planted kind's
+    reward (relative to a class-name caption, paired over classes), and the planted-minus-control
+    difference of that kind's aligned share that KL-regularised RL predicts from each VLM's kind rewards."""
+    kind, (control, planted) = planted_kind(ch), (r.planted[n] for n in ("control", "planted"))
+    gap, low, high = ex2.planted_reward_gap(control["preference"], planted["preference"], kind, seed=ch.params["seed"])
+
+    def predicted(v: dict) -> float:
+        before = ex2.sentence_kind_shares(v["before"], ch.world)
+        reward = ex2.kind_table(v["preference"])["reward"]
+        return float(ex2.optimal_mix(before, reward, r.align.beta, scale=reward_spread(v["before"]))[kind])
+
+    observed, observed_low, observed_high = planted_difference(ch, r, kind)
+    return {
+        "kind": kind,
+        "reward_gap": gap,
+        "reward_gap_low": low,
+        "reward_gap_high": high,
+        "predicted_difference": predicted(planted) - predicted(control),
+        "observed_difference": observed,
+        "observed_half_width": (observed_high - observed_low) / 2,
+    }
 
 
 def _slot_shares(descriptions: pd.DataFrame, ch: Chapter, kind: str) -> np.ndarray:
@@ -809,6 +845,7 @@ def results(ch: Chapter, r: Result) -> dict:
                 f"{kind} difference": dict(zip(("value", "low", "high"), planted_difference(ch, r, kind)))
                 for kind in ("web_seen", "web_unseen", "habitat")
             },
+            "plant": plant_took(ch, r),
         }
     return out
 
@@ -966,7 +1003,33 @@ def summary(ch: Chapter, r: Result) -> list[str]:
             f"text tower's training, the aligned share of seen web phrases {verdict}: "
             f"{_interval(*seen, digits=3)}; unseen phrases {_interval(*unseen, digits=3)}."
         )
+        out.append(plant_sentence(ch, r))
     return out
+
+
+def plant_sentence(ch: Chapter, r: Result) -> str:
+    """Why the planted comparison came out as it did, from :func:`plant_took`: a plant that did not move
+    the reward leaves nothing to recover; a predicted shift inside the observed interval cannot be seen."""
+    t = plant_took(ch, r)
+    kind = t["kind"].replace("_", " ")
+    said = (
+        f"Did the plant take? The planted VLM's reward prefers {kind} sentences over a class-name caption by "
+        f"{_interval(t['reward_gap'], t['reward_gap_low'], t['reward_gap_high'], digits=4)} more than the "
+        f"control's (paired over classes); from the two VLMs' kind rewards, KL-regularised RL predicts the "
+        f"aligned share of {kind} sentences to differ by {t['predicted_difference']:+.3f}. "
+    )
+    half_width = t["observed_half_width"]
+    if not (t["reward_gap_low"] > 0):
+        return said + (
+            "The planting did not raise the reward for that kind beyond its interval, so this pair of VLMs "
+            "carries no planted preference for EX2 to recover: the comparison above tests the plant, not EX2."
+        )
+    if abs(t["predicted_difference"]) < half_width:
+        return said + (
+            f"That predicted difference is smaller than the observed interval's half-width ({half_width:.3f}): "
+            "with these samples the comparison cannot see a preference this small."
+        )
+    return said + "The plant took and the predicted shift is within the comparison's reach."
 
 
 # ---------------------------------------------------------------------------- exercises
@@ -1026,12 +1089,18 @@ def exercise_images_per_class(ch: Chapter, reward_images: int | None = None) -> 
 
 def exercise_planted(ch: Chapter) -> dict[str, float]:
     """EX2 on the control and the planted VLM with the chapter's ``planted_style`` and ``planted_share``:
-    the planted-minus-control difference of each kind's share after alignment."""
+    the planted-minus-control difference of each kind's share after alignment, and whether the plant
+    took (:func:`plant_took`: the planted kind's reward gap and the share difference RL predicts from it)."""
     r = _aligned(ch)
     run_planted(ch, r, progress=False)
+    took = plant_took(ch, r)
     return {
-        f"{kind} (planted - control)": planted_difference(ch, r, kind)[0]
-        for kind in ("web_seen", "web_unseen", "habitat", "visual_true")
+        **{
+            f"{kind} (planted - control)": planted_difference(ch, r, kind)[0]
+            for kind in ("web_seen", "web_unseen", "habitat", "visual_true")
+        },
+        "planted kind's reward gap (planted - control)": took["reward_gap"],
+        "planted kind's share difference predicted by RL": took["predicted_difference"],
     }
 
 
