@@ -710,7 +710,7 @@ def planted_kind(ch: Chapter) -> str:
     return {"spurious": "web_seen", "visual": "visual_true"}.get(style, style)
 
 
-def plant_took(ch: Chapter, r: Result) -> dict[str, float]:
+def plant_took(ch: Chapter, r: Result) -> dict[str, Any]:
     """Did the plant take, and what could EX2 find? The planted-minus-control gap of the planted kind's
     reward (relative to a class-name caption, paired over classes), and the planted-minus-control
     difference of that kind's aligned share that KL-regularised RL predicts from each VLM's kind rewards."""
