@@ -62,7 +62,7 @@ def run() -> list[dict]:
         *(
             figure(
                 f"world_clip_step_fused_adamw_batch_{batch}",
-                _seconds_per_step(replace(cfg, batch_size=batch), world),
+                ours if batch == cfg.batch_size else _seconds_per_step(replace(cfg, batch_size=batch), world),
                 "s/step",
                 baseline=_seconds_per_step(replace(cfg, batch_size=batch, fused_adamw=False), world),
                 baseline_kind="AdamW's per-parameter loop",
