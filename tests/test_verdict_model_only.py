@@ -16,6 +16,7 @@ from conceptlab import bookrun, chapters
 from conceptlab import explainers as xp
 from conceptlab import verdict as vd
 from conceptlab.models import class_text_weights, images_to_tensor, load_clip
+from conceptlab.stats import permutation_band
 
 
 @pytest.fixture(scope="module")
@@ -36,6 +37,10 @@ def test_map_similarity_and_its_null_bands_register_what_they_test():
     assert np.allclose(vd.map_similarity(maps, np.zeros_like(maps)), 0.0), "a constant map carries no ranking"
     mean, low, high = vd.shuffled_band(maps, 50)
     assert low < 0 < high and abs(mean) < 0.1
+    tied = np.round(maps * 3)  # ties: shuffling the ranks must still equal ranking the shuffled maps
+    flat = tied.reshape(6, -1)
+    rerank = permutation_band(lambda g: float(vd.map_similarity(flat, flat[:, g.permutation(25)]).mean()), 50, seed=3)
+    assert np.allclose(vd.shuffled_band(tied, 50, seed=3), rerank, atol=1e-12)
     same = np.repeat(maps[:1], 6, 0)
     assert vd.different_images_band(same, 20)[1] > 0.99, "identical maps of different images: no band below 1"
     assert vd.different_images_band(maps, 50)[2] < 0.6

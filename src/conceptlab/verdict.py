@@ -755,10 +755,12 @@ def different_images_band(maps: np.ndarray, n_permutations: int = 200, seed: int
 
 
 def shuffled_band(maps: np.ndarray, n_permutations: int = 200, seed: int = 0) -> tuple[float, float, float]:
-    """``(mean, low, high)`` of the mean similarity between each map and a copy with its pixels shuffled."""
-    flat = np.asarray(maps).reshape(len(maps), -1)
+    """``(mean, low, high)`` of the mean similarity between each map and a copy with its pixels shuffled.
+    Ranks follow their pixels, so the maps are ranked once and each draw shuffles the ranks (what
+    :func:`map_similarity` of the shuffled maps computes, without re-ranking them per draw)."""
+    r = _unit_ranks(maps)
     return permutation_band(
-        lambda g: float(map_similarity(flat, flat[:, g.permutation(flat.shape[1])]).mean()), n_permutations, seed=seed
+        lambda g: float((r * r[:, g.permutation(r.shape[1])]).sum(1).mean()), n_permutations, seed=seed
     )
 
 
