@@ -29,6 +29,7 @@ from conceptlab.judges import (
 from conceptlab.models import encode_images, encode_texts
 from conceptlab.textlm import (
     WorldLMConfig,
+    answer_loss,
     answer_sentence,
     encode_documents,
     lm_load_kwargs,
@@ -111,6 +112,30 @@ def test_word_tokenizer_round_trips_answers_and_the_loss_covers_the_answer_only(
         assert (labels[row, :n_query] == -100).all()
         assert labels[row, n_query : n_query + n_answer].tolist() == ids[row, n_query : n_query + n_answer].tolist()
         assert (labels[row, n_query + n_answer :] == -100).all()
+
+
+def test_the_length_split_loss_is_the_padded_batchs_loss_and_gradient():
+    cfg = WorldLMConfig(n_classes=6, corpus_size=60, fact_sheets=2, hidden=32, n_layer=2, n_head=2)
+    tok = word_tokenizer(ex2.TEMPLATES)
+    ids, labels = encode_documents(world_corpus(cfg, ex2.TEMPLATES), tok)
+    mask = (ids != tok.pad_token_id).long()
+    assert mask.sum(1).min() < mask.sum(1).max() - 10, "the split needs rows of different lengths"
+    torch.manual_seed(0)
+    model = tiny_llama(cfg, tok)
+    grads = []
+    for loss_of in (
+        lambda: model(input_ids=ids, attention_mask=mask, labels=labels).loss,  # transformers' own, one batch
+        lambda: answer_loss(model, ids, mask, labels, split=True),
+    ):
+        model.zero_grad()
+        loss = loss_of()
+        loss.backward()
+        grads.append((loss.item(), [p.grad.clone() for p in model.parameters()]))
+    (whole, g_whole), (split, g_split) = grads
+    assert split == pytest.approx(whole, abs=1e-6)
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(g_whole, g_split))
+    with pytest.raises(ValueError, match="split_by_length"):
+        WorldLMConfig(split_by_length=1)
 
 
 def test_world_judge_checks_descriptions_against_the_ground_truth(tiny_world):
@@ -550,6 +575,25 @@ def test_the_chapter_pairs_before_and_after_on_the_same_samples(tiny_lm, tiny_wo
     assert len(a) == 30 and sorted(a["sample"].unique()) == [0, 1, 2]
     keys = list(ex2.PAIR_KEYS)
     assert a[keys].equals(b[keys]) and a.description.tolist() == b.description.tolist()
+
+
+def test_a_planted_vlm_scores_the_chapters_own_before_samples(tiny_lm, tiny_clip, tiny_world):
+    """The planted section rescores the chapter's "before" samples instead of drawing them again: sampling
+    does not see the reward, so a fresh draw scored by the other VLM is the same frame."""
+    model, tok, _ = tiny_lm
+    clip, _, tokenizer, _ = tiny_clip
+    q = ex2.format_queries(tiny_world.class_names).iloc[:12]
+    means = ex2.world_class_embeddings(clip, tiny_world, 8)
+    chapters_vlm, other_vlm = ex2.CLIPReward(clip, tokenizer, means), ex2.CLIPReward(clip, tokenizer, means.flip(0))
+    before = ex2.sample_descriptions(model, tok, q, 2, max_new_tokens=6, seed=0)
+    before["reward"] = chapters_vlm.scores(before.description.tolist(), before.class_index.tolist())
+    kept = before.copy()
+    fresh = ex2.sample_descriptions(model, tok, q, 2, max_new_tokens=6, seed=0)
+    fresh["reward"] = other_vlm.scores(fresh.description.tolist(), fresh.class_index.tolist())
+    rescored = chapter4.rescored(before, other_vlm)
+    pd.testing.assert_frame_equal(rescored, fresh)
+    pd.testing.assert_frame_equal(before, kept)  # the chapter's own samples keep their rewards
+    assert not np.allclose(rescored.reward, before.reward)
 
 
 def test_balanced_prompts_give_every_step_different_classes(tiny_world):

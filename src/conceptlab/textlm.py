@@ -80,9 +80,15 @@ class WorldLMConfig:
     batch_size: int = 64
     lr: float = 3e-3
     seed: int = 0
+    # each batch's loss in two forward passes, its shorter and its longer documents, each trimmed to its own
+    # longest: the same loss and gradient up to rounding (not bitwise) at 1.4x the speed on 2 CPU cores (bench ex2),
+    # because nearly every batch holds a fact sheet (62 tokens) that pads the rest (31 on average) to it
+    split_by_length: bool = True
 
     def __post_init__(self) -> None:
         problems = []
+        if not isinstance(self.split_by_length, bool):
+            problems.append(f"split_by_length={self.split_by_length!r} must be True or False")
         unknown = set(self.answer_mix) - set(ANSWER_KINDS)
         if unknown:
             problems.append(f"answer_mix has unknown kinds {sorted(unknown)}; known: {list(ANSWER_KINDS)}")
@@ -253,6 +259,32 @@ def tiny_llama(cfg: WorldLMConfig, tokenizer):
     )
 
 
+def answer_loss(model, ids: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor, split: bool = True) -> torch.Tensor:
+    """Mean next-token cross-entropy over the labelled (answer) tokens of a right-padded batch.
+
+    With ``split``, the rows, in order of length, are cut in two where the fewest padded tokens remain, and
+    each part runs trimmed to its own longest row; the summed losses over the batch's token count give the
+    loss of one padded batch (causal attention never reaches the right padding, and rotary positions count
+    from each row's start either way). Hand-written because transformers' loss averages per call."""
+    import torch.nn.functional as F
+
+    lengths = mask.sum(1)
+    order = torch.argsort(lengths, stable=True)
+    parts = [order]
+    if split and len(order) > 1:
+        ranked = lengths[order].tolist()
+        cut = min(range(1, len(ranked)), key=lambda k: k * ranked[k - 1] + (len(ranked) - k) * ranked[-1])
+        parts = [order[:cut], order[cut:]]
+    total = torch.zeros(())
+    for part in parts:
+        width = int(lengths[part].max())
+        logits = model(input_ids=ids[part, :width], attention_mask=mask[part, :width]).logits[:, :-1]
+        total = total + F.cross_entropy(
+            logits.reshape(-1, logits.shape[-1]).float(), labels[part, 1:width].reshape(-1), reduction="sum"
+        )
+    return total / (labels[:, 1:] != -100).sum().clamp_min(1)
+
+
 def pretrain_world_lm(
     cfg: WorldLMConfig, templates: Sequence[str], out_dir: str | Path, progress: bool = True
 ) -> list[dict]:
@@ -278,8 +310,7 @@ def pretrain_world_lm(
             set_lr(opt, cosine_lr(step, cfg.lr, cfg.steps, warmup=min(50, cfg.steps // 10)))
             gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
             idx = torch.randint(len(ids), (cfg.batch_size,), generator=gen)
-            width = int(mask[idx].sum(1).max())  # trim the padding shared by the whole batch
-            loss = model(input_ids=ids[idx, :width], attention_mask=mask[idx, :width], labels=labels[idx, :width]).loss
+            loss = answer_loss(model, ids[idx], mask[idx], labels[idx], split=cfg.split_by_length)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)

@@ -660,7 +660,7 @@ def run_planted(ch: Chapter, r: Result, progress: bool = True) -> None:
             bundle, key = planted_clip(ch, cfg)
             reward, _, vlm = chapter_reward(ch, bundle, key)
             akey = {**r.key, "vlm": vlm}
-            before = cached_samples(ch, {**akey, "stage": "before"}, r.lm, r.tokenizer, r.queries, reward)
+            before = rescored(r.descriptions["before"], reward)
             baseline = ex2.class_baseline(before, len(r.class_names))
             policy, _ = ex2.aligned_lm(
                 ch.store,
@@ -682,6 +682,14 @@ def run_planted(ch: Chapter, r: Result, progress: bool = True) -> None:
                 "preference": ex2.kind_preference(reward, ch.world, ch.params["preference_sentences"]),
             }
     r.planted = out
+
+
+def rescored(descriptions: pd.DataFrame, reward: ex2.CLIPReward) -> pd.DataFrame:
+    """The same descriptions with ``reward``'s scores: the chapter's "before" samples serve every VLM, as
+    sampling the same LM with the same seed and queries would write them again (only the reward differs)."""
+    out = descriptions.copy()
+    out["reward"] = reward.scores(out.description.tolist(), out.class_index.tolist())
+    return out
 
 
 def planted_table(ch: Chapter, r: Result) -> pd.DataFrame | None:
