@@ -78,10 +78,14 @@ judge = "world"  # "world" (ground truth), a transformers model, or "openai:<mod
 judge_api_key_env = "OPENAI_API_KEY"
 judge_min_true = 1
 n_counterfactual = 512
-planted = True  # EX2 on two VLMs whose text towers differ in one caption share
-planted_style = "spurious"
-planted_share = 0.4
-planted_steps = 150
+planted = True  # EX2 on chapter 7's planted shortcut and no-shortcut CLIPs
+planted_seeds = 3
+planted_reward_habitat = None  # habitat correlation of their reward images; None: the world's
+planted_n_images = 256  # images measuring their habitat reliance (chapter 7's n_images)
+planted_steps = 150  # their recipe is chapter 7's: the same values load the same stored models
+planted_batch_size = 64
+planted_n_train = 2000
+planted_lr = 0.001
 
 # %% tags=["hide-cell"]
 import importlib.util
@@ -291,19 +295,31 @@ r.mentions_against_reliance().round(3) if r.reliance is not None else None
 # %% [markdown]
 # ## A planted preference
 #
-# Does EX2 find a preference we put there? Two copies of the chapter's CLIP get their text
-# tower trained further on the cached image embeddings (the image tower is untouched): the
-# control with the world's captions, the planted one with `planted_style` captions raised to
-# `planted_share`. They differ in that one setting. The same LM is aligned to each. If EX2 works,
-# the aligned share of web phrases the planted VLM saw in training rises beyond its interval,
-# while web phrases it never saw stay where they were. The summary also checks the plant
-# itself, before blaming or crediting EX2: does the planted VLM's *reward* prefer those
-# phrases more than the control's (paired over classes), and how large a shift of the aligned
-# mix does KL-regularised RL predict from the two VLMs' rewards?
+# Does EX2 find what a VLM relies on? Chapter 7 plants the answer: two CLIPs of the same recipe
+# that differ in one setting of their training images, the habitat. The *shortcut* CLIP saw every
+# creature in its class's home habitat, so the habitat alone tells the class; the *no-shortcut*
+# CLIP saw the habitat drawn at random. Interventions measure each one's habitat reliance
+# (chapter 1's method). The same language model is aligned to each, with the same settings, the
+# same reward images (the world's six first classes, `planted_reward_habitat`) and the same
+# prompts per class as above. If EX2's descriptions reveal what a VLM relies on, the shortcut
+# CLIP's aligned descriptions mention the habitat more.
+#
+# Each link is checked on its own: the measured reliance (the plant); the reward's preference
+# for habitat sentences over a class-name caption, before any RL; the aligned habitat share that
+# KL-regularised RL predicts from those rewards; and what alignment did.
 
 # %%
 chapter.run_planted(ch, r)
-chapter.planted_table(ch, r).round(3) if r.planted is not None else None
+if r.planted is not None:
+    display(chapter.planted_table(r).round(3))
+    chapter.planted_figure(r)
+
+# %% [markdown]
+# The reading, generated from the table over the seeds:
+
+# %% tags=["remove-input"]
+if r.planted is not None:
+    print(chapter.plant_sentence(ch, r))
 
 # %% [markdown]
 # ## Results
@@ -359,10 +375,10 @@ if ch.on_world:  # the solutions are judged against the world's ground truth
     display(ch.exercise("reward from 8 images", chapter.exercise_images_per_class, reward_images=8))
 
 # %% [markdown]
-# **5. A positive control.** Plant habitat captions instead of web phrases
-# (`planted_style="habitat"`). Does the aligned share of habitat sentences rise, and did the
-# plant take (the habitat reward gap, and the shift RL predicts from it)?
+# **5. Other reward images.** Draw the reward's images with the habitat independent of the class
+# (`planted_reward_habitat=0.0`), as the interventions draw theirs. Which way does each VLM's
+# habitat reward move, and does the aligned difference now follow the measured reliance?
 
 # %% tags=["hide-cell"]
-if ch.on_world and planted:  # the planted VLMs need the world CLIP
-    display(ch.exercise("planted habitat captions", chapter.exercise_planted, planted_style="habitat"))
+if ch.on_world and planted:  # the planted CLIPs are world CLIPs
+    display(ch.exercise("habitat-independent reward images", chapter.exercise_planted, planted_reward_habitat=0.0))

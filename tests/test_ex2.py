@@ -666,20 +666,53 @@ def test_sentence_kinds_tell_seen_from_unseen_web_phrases(tiny_world):
     assert shares["web_seen"] == shares["habitat"] == shares["web_unseen"] == pytest.approx(1 / 3)
 
 
-def test_planted_vlm_differs_from_its_control_in_one_setting(tmp_path):
-    from dataclasses import asdict
-
+def test_the_planted_pair_differs_in_one_setting_and_loads_chapter_7s_models(tmp_path, monkeypatch):
+    """Chapter 4's planted CLIPs are chapter 7's (the same recipe parameters give the same models): per seed a
+    shortcut and a no-shortcut model whose keys differ in the training world's habitat correlation only."""
+    from conceptlab import verdict as vd
     from conceptlab.chapter import setup
+    from conceptlab.chapters import verdict as chapter7
 
-    ch = setup("04_ex2", {"world": {"n_classes": 6}, "artifacts_dir": str(tmp_path)}, chapter4.PARAMETERS)
-    cfgs = chapter4.planted_configs(ch)
-    control, planted = (asdict(c) for c in cfgs.values())
-    assert [k for k in control if control[k] != planted[k]] == ["caption_mix"]
-    changed = {k for k in control["caption_mix"] if control["caption_mix"][k] != planted["caption_mix"][k]}
-    assert "spurious" in changed and control["caption_mix"] == ch.world_cfg.caption_mix
-    assert planted["caption_mix"]["spurious"] / sum(planted["caption_mix"].values()) == pytest.approx(0.4)
-    ratio = {k: planted["caption_mix"][k] / control["caption_mix"][k] for k in changed - {"spurious"}}
-    assert len(set(np.round(list(ratio.values()), 9))) == 1  # the other styles keep their proportions
+    recipe = {"planted_steps": 2, "planted_n_train": 64, "planted_batch_size": 8}
+    common = {"world": {"n_classes": 8}, "artifacts_dir": str(tmp_path), **recipe}
+    ch = setup("04_ex2", {**common, "planted_seeds": 2}, chapter4.PARAMETERS)
+    trained = []
+    monkeypatch.setattr(vd, "world_clip", lambda store, cfg, train, progress: trained.append((cfg, train)) or _Bundle())
+    subjects = chapter4.planted_subjects(ch)
+    assert [(s.condition, s.seed) for s in subjects] == [(c, k) for c in ("no-shortcut", "shortcut") for k in (0, 1)]
+    for seed in (0, 1):
+        calm, shortcut = (
+            next(s.key for s in subjects if s.seed == seed and s.condition == c) for c in ("no-shortcut", "shortcut")
+        )
+        assert calm["train"] == shortcut["train"]
+        changed = [k for k in calm["world"] if calm["world"][k] != shortcut["world"][k]]
+        assert changed == ["habitat_correlation"]
+    ch7 = setup("07_verdict", {**common, "n_seeds": 2}, chapter7.PARAMETERS)
+    assert trained[0][1] == chapter7.planted_recipe(ch7)  # chapter 7 trains (and stores) the same models
+    assert [train.seed for _, train in trained] == [0, 1, 0, 1]
+    world = chapter4.planted_reward_world(ch)
+    assert world.class_names == ch.world.class_names[: vd.PLANTED_CLASSES]
+    assert world.config.habitat_correlation == ch.world_cfg.habitat_correlation
+    other = setup("04_ex2", {**common, "planted_reward_habitat": 0.0}, chapter4.PARAMETERS)
+    assert chapter4.planted_reward_world(other).config.habitat_correlation == 0.0
+
+
+class _Bundle(tuple):
+    """What ``world_clip`` returns, for a test that must not train: ``(clip, preprocess, tokenizer, history)``."""
+
+    def __new__(cls):
+        return super().__new__(cls, (torch.nn.Identity(), None, None, []))
+
+
+def test_the_planted_comparison_needs_classes_the_world_lm_knows(tmp_path):
+    from conceptlab.chapter import ParameterError, setup
+
+    with pytest.raises(ParameterError, match="planted=False"):
+        setup("04_ex2", {"world": {"n_classes": 4}, "artifacts_dir": str(tmp_path)}, chapter4.PARAMETERS)
+    ch = setup(
+        "04_ex2", {"world": {"n_classes": 4}, "planted": False, "artifacts_dir": str(tmp_path)}, chapter4.PARAMETERS
+    )
+    assert ch.params["planted"] is False
 
 
 def _preference(rng, n_classes=6, per_kind=8, raised=0.0):
@@ -703,27 +736,67 @@ def test_planted_reward_gap_sees_a_plant_that_took_and_not_one_that_did_not():
     assert flat[1] < 0 < flat[2]
 
 
-def test_the_planted_reading_says_when_there_was_nothing_to_recover(tmp_path, monkeypatch):
+def _planted_result(world, shares: dict[tuple[str, int], float]) -> chapter4.Result:
+    """A Result whose planted models wrote, after alignment, habitat sentences in ``shares`` of their 20
+    slots per class and class-name sentences in the rest (before: class-name sentences only)."""
+    rng = np.random.default_rng(0)
+    models = {}
+    for (condition, seed), share in shares.items():
+        rows = {"before": [], "after": []}
+        for c, spec in enumerate(world.classes):
+            for t in range(20):
+                slot = {"class_index": c, "template_index": t, "sample": 0, "class_name": spec.name}
+                kind = "habitat" if t < round(20 * share) else "class"
+                rows["before"].append({**slot, "description": answer_sentence("class", spec, rng)})
+                rows["after"].append({**slot, "description": answer_sentence(kind, spec, rng)})
+        models[f"{condition} {seed}"] = {
+            "condition": condition,
+            "seed": seed,
+            **{stage: pd.DataFrame(v) for stage, v in rows.items()},
+        }
+    return chapter4.Result(planted={"world": world, "models": models})
+
+
+def test_the_planted_difference_pairs_models_of_a_seed_and_spreads_over_seeds(tiny_world):
+    shares = {("no-shortcut", 0): 0.1, ("shortcut", 0): 0.6, ("no-shortcut", 1): 0.2, ("shortcut", 1): 0.5}
+    shares.update({("no-shortcut", 2): 0.0, ("shortcut", 2): 0.6})
+    d = chapter4.planted_difference(_planted_result(tiny_world, shares))
+    assert d["per_seed"] == pytest.approx([0.5, 0.3, 0.6])
+    assert d["value"] == pytest.approx(0.4666667) and d["low"] < 0.3 and d["high"] > 0.6  # a t interval over 3 seeds
+    same = chapter4.planted_difference(
+        _planted_result(tiny_world, {(c, k): 0.3 for c in ("no-shortcut", "shortcut") for k in (0, 1)})
+    )
+    assert same["per_seed"] == [0.0, 0.0] and same["low"] == same["high"] == 0.0
+
+
+def test_the_planted_reading_follows_the_plant_the_reward_and_the_aligned_shares(tmp_path, monkeypatch):
     from conceptlab.chapter import setup
 
     ch = setup("04_ex2", {"world": {"n_classes": 6}, "artifacts_dir": str(tmp_path)}, chapter4.PARAMETERS)
-    r = chapter4.Result()
-    for gap, expected in ((0.0, "no planted preference"), (0.05, "cannot see"), (0.05, "within")):
-        took = {"kind": "web_seen", "reward_gap": gap, "reward_gap_low": gap - 0.01, "reward_gap_high": gap + 0.01}
-        took["predicted_difference"] = 0.2 if expected == "within" else 0.001
-        took.update(observed_difference=0.0, observed_half_width=0.02)
-        monkeypatch.setattr(chapter4, "plant_took", lambda ch, r, t=took: t)
-        assert expected in chapter4.plant_sentence(ch, r)
 
+    def took(gap, observed, reliance=1.0):
+        def interval(v):
+            return {"value": v, "low": v - 0.01, "high": v + 0.01, "per_seed": [v] * 3}
 
-def test_text_tower_retraining_leaves_the_image_tower(tiny_clip, tiny_world):
-    clip = tiny_clip[0]
-    cfg = ex2.TextTowerConfig(caption_mix={"spurious": 1.0}, steps=2, batch_size=16, n_images=64)
-    model = ex2.retrain_text_tower(clip, tiny_world, cfg)
-    before, after = clip.state_dict(), model.state_dict()
-    visual = [k for k in before if k.startswith("visual.")]
-    assert visual and all(torch.equal(before[k], after[k]) for k in visual)
-    assert any(not torch.equal(before[k], after[k]) for k in before if not k.startswith("visual."))
+        return {
+            "seeds": 3,
+            "reward_images_habitat_correlation": 0.8,
+            "reliance": interval(reliance),
+            "reward_gap": interval(gap),
+            "predicted": interval(gap),
+            "observed": interval(observed),
+        }
+
+    cases = [
+        (took(0.0, 0.3), "nothing for EX2 to recover"),
+        (took(0.05, 0.0), "RL did not recover"),
+        (took(0.05, -0.3), "against the rewards"),
+        (took(-0.05, -0.3), "follows the reward's images, not what the VLM relies on"),
+        (took(0.05, 0.3), "that is the way the measured reliance differs"),
+    ]
+    for t, expected in cases:
+        monkeypatch.setattr(chapter4, "plant_took", lambda ch, r, t=t: t)
+        assert expected in chapter4.plant_sentence(ch, chapter4.Result())
 
 
 def test_run_on_world_aligns_any_world_clip_and_pairs_its_samples(tiny_lm, tiny_clip, tiny_world, tiny_store):

@@ -13,7 +13,7 @@
    whose every claim is false are their own category ("false"), never spurious.
 6. On the world: what the LM knows before RL (:func:`knowledge_gate`), the VLM's preference per kind
    of sentence (:func:`kind_preference`) and the mix KL-regularised RL predicts (:func:`optimal_mix`),
-   and a planted preference (:func:`retrain_text_tower`).
+   and how much more one VLM's reward prefers a kind than another's (:func:`planted_reward_gap`).
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ import re
 import tempfile
 import warnings
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -319,6 +319,8 @@ def align(
     from transformers.trainer_callback import PrinterCallback
     from trl import GRPOConfig, GRPOTrainer
 
+    from .textlm import quiet_transformers
+
     peft_config = None
     if cfg.lora_r:
         from peft import LoraConfig
@@ -361,15 +363,16 @@ def align(
             disable_dropout=True,
             shuffle_dataset=False,
         )
-        trainer = GRPOTrainer(
-            model=model if cfg.lora_r else copy.deepcopy(model),
-            reward_funcs=reward,
-            args=args,
-            train_dataset=data,
-            processing_class=tokenizer,
-            callbacks=[log],
-            peft_config=peft_config,
-        )
+        with quiet_transformers():  # trl loads the reference model: no "Loading weights" bar per alignment
+            trainer = GRPOTrainer(
+                model=model if cfg.lora_r else copy.deepcopy(model),
+                reward_funcs=reward,
+                args=args,
+                train_dataset=data,
+                processing_class=tokenizer,
+                callbacks=[log],
+                peft_config=peft_config,
+            )
         trainer.remove_callback(PrinterCallback)  # the RewardLog bar replaces one printed line per step
         trainer.train()
     from .textlm import save_pretrained_atomic
@@ -711,56 +714,6 @@ def reweighted_kind_shares(
     weight = w.to_numpy()[kinds.description_index.to_numpy()]
     shares = pd.Series(weight).groupby(kinds.kind.to_numpy()).sum() / weight.sum()
     return shares.reindex(list(SENTENCE_KINDS), fill_value=0.0)
-
-
-# ---------------------------------------------------------------------------- a planted preference
-@dataclass(frozen=True)
-class TextTowerConfig:
-    """Retraining a CLIP's text tower on cached image embeddings (the image tower stays as it is).
-    ``caption_mix`` is the world's caption styles during the retraining. Part of the artifact key."""
-
-    caption_mix: dict[str, float]
-    steps: int = 150
-    batch_size: int = 128
-    n_images: int = 4096
-    lr: float = 5e-4
-    seed: int = 0
-
-
-def retrain_text_tower(clip: torch.nn.Module, world: ConceptWorld, cfg: TextTowerConfig) -> torch.nn.Module:
-    """A copy of ``clip`` whose text tower (and logit scale) is trained further, contrastively, against
-    the frozen image embeddings of ``n_images`` world training images, with captions drawn from the world
-    with ``cfg.caption_mix``: one setting (the captions' mix) separates two such copies."""
-    import math
-
-    import open_clip
-
-    model = copy.deepcopy(clip).train()
-    batch = world.sample(cfg.n_images, split="train")
-    image_emb = encode_images(clip, batch.images)
-    captioner = ConceptWorld(replace(world.config, caption_mix=dict(cfg.caption_mix)))
-    for p in model.visual.parameters():
-        p.requires_grad_(False)
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.1, betas=(0.9, 0.98))
-    loss_fn = open_clip.loss.ClipLoss()
-    for step in range(cfg.steps):
-        rng = np.random.default_rng([cfg.seed, step])
-        torch.manual_seed(int(rng.integers(2**62)))
-        idx = rng.choice(cfg.n_images, size=min(cfg.batch_size, cfg.n_images), replace=False)
-        captions, _ = captioner.resample_captions(
-            batch.labels[idx], batch.present[idx], batch.attributes[idx], batch.habitats[idx], [cfg.seed, step]
-        )
-        text = torch.nn.functional.normalize(
-            model.encode_text(open_clip.tokenize(captions, context_length=model.context_length)), dim=-1
-        )
-        loss = loss_fn(image_emb[idx], text, model.logit_scale.exp())
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        with torch.no_grad():
-            model.logit_scale.clamp_(0, math.log(100))
-    return model.eval()
 
 
 # ---------------------------------------------------------------------------- the whole method on a world CLIP

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -20,17 +20,19 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 import torch
+from tqdm.auto import tqdm
 
 from .. import ex2
+from .. import verdict as vd
 from ..artifacts import atomic_write_json, fingerprint
 from ..chapter import SOURCE_COLUMN, Chapter, Param, Switch
 from ..judges import WorldJudge, judge_problem, make_judge
-from ..models import load_clip
 from ..reliance import rank_correlation
-from ..stats import bootstrap_interval, excludes, permutation_band
+from ..stats import bootstrap_interval, excludes, permutation_band, seed_interval
 from ..textlm import WorldLMConfig, count_parameters, load_lm, world_lm
-from ..world import CAPTION_STYLES, WorldConfig
+from ..world import ConceptWorld, WorldConfig
 from .report import Reported
+from .verdict import planted_recipe, planted_recipe_parameters
 
 NAME = "04_ex2"
 STAGES = ("before", "after")
@@ -70,6 +72,19 @@ def _world_lm(p: dict) -> bool:
 
 def _planted(p: dict) -> bool:
     return p["dataset"] == "world" and p["model"] == "world" and p["planted"]
+
+
+def _planted_problem(value: bool, p: dict) -> str | None:
+    try:
+        n = WorldConfig(**p["world"]).n_classes
+    except (TypeError, ValueError):
+        return None  # the world parameter reports its own problem
+    if value and _planted(p) and p["lm"] == "world" and n < vd.PLANTED_CLASSES:
+        return (
+            f"the planted CLIPs know {vd.PLANTED_CLASSES} classes and the world LM only the world's {n}: "
+            f"use a world of at least {vd.PLANTED_CLASSES} classes, or planted=False"
+        )
+    return None
 
 
 PARAMETERS: dict[str, Param] = {
@@ -131,19 +146,25 @@ PARAMETERS: dict[str, Param] = {
     ),
     "n_counterfactual": Param(512, int, min=8, applies=_on_world),
     "planted": Param(
-        True, bool, applies=_on_world, help="also run EX2 on two VLMs whose text towers differ in one caption share"
+        True,
+        bool,
+        applies=_on_world,
+        check=_planted_problem,
+        help="also run EX2 on chapter 7's planted shortcut and no-shortcut CLIPs (they differ in one setting)",
     ),
-    "planted_style": Param(
-        "spurious",
-        str,
-        choices=CAPTION_STYLES,
+    "planted_seeds": Param(3, int, min=1, applies=_planted, help="planted CLIPs per condition (chapter 7's seeds)"),
+    "planted_reward_habitat": Param(
+        None,
+        float,
+        min=0.0,
+        max=1.0,
         applies=_planted,
-        help="the caption style whose share the planted VLM raises",
+        help="habitat correlation of the planted VLMs' reward images; None: the chapter's world's",
     ),
-    "planted_share": Param(
-        0.4, float, min=0.0, max=1.0, applies=_planted, help="that style's share of the planted VLM's captions"
+    "planted_n_images": Param(
+        256, int, min=8, applies=_planted, help="test images measuring their habitat reliance (chapter 7's n_images)"
     ),
-    "planted_steps": Param(150, int, min=1, applies=_planted, help="text-tower retraining steps"),
+    **planted_recipe_parameters(_planted),
 }
 
 ORIGINAL_LM = "mistralai/Mistral-7B-v0.1"
@@ -269,17 +290,23 @@ def align_config(p: dict) -> ex2.AlignConfig:
     )
 
 
-def chapter_reward(ch: Chapter, clip_bundle=None, key: dict | None = None) -> tuple[ex2.CLIPReward, list[str], dict]:
+def chapter_reward(
+    ch: Chapter, clip_bundle=None, key: dict | None = None, world: ConceptWorld | None = None
+) -> tuple[ex2.CLIPReward, list[str], dict]:
     """``(reward, class names, reward key)`` of the chapter's VLM (or of ``clip_bundle``, identified by
-    ``key``); the class means of the image embeddings are cached in the store."""
+    ``key``), on the chapter's images (or ``world``'s); the class means of the image embeddings are cached
+    in the store."""
     from ..data import load_dataset
 
     p = ch.params
     clip, preprocess, tokenizer, _ = clip_bundle or ch.clip()
     key = {**(key or ch.key()), "dataset": p["dataset"], "images_per_class": p["images_per_class"]}
+    if world is not None:
+        key["reward_world"] = world.config.to_dict()
     if p["dataset"] == "world":
-        names = ch.world.class_names
-        means = lambda: ex2.world_class_embeddings(clip, ch.world, p["images_per_class"])  # noqa: E731
+        world = world or ch.world
+        names = world.class_names
+        means = lambda: ex2.world_class_embeddings(clip, world, p["images_per_class"])  # noqa: E731
     else:
         images = load_dataset(p["dataset"], p["data_root"], "test")
         names = images.class_names
@@ -619,69 +646,81 @@ def examples(r: Result, n_classes: int = 4) -> pd.DataFrame:
     )
 
 
-# ---------------------------------------------------------------------------- the planted VLM
-def planted_configs(ch: Chapter) -> dict[str, ex2.TextTowerConfig]:
-    """The two text-tower retrainings: the control keeps the world's caption mix, the planted one raises
-    ``planted_style`` to ``planted_share`` of the captions. They differ in that one setting only."""
-    p, mix = ch.params, dict(ch.world_cfg.caption_mix)
-    rest = sum(v for k, v in mix.items() if k != p["planted_style"])
-    raised = {
-        k: (p["planted_share"] if k == p["planted_style"] else v * (1 - p["planted_share"]) / rest)
-        for k, v in mix.items()
-    }
-    base = {"steps": p["planted_steps"], "seed": p["seed"], "n_images": min(4096, 128 * p["planted_steps"])}
-    return {
-        "control": ex2.TextTowerConfig(caption_mix=mix, **base),
-        "planted": ex2.TextTowerConfig(caption_mix=raised, **base),
-    }
+# ---------------------------------------------------------------------------- the planted shortcut
+PLANTED_PAIR = ("no-shortcut", "shortcut")  # chapter 7's conditions: the training habitat random, or the class's own
 
 
-def planted_clip(ch: Chapter, cfg: ex2.TextTowerConfig) -> tuple[tuple, dict]:
-    """The chapter's CLIP with its text tower retrained by ``cfg`` (stored), and its key."""
-    clip, preprocess, tokenizer, _ = ch.clip()
-    key = {**ch.key(), "text_tower": asdict(cfg)}
-
-    def build(d: Path) -> None:
-        torch.save(ex2.retrain_text_tower(clip, ch.world, cfg).state_dict(), d / "model.pt")
-
-    model = ch.store.get_or_build(
-        "ex2_text_tower", key, build, lambda d: load_clip(ch.train_cfg.arch, str(d / "model.pt"), device="cpu")[0]
+def planted_subjects(ch: Chapter, progress: bool = False) -> list[vd.Subject]:
+    """Chapter 7's planted no-shortcut and shortcut CLIPs, seeds ``0 .. planted_seeds - 1``: trained once into
+    the store with chapter 7's recipe (chapters 1 and 7 load the same models)."""
+    p = ch.params
+    return vd.planted_models(
+        ch.store,
+        ch.world_cfg,
+        planted_recipe(ch),
+        PLANTED_PAIR,
+        p["planted_seeds"],
+        vd.PLANTED_BLIND,
+        vd.PLANTED_CLASSES,
+        progress=progress,
     )
-    return (model, preprocess, tokenizer, None), {"model": key}
+
+
+def planted_reward_world(ch: Chapter) -> ConceptWorld:
+    """The images of the planted VLMs' reward, the same for every model: the chapter's world cut to the
+    planted classes, with habitat correlation ``planted_reward_habitat`` (None: the chapter world's)."""
+    habitat = ch.params["planted_reward_habitat"]
+    cfg = ch.world_cfg if habitat is None else replace(ch.world_cfg, habitat_correlation=habitat)
+    return ConceptWorld(replace(cfg, n_classes=vd.PLANTED_CLASSES))
+
+
+def planted_align_config(ch: Chapter, r: Result, n_classes: int) -> ex2.AlignConfig:
+    """The chapter's GRPO settings with as many prompts per class as the chapter's own alignment."""
+    steps = max(1, round(r.align.steps * n_classes / len(r.class_names)))
+    return replace(r.align, steps=steps)
 
 
 def run_planted(ch: Chapter, r: Result, progress: bool = True) -> None:
-    """EX2 on the control and the planted VLM: the same LM, aligned to each with the same settings."""
-    if not (ch.on_world and ch.params["model"] == "world" and ch.params["planted"]):
+    """EX2 on every planted CLIP: the chapter's LM aligned to each with the same settings and reward images,
+    sampled on the same slots; beside it, each model's measured habitat reliance."""
+    if not _planted(ch.params):
         return
-    out = {}
+    world = planted_reward_world(ch)
+    n = len(world.classes)
+    queries = ex2.format_queries(world.class_names, r.templates)
+    before = r.descriptions["before"]
+    before = before[before.class_index < n].reset_index(drop=True)
+    settings = planted_align_config(ch, r, n)
+    models = {}
     with ch.stage("planted"):
-        for name, cfg in planted_configs(ch).items():
-            bundle, key = planted_clip(ch, cfg)
-            reward, _, vlm = chapter_reward(ch, bundle, key)
+        subjects = planted_subjects(ch, progress)
+        truths = vd.measure_all(subjects, ch.params["planted_n_images"], ch.params["seed"], ch.store)
+        for s in tqdm(subjects, desc="EX2 on the planted CLIPs", disable=not progress):
+            key = {"model": s.key}
+            reward, _, vlm = chapter_reward(ch, (s.clip, None, s.tokenizer, None), key, world)
             akey = {**r.key, "vlm": vlm}
-            before = rescored(r.descriptions["before"], reward)
-            baseline = ex2.class_baseline(before, len(r.class_names))
+            rescored_before = rescored(before, reward)
             policy, _ = ex2.aligned_lm(
                 ch.store,
                 {**akey, "relative": True},
                 r.lm,
                 r.tokenizer,
-                reward.relative_to(baseline),
-                r.queries,
-                r.align,
-                progress=progress,
+                reward.relative_to(ex2.class_baseline(rescored_before, n)),
+                queries,
+                settings,
+                progress=False,
             )
-            after = cached_samples(
-                ch, {**akey, "stage": "after", "align": asdict(r.align)}, policy, r.tokenizer, r.queries, reward
-            )
-            out[name] = {
-                "config": cfg,
-                "before": before,
-                "after": after,
-                "preference": ex2.kind_preference(reward, ch.world, ch.params["preference_sentences"]),
+            models[s.name] = {
+                "condition": s.condition,
+                "seed": s.seed,
+                "habitat reliance": float(truths[s.name].reliance()["habitat"]),
+                "before": rescored_before,
+                "after": cached_samples(
+                    ch, {**akey, "stage": "after", "align": asdict(settings)}, policy, r.tokenizer, queries, reward
+                ),
+                "preference": ex2.kind_preference(reward, world, ch.params["preference_sentences"]),
             }
-    r.planted = out
+    r.planted = {"world": world, "align": settings, "models": models}
 
 
 def rescored(descriptions: pd.DataFrame, reward: ex2.CLIPReward) -> pd.DataFrame:
@@ -692,60 +731,101 @@ def rescored(descriptions: pd.DataFrame, reward: ex2.CLIPReward) -> pd.DataFrame
     return out
 
 
-def planted_table(ch: Chapter, r: Result) -> pd.DataFrame | None:
-    """Per sentence kind and VLM: its share after alignment (and before), and its reward."""
+def _planted_kind_share(r: Result, v: dict, stage: str, kind: str = "habitat") -> float:
+    return float(ex2.sentence_kind_shares(v[stage], r.planted["world"])[kind])
+
+
+def _predicted_share(r: Result, v: dict, kind: str = "habitat") -> float:
+    """The aligned share of ``kind`` that KL-regularised RL predicts from the model's kind rewards."""
+    before = ex2.sentence_kind_shares(v["before"], r.planted["world"])
+    reward = ex2.kind_table(v["preference"])["reward"]
+    return float(ex2.optimal_mix(before, reward, r.align.beta, scale=reward_spread(v["before"]))[kind])
+
+
+def planted_table(r: Result) -> pd.DataFrame | None:
+    """Per planted CLIP: its measured habitat reliance, its reward for habitat sentences over a class-name
+    caption, and the share of habitat sentences before alignment, predicted by RL, and after."""
     if r.planted is None:
         return None
-    rows = {}
-    for name, v in r.planted.items():
-        for stage in STAGES:
-            rows[(name, stage)] = ex2.sentence_kind_shares(v[stage], ch.world)
-        rows[(name, "kind reward")] = ex2.kind_table(v["preference"])["reward"]
-    return pd.DataFrame(rows).rename_axis("kind of sentence")
+    rows = {
+        name: {
+            "condition": v["condition"],
+            "seed": v["seed"],
+            "habitat reliance (measured)": v["habitat reliance"],
+            "habitat reward minus class": float(ex2.kind_table(v["preference"]).loc["habitat", "minus class"]),
+            "habitat share before": _planted_kind_share(r, v, "before"),
+            "predicted": _predicted_share(r, v),
+            "after": _planted_kind_share(r, v, "after"),
+        }
+        for name, v in r.planted["models"].items()
+    }
+    return pd.DataFrame.from_dict(rows, orient="index").rename_axis("planted CLIP")
 
 
-def planted_difference(ch: Chapter, r: Result, kind: str) -> tuple[float, float, float]:
-    """Share of ``kind`` sentences after alignment, planted VLM minus control: ``(difference, low, high)``,
-    95 % bootstrap over the (query, sample) slots, the same slots resampled in both."""
-    diff = _slot_shares(r.planted["planted"]["after"], ch, kind) - _slot_shares(r.planted["control"]["after"], ch, kind)
-    low, high = bootstrap_interval(diff, seed=0)
-    return float(diff.mean()), low, high
+def planted_figure(r: Result) -> plt.Axes:
+    """Each planted CLIP's aligned habitat share (filled) and RL's prediction (hollow) against its measured
+    habitat reliance; the dashed line is the share before alignment (the same samples for every model)."""
+    table = planted_table(r)
+    _, ax = plt.subplots(figsize=(6, 3))
+    for condition, color in zip(PLANTED_PAIR, ("tab:blue", "tab:red")):
+        t = table[table.condition == condition]
+        x = t["habitat reliance (measured)"].astype(float)
+        ax.scatter(x, t["after"].astype(float), color=color, label=f"{condition}: after alignment")
+        ax.scatter(
+            x, t["predicted"].astype(float), facecolors="none", edgecolors=color, label=f"{condition}: predicted"
+        )
+    ax.axhline(float(table["habitat share before"].iloc[0]), color="grey", ls="--", lw=1, label="before alignment")
+    ax.set_xlabel("measured habitat reliance (mean margin drop)")
+    ax.set_ylabel("share of habitat sentences")
+    ax.legend(fontsize=7, frameon=False, loc="center left", bbox_to_anchor=(1.0, 0.5))
+    return ax
 
 
-def planted_kind(ch: Chapter) -> str:
-    """The kind of sentence the planted caption style writes (web phrases: ``web_seen``)."""
-    style = ch.params["planted_style"]
-    return {"spurious": "web_seen", "visual": "visual_true"}.get(style, style)
+def _pairs(r: Result) -> list[tuple[dict, dict]]:
+    """(no-shortcut, shortcut) models of the same seed."""
+    by = {(v["condition"], v["seed"]): v for v in r.planted["models"].values()}
+    seeds = sorted({seed for _, seed in by})
+    return [(by[("no-shortcut", s)], by[("shortcut", s)]) for s in seeds]
+
+
+def planted_difference(r: Result, kind: str = "habitat") -> dict[str, Any]:
+    """Share of ``kind`` sentences after alignment, shortcut minus no-shortcut VLM of the same seed (the same
+    slots): per seed, and its mean over seeds with a 95 % t interval over seeds."""
+    world = r.planted["world"]
+    per_seed = [
+        float((_slot_shares(b["after"], world, kind) - _slot_shares(a["after"], world, kind)).mean())
+        for a, b in _pairs(r)
+    ]
+    value, low, high = seed_interval(per_seed)
+    return {"value": value, "low": low, "high": high, "per_seed": per_seed}
 
 
 def plant_took(ch: Chapter, r: Result) -> dict[str, Any]:
-    """Did the plant take, and what could EX2 find? The planted-minus-control gap of the planted kind's
-    reward (relative to a class-name caption, paired over classes), and the planted-minus-control
-    difference of that kind's aligned share that KL-regularised RL predicts from each VLM's kind rewards."""
-    kind, (control, planted) = planted_kind(ch), (r.planted[n] for n in ("control", "planted"))
-    gap, low, high = ex2.planted_reward_gap(control["preference"], planted["preference"], kind, seed=ch.params["seed"])
-
-    def predicted(v: dict) -> float:
-        before = ex2.sentence_kind_shares(v["before"], ch.world)
-        reward = ex2.kind_table(v["preference"])["reward"]
-        return float(ex2.optimal_mix(before, reward, r.align.beta, scale=reward_spread(v["before"]))[kind])
-
-    observed, observed_low, observed_high = planted_difference(ch, r, kind)
+    """The plant, its reward and what RL predicts, per seed and over seeds (95 % t intervals): the measured
+    habitat reliance, shortcut minus no-shortcut; how much more the shortcut VLM's reward prefers habitat
+    sentences over a class-name caption; the difference of aligned habitat shares KL-regularised RL predicts
+    from the two kind rewards; and the observed difference (:func:`planted_difference`)."""
+    pairs = _pairs(r)
+    reliance = [b["habitat reliance"] - a["habitat reliance"] for a, b in pairs]
+    gaps = [
+        ex2.planted_reward_gap(a["preference"], b["preference"], "habitat", seed=ch.params["seed"])[0] for a, b in pairs
+    ]
+    predicted = [_predicted_share(r, b) - _predicted_share(r, a) for a, b in pairs]
     return {
-        "kind": kind,
-        "reward_gap": gap,
-        "reward_gap_low": low,
-        "reward_gap_high": high,
-        "predicted_difference": predicted(planted) - predicted(control),
-        "observed_difference": observed,
-        "observed_half_width": (observed_high - observed_low) / 2,
+        "seeds": len(pairs),
+        "reward_images_habitat_correlation": r.planted["world"].config.habitat_correlation,
+        **{
+            name: dict(zip(("value", "low", "high"), seed_interval(values)), per_seed=values)
+            for name, values in (("reliance", reliance), ("reward_gap", gaps), ("predicted", predicted))
+        },
+        "observed": planted_difference(r),
     }
 
 
-def _slot_shares(descriptions: pd.DataFrame, ch: Chapter, kind: str) -> np.ndarray:
+def _slot_shares(descriptions: pd.DataFrame, world: ConceptWorld, kind: str) -> np.ndarray:
     """Per description, in the order of its (class, template, sample) slot, the share of its sentences of ``kind``."""
     ordered = descriptions.sort_values(list(ex2.PAIR_KEYS)).reset_index(drop=True)
-    kinds = ex2.sentence_kinds(ordered, ch.world)
+    kinds = ex2.sentence_kinds(ordered, world)
     share = (kinds.kind == kind).groupby(kinds.description_index).mean()
     return share.reindex(range(len(ordered)), fill_value=0.0).to_numpy()
 
@@ -843,17 +923,16 @@ def results(ch: Chapter, r: Result) -> dict:
             mention_share_after=check["EX2 after"].to_dict(),
         )
     if r.planted is not None:
-        table = planted_table(ch, r)
+        table = planted_table(r)
         out["planted"] = {
-            "style": ch.params["planted_style"],
-            "share": ch.params["planted_share"],
-            "mix": {name: v["config"].caption_mix for name, v in r.planted.items()},
-            "table": {f"{a} {b}": col.to_dict() for (a, b), col in table.items()},
-            **{
-                f"{kind} difference": dict(zip(("value", "low", "high"), planted_difference(ch, r, kind)))
-                for kind in ("web_seen", "web_unseen", "habitat")
+            "pair": list(PLANTED_PAIR),
+            "grpo_steps": r.planted["align"].steps,
+            "models": {
+                name: {k: (v if isinstance(v, str) else float(v)) for k, v in row.items()}
+                for name, row in table.iterrows()
             },
             "plant": plant_took(ch, r),
+            "after_differences": {k: planted_difference(r, k) for k in ("habitat", "visual_true", "class", "web_seen")},
         }
     return out
 
@@ -895,13 +974,15 @@ def headline(ch: Chapter, r: Result) -> dict[str, Reported]:
         note="95 % bootstrap over descriptions; chance: the share before alignment; the paper gives no number",
     )
     if r.planted is not None:
-        value, low, high = planted_difference(ch, r, "web_seen")
-        out["seen web phrases, planted minus control VLM"] = Reported(
-            value,
-            low,
-            high,
+        t = plant_took(ch, r)
+        d = t["observed"]
+        out["habitat sentences after alignment, shortcut minus no-shortcut VLM"] = Reported(
+            d["value"],
+            d["low"],
+            d["high"],
             chance=0.0,
-            note="share of sentences after alignment; 95 % bootstrap over slots; chance: no difference",
+            note=f"share of sentences, the same slots; mean over {t['seeds']} seeds, 95 % t interval over seeds; "
+            f"chance: no difference; the measured habitat reliance differs by {t['reliance']['value']:+.2f}",
         )
     return out
 
@@ -932,10 +1013,10 @@ def fidelity_rows(res: dict) -> dict[str, dict]:
         },
     }
     if "planted" in res:
-        rows["a VLM trained on more web captions prefers them (seen web phrases, planted - control)"] = {
-            "paper": "VLMs differ in what they prefer",
-            "original code": "one run per VLM",
-            "this book": res["planted"]["web_seen difference"]["value"],
+        rows["habitat sentences after alignment, shortcut minus no-shortcut VLM"] = {
+            "paper": "non-visual attributes (e.g. habitat) carry preference",
+            "original code": "not tested on a known shortcut",
+            "this book": res["planted"]["plant"]["observed"]["value"],
         }
     return rows
 
@@ -1000,44 +1081,65 @@ def summary(ch: Chapter, r: Result) -> list[str]:
             f"{_side(by_description)} that band and the first {_side(by_kind)} its own."
         )
     if r.planted is not None:
-        seen, unseen = (planted_difference(ch, r, k) for k in ("web_seen", "web_unseen"))
-        verdict = (
-            "rises beyond its interval"
-            if excludes(seen[1], seen[2]) and seen[0] > 0
-            else "does not rise beyond its interval"
-        )
-        out.append(
-            f"With {ch.params['planted_style']} captions raised to {ch.params['planted_share']:.0%} in the "
-            f"text tower's training, the aligned share of seen web phrases {verdict}: "
-            f"{_interval(*seen, digits=3)}; unseen phrases {_interval(*unseen, digits=3)}."
-        )
         out.append(plant_sentence(ch, r))
     return out
 
 
 def plant_sentence(ch: Chapter, r: Result) -> str:
-    """Why the planted comparison came out as it did, from :func:`plant_took`: a plant that did not move
-    the reward leaves nothing to recover; a predicted shift inside the observed interval cannot be seen."""
+    """The planted comparison in words, from :func:`plant_took`: the plant, the reward, RL's prediction and the
+    aligned shares; then whether alignment followed the reward, and whether the reward followed the reliance."""
     t = plant_took(ch, r)
-    kind = t["kind"].replace("_", " ")
+    rel, gap, pred, obs = (t[k] for k in ("reliance", "reward_gap", "predicted", "observed"))
+    per_seed = ", ".join(f"{v:+.3f}" for v in obs["per_seed"])
     said = (
-        f"Did the plant take? The planted VLM's reward prefers {kind} sentences over a class-name caption by "
-        f"{_interval(t['reward_gap'], t['reward_gap_low'], t['reward_gap_high'], digits=4)} more than the "
-        f"control's (paired over classes); from the two VLMs' kind rewards, KL-regularised RL predicts the "
-        f"aligned share of {kind} sentences to differ by {t['predicted_difference']:+.3f}. "
+        f"On chapter 7's planted CLIPs ({t['seeds']} seeds per condition; reward images whose habitat is the "
+        f"class's own {t['reward_images_habitat_correlation']:.0%} of the time), the shortcut VLM's measured "
+        f"habitat reliance exceeds the no-shortcut VLM's by {_interval(rel['value'], rel['low'], rel['high'], 2)}; "
+        f"its reward prefers habitat sentences over a class-name caption by "
+        f"{_interval(gap['value'], gap['low'], gap['high'])} more; KL-regularised RL predicts the aligned share "
+        f"of habitat sentences to differ by {_interval(pred['value'], pred['low'], pred['high'], 3)}, and after "
+        f"alignment it differs by {_interval(obs['value'], obs['low'], obs['high'], 3)} (per seed {per_seed}; "
+        "intervals: 95 % t over seeds). "
     )
-    half_width = t["observed_half_width"]
-    if not (t["reward_gap_low"] > 0):
+    if not excludes(gap["low"], gap["high"]):
         return said + (
-            "The planting did not raise the reward for that kind beyond its interval, so this pair of VLMs "
-            "carries no planted preference for EX2 to recover: the comparison above tests the plant, not EX2."
+            "The reward gap's interval includes 0: the plant did not reach the reward, so there was nothing for "
+            "EX2 to recover."
         )
-    if abs(t["predicted_difference"]) < half_width:
+    if not excludes(obs["low"], obs["high"]):
         return said + (
-            f"That predicted difference is smaller than the observed interval's half-width ({half_width:.3f}): "
-            "with these samples the comparison cannot see a preference this small."
+            "Alignment did not move the habitat share beyond its interval although the rewards differ: RL did not "
+            "recover the reward's preference."
         )
-    return said + "The plant took and the predicted shift is within the comparison's reach."
+    if np.sign(obs["value"]) != np.sign(gap["value"]):
+        return said + "Alignment moved the habitat share against the rewards' difference."
+    said += (
+        "Alignment moved the habitat share the way the rewards differ: the mechanism recovers what the reward prefers"
+    )
+    if np.sign(obs["value"]) == np.sign(rel["value"]):
+        return said + ", and that is the way the measured reliance differs."
+    return said + (
+        "; but the measured reliance differs the other way: EX2's habitat preference follows the reward's images, "
+        "not what the VLM relies on."
+    )
+
+
+def planted_verdict(res: dict) -> str | None:
+    """EX2 on the planted habitat shortcut in a phrase, from a chapter-4 results block (the book's headline
+    table): detected when the aligned habitat share differs, beyond its interval, the way the reliance does."""
+    if "planted" not in res:
+        return None
+    t = res["planted"]["plant"]
+    obs, rel = t["observed"], t["reliance"]["value"]
+    if not excludes(obs["low"], obs["high"]):
+        verdict = "not detected"
+    else:
+        verdict = "detected" if np.sign(obs["value"]) == np.sign(rel) else "points the other way"
+    return (
+        f"habitat shortcut {verdict} (chapter 4: EX2's LM, GRPO and judge on chapter 7's planted CLIPs, "
+        f"{t['seeds']} seeds): aligned habitat share, shortcut minus no-shortcut, "
+        f"{obs['value']:+.3f} [{obs['low']:+.3f}, {obs['high']:+.3f}]; measured habitat reliance {rel:+.2f}"
+    )
 
 
 # ---------------------------------------------------------------------------- exercises
@@ -1096,19 +1198,21 @@ def exercise_images_per_class(ch: Chapter, reward_images: int | None = None) -> 
 
 
 def exercise_planted(ch: Chapter) -> dict[str, float]:
-    """EX2 on the control and the planted VLM with the chapter's ``planted_style`` and ``planted_share``:
-    the planted-minus-control difference of each kind's share after alignment, and whether the plant
-    took (:func:`plant_took`: the planted kind's reward gap and the share difference RL predicts from it)."""
-    r = _aligned(ch)
+    """EX2 on the planted CLIPs with the chapter's ``planted_reward_habitat`` (shortcut minus no-shortcut, means
+    over seeds): the measured habitat reliance, the habitat reward gap, and the aligned habitat share, predicted
+    and observed (with its 95 % interval over seeds)."""
+    r = Result()
+    load_models(ch, r, progress=False)
+    sample_before(ch, r)
     run_planted(ch, r, progress=False)
-    took = plant_took(ch, r)
+    t = plant_took(ch, r)
     return {
-        **{
-            f"{kind} (planted - control)": planted_difference(ch, r, kind)[0]
-            for kind in ("web_seen", "web_unseen", "habitat", "visual_true")
-        },
-        "planted kind's reward gap (planted - control)": took["reward_gap"],
-        "planted kind's share difference predicted by RL": took["predicted_difference"],
+        "habitat reliance": t["reliance"]["value"],
+        "habitat reward gap": t["reward_gap"]["value"],
+        "habitat share predicted by RL": t["predicted"]["value"],
+        "habitat share after alignment": t["observed"]["value"],
+        "its interval: low": t["observed"]["low"],
+        "its interval: high": t["observed"]["high"],
     }
 
 

@@ -11,6 +11,7 @@ model included), then, with ``planted`` (the default), :func:`plant`, :func:`mea
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from functools import partial
 from pathlib import Path
@@ -37,6 +38,20 @@ def _check_conditions(value: list[str], p: dict[str, Any]) -> str | None:
     return f"use 'shortcut', 'no-shortcut' and optionally 'blind' (of {list(vd.CONDITIONS)})"
 
 
+def planted_recipe_parameters(applies: Callable[[dict], bool] | None = None) -> dict[str, Param]:
+    """The planted CLIPs' recipe as chapter parameters (chapter 4 declares them too, so that with the same
+    values both chapters load the same stored models)."""
+    r = vd.PLANTED_RECIPE
+    return {
+        "planted_steps": Param(
+            r["steps"], int, min=1, applies=applies, help="training steps of each planted CLIP (verdict.PLANTED_RECIPE)"
+        ),
+        "planted_batch_size": Param(r["batch_size"], int, min=2, applies=applies),
+        "planted_n_train": Param(r["n_train"], int, min=64, applies=applies, help="training images of a planted CLIP"),
+        "planted_lr": Param(r["lr"], float, min=1e-6, applies=applies),
+    }
+
+
 PARAMETERS: dict[str, Param] = {
     "planted": Param(
         True, bool, help="run the planted-model sections (minutes; they do not depend on the model under study)"
@@ -55,12 +70,7 @@ PARAMETERS: dict[str, Param] = {
     "n_seeds": Param(3, int, min=1, help="planted models per condition"),
     "blind_factor": Param(vd.PLANTED_BLIND, str, choices=FACTORS[1:], help="the attribute a blind model never sees"),
     "planted_classes": Param(vd.PLANTED_CLASSES, int, min=2, max=len(HABITATS), help="classes of the planted worlds"),
-    "planted_steps": Param(
-        vd.PLANTED_RECIPE["steps"], int, min=1, help="training steps of each planted CLIP (see verdict.PLANTED_RECIPE)"
-    ),
-    "planted_batch_size": Param(vd.PLANTED_RECIPE["batch_size"], int, min=2),
-    "planted_n_train": Param(vd.PLANTED_RECIPE["n_train"], int, min=64, help="training images of each planted CLIP"),
-    "planted_lr": Param(vd.PLANTED_RECIPE["lr"], float, min=1e-6),
+    **planted_recipe_parameters(),
     "n_images": Param(256, int, min=8, help="prototypical test images per model (interventions, explanations)"),
     "n_bootstrap": Param(200, int, min=10, help="joint bootstrap resamples (seeds and images)"),
     "n_permutations": Param(200, int, min=10, help="draws of every permutation band"),
@@ -789,8 +799,12 @@ def intro_table(results_dir: Path) -> str:
         paper, book = _chapter_number(records.get(stem, {}))
         said = [f"*{row}*: {v}" for row, v in verdict.items() if METHOD_OF_ROW.get(row) == method]
         if method == "EX2":
-            said = [
-                f"not tested: the verdict's {row} row ranks true one-factor sentences by EX2's reward, "
+            from .ex2 import planted_verdict
+
+            tested = planted_verdict(records.get(stem, {}).get("results", {}))
+            said = [tested] if tested else []
+            said += [
+                f"the verdict's {row} row is not EX2: it ranks true one-factor sentences by EX2's reward, "
                 f"without EX2's language model ({v})"
                 for row, v in verdict.items()
                 if METHOD_OF_ROW.get(row) == method
