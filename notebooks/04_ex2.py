@@ -322,6 +322,16 @@ if r.planted is not None:
     print(chapter.plant_sentence(ch, r))
 
 # %% [markdown]
+# How could a CLIP that relies on the habitat reward habitat sentences *less* than one that
+# ignores it, if the reading above finds that? One account: EX2's reward is the cosine between a
+# description and the class's *mean* image. For the shortcut CLIP the class name already points at
+# the habitat (in its training the two never parted), so a habitat sentence adds nothing the
+# class name lacks; for the no-shortcut CLIP the habitat is a concept of its own, and where a
+# class sits in its home habitat most of the time, the class's mean image carries that habitat.
+# Exercise 5 tests the account: it draws the reward's images with the habitat independent of
+# the class.
+
+# %% [markdown]
 # ## Results
 #
 # The headline numbers with their intervals and references; what the paper reports, what the

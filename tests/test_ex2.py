@@ -767,6 +767,8 @@ def test_the_planted_difference_pairs_models_of_a_seed_and_spreads_over_seeds(ti
         _planted_result(tiny_world, {(c, k): 0.3 for c in ("no-shortcut", "shortcut") for k in (0, 1)})
     )
     assert same["per_seed"] == [0.0, 0.0] and same["low"] == same["high"] == 0.0
+    one = chapter4.planted_difference(_planted_result(tiny_world, {("no-shortcut", 0): 0.1, ("shortcut", 0): 0.6}))
+    assert one["value"] == pytest.approx(0.5) and one["low"] < 0.5 < one["high"]  # one seed: over its slots
 
 
 def test_the_planted_reading_follows_the_plant_the_reward_and_the_aligned_shares(tmp_path, monkeypatch):
@@ -791,9 +793,12 @@ def test_the_planted_reading_follows_the_plant_the_reward_and_the_aligned_shares
         (took(0.0, 0.3), "nothing for EX2 to recover"),
         (took(0.05, 0.0), "RL did not recover"),
         (took(0.05, -0.3), "against the rewards"),
-        (took(-0.05, -0.3), "follows the reward's images, not what the VLM relies on"),
+        (took(-0.05, -0.3), "does not follow what the VLM relies on"),
         (took(0.05, 0.3), "that is the way the measured reliance differs"),
     ]
+    one = took(-0.05, -0.3)
+    one.update(seeds=1, reliance={"value": 1.0, "low": 1.0, "high": 1.0, "per_seed": [1.0]})
+    cases.append((one, "one seed: the intervals are over its classes and slots"))
     for t, expected in cases:
         monkeypatch.setattr(chapter4, "plant_took", lambda ch, r, t=t: t)
         assert expected in chapter4.plant_sentence(ch, chapter4.Result())

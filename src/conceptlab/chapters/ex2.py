@@ -718,7 +718,7 @@ def run_planted(ch: Chapter, r: Result, progress: bool = True) -> None:
                 "after": cached_samples(
                     ch, {**akey, "stage": "after", "align": asdict(settings)}, policy, r.tokenizer, queries, reward
                 ),
-                "preference": ex2.kind_preference(reward, world, ch.params["preference_sentences"]),
+                "preference": ex2.kind_preference(reward, world, ch.params["preference_sentences"], ch.params["seed"]),
             }
     r.planted = {"world": world, "align": settings, "models": models}
 
@@ -788,36 +788,41 @@ def _pairs(r: Result) -> list[tuple[dict, dict]]:
     return [(by[("no-shortcut", s)], by[("shortcut", s)]) for s in seeds]
 
 
-def planted_difference(r: Result, kind: str = "habitat") -> dict[str, Any]:
-    """Share of ``kind`` sentences after alignment, shortcut minus no-shortcut VLM of the same seed (the same
-    slots): per seed, and its mean over seeds with a 95 % t interval over seeds."""
-    world = r.planted["world"]
-    per_seed = [
-        float((_slot_shares(b["after"], world, kind) - _slot_shares(a["after"], world, kind)).mean())
-        for a, b in _pairs(r)
-    ]
+def _over_seeds(per_seed: list[float], one_seed: tuple[float, float] | None = None) -> dict[str, Any]:
+    """Mean over seeds with its 95 % t interval; with one seed, ``one_seed``: an interval within that seed (or
+    none), which says nothing about other seeds."""
+    if len(per_seed) == 1:
+        low, high = one_seed or (per_seed[0], per_seed[0])
+        return {"value": per_seed[0], "low": low, "high": high, "per_seed": per_seed}
     value, low, high = seed_interval(per_seed)
     return {"value": value, "low": low, "high": high, "per_seed": per_seed}
 
 
+def planted_difference(r: Result, kind: str = "habitat") -> dict[str, Any]:
+    """Share of ``kind`` sentences after alignment, shortcut minus no-shortcut VLM of the same seed (the same
+    slots): per seed, and its mean over seeds with a 95 % t interval over seeds (one seed: over its slots)."""
+    world = r.planted["world"]
+    slots = [_slot_shares(b["after"], world, kind) - _slot_shares(a["after"], world, kind) for a, b in _pairs(r)]
+    within = bootstrap_interval(slots[0], seed=0) if len(slots) == 1 else None
+    return _over_seeds([float(d.mean()) for d in slots], within)
+
+
 def plant_took(ch: Chapter, r: Result) -> dict[str, Any]:
-    """The plant, its reward and what RL predicts, per seed and over seeds (95 % t intervals): the measured
-    habitat reliance, shortcut minus no-shortcut; how much more the shortcut VLM's reward prefers habitat
-    sentences over a class-name caption; the difference of aligned habitat shares KL-regularised RL predicts
-    from the two kind rewards; and the observed difference (:func:`planted_difference`)."""
+    """The plant, its reward and what RL predicts, per seed and over seeds (95 % t intervals; one seed: the
+    reward gap over classes, the aligned share over slots): the measured habitat reliance, shortcut minus
+    no-shortcut; how much more the shortcut VLM's reward prefers habitat sentences over a class-name caption;
+    the difference of aligned habitat shares KL-regularised RL predicts from the two kind rewards; and the
+    observed difference (:func:`planted_difference`)."""
     pairs = _pairs(r)
-    reliance = [b["habitat reliance"] - a["habitat reliance"] for a, b in pairs]
     gaps = [
-        ex2.planted_reward_gap(a["preference"], b["preference"], "habitat", seed=ch.params["seed"])[0] for a, b in pairs
+        ex2.planted_reward_gap(a["preference"], b["preference"], "habitat", seed=ch.params["seed"]) for a, b in pairs
     ]
-    predicted = [_predicted_share(r, b) - _predicted_share(r, a) for a, b in pairs]
     return {
         "seeds": len(pairs),
         "reward_images_habitat_correlation": r.planted["world"].config.habitat_correlation,
-        **{
-            name: dict(zip(("value", "low", "high"), seed_interval(values)), per_seed=values)
-            for name, values in (("reliance", reliance), ("reward_gap", gaps), ("predicted", predicted))
-        },
+        "reliance": _over_seeds([b["habitat reliance"] - a["habitat reliance"] for a, b in pairs]),
+        "reward_gap": _over_seeds([g[0] for g in gaps], gaps[0][1:] if len(gaps) == 1 else None),
+        "predicted": _over_seeds([_predicted_share(r, b) - _predicted_share(r, a) for a, b in pairs]),
         "observed": planted_difference(r),
     }
 
@@ -1091,15 +1096,25 @@ def plant_sentence(ch: Chapter, r: Result) -> str:
     t = plant_took(ch, r)
     rel, gap, pred, obs = (t[k] for k in ("reliance", "reward_gap", "predicted", "observed"))
     per_seed = ", ".join(f"{v:+.3f}" for v in obs["per_seed"])
+    seeds = t["seeds"]
+
+    def stated(d: dict, digits: int) -> str:
+        if seeds == 1 and d["low"] == d["high"]:
+            return f"{d['value']:+.{digits}f}"
+        return _interval(d["value"], d["low"], d["high"], digits)
+
     said = (
-        f"On chapter 7's planted CLIPs ({t['seeds']} seeds per condition; reward images whose habitat is the "
-        f"class's own {t['reward_images_habitat_correlation']:.0%} of the time), the shortcut VLM's measured "
-        f"habitat reliance exceeds the no-shortcut VLM's by {_interval(rel['value'], rel['low'], rel['high'], 2)}; "
-        f"its reward prefers habitat sentences over a class-name caption by "
-        f"{_interval(gap['value'], gap['low'], gap['high'])} more; KL-regularised RL predicts the aligned share "
-        f"of habitat sentences to differ by {_interval(pred['value'], pred['low'], pred['high'], 3)}, and after "
-        f"alignment it differs by {_interval(obs['value'], obs['low'], obs['high'], 3)} (per seed {per_seed}; "
-        "intervals: 95 % t over seeds). "
+        f"On chapter 7's planted CLIPs ({seeds} seed{'s' if seeds > 1 else ''} per condition; reward images whose "
+        f"habitat is the class's own {t['reward_images_habitat_correlation']:.0%} of the time), the shortcut VLM's "
+        f"measured habitat reliance exceeds the no-shortcut VLM's by {stated(rel, 2)}; its reward prefers habitat "
+        f"sentences over a class-name caption by {stated(gap, 4)} more; KL-regularised RL predicts the aligned "
+        f"share of habitat sentences to differ by {stated(pred, 3)}, and after alignment it differs by "
+        f"{stated(obs, 3)} ("
+        + (
+            f"per seed {per_seed}; intervals: 95 % t over seeds). "
+            if seeds > 1
+            else "one seed: the intervals are over its classes and slots and say nothing about other seeds). "
+        )
     )
     if not excludes(gap["low"], gap["high"]):
         return said + (
@@ -1119,8 +1134,8 @@ def plant_sentence(ch: Chapter, r: Result) -> str:
     if np.sign(obs["value"]) == np.sign(rel["value"]):
         return said + ", and that is the way the measured reliance differs."
     return said + (
-        "; but the measured reliance differs the other way: EX2's habitat preference follows the reward's images, "
-        "not what the VLM relies on."
+        "; but the measured reliance differs the other way: here EX2's habitat preference does not follow what "
+        "the VLM relies on."
     )
 
 
