@@ -245,8 +245,9 @@ show_source(explainers.tower_maps)
 
 # %% [markdown]
 # **A reward ranking, kept apart.** EX2 {cite}`esfandiarpoor2024ex2` aligns a language model with
-# RL and inspects its descriptions with a judge. The chapter-4 pipeline does not run on the planted
-# models yet, so this chapter has no EX2 row. It has a **KL-optimal reward ranking**: the policy
+# RL and inspects its descriptions with a judge. Chapter 4 runs that pipeline on this chapter's
+# shortcut and no-shortcut models (the habitat test only; its result is in chapter 4 and in the
+# book's headline table), so this scoreboard has no EX2 row. It has a **KL-optimal reward ranking**: the policy
 # that EX2's objective converges to, $\pi(d \mid c) \propto \exp(R(d, c)/\beta)$, over true
 # one-factor sentences written from the world, with EX2's reward $R$. It tests the reward, not EX2.
 
