@@ -306,9 +306,13 @@ r.mentions_against_reliance().round(3) if r.reliance is not None else None
 #
 # Each link is checked on its own: the measured reliance (the plant); the reward's preference
 # for habitat sentences over a class-name caption, before any RL; the aligned habitat share that
-# KL-regularised RL predicts from those rewards; and what alignment did.
+# KL-regularised RL predicts from those rewards; and what alignment did. Each difference comes
+# with its interval over seeds and with its null: the same difference after swapping the two
+# models' labels at random, per class for the rewards and per slot for the aligned shares
+# (`label_swap_band`). With three seeds, the interval over seeds is the stricter test.
 
 # %%
+show_source(chapter.label_swap_band)
 chapter.run_planted(ch, r)
 if r.planted is not None:
     display(chapter.planted_table(r).round(3))

@@ -769,6 +769,22 @@ def test_the_planted_difference_pairs_models_of_a_seed_and_spreads_over_seeds(ti
     assert same["per_seed"] == [0.0, 0.0] and same["low"] == same["high"] == 0.0
     one = chapter4.planted_difference(_planted_result(tiny_world, {("no-shortcut", 0): 0.1, ("shortcut", 0): 0.6}))
     assert one["value"] == pytest.approx(0.5) and one["low"] < 0.5 < one["high"]  # one seed: over its slots
+    assert d["band"]["low"] < 0 < d["band"]["high"] and d["band"]["high"] < 0.3  # the label-swap null
+    assert same["band"] == {"mean": 0.0, "low": 0.0, "high": 0.0}  # equal shares on every slot: nothing to swap
+
+
+def test_the_label_swap_band_is_the_null_of_a_paired_mean_and_a_finding_must_clear_it():
+    rng = np.random.default_rng(1)
+    noise = [rng.normal(0.0, 1.0, 200) for _ in range(3)]
+    band = chapter4.label_swap_band(noise)
+    assert band["low"] < 0 < band["high"] and band["high"] - band["low"] == pytest.approx(4 * 1 / np.sqrt(600), rel=0.2)
+    shifted = chapter4.label_swap_band([d + 0.5 for d in noise])  # a sign flip erases any shift: the same width
+    assert shifted["high"] - shifted["low"] == pytest.approx(band["high"] - band["low"], rel=0.3)
+    assert abs(shifted["mean"]) < 0.05
+    d = {"value": 0.05, "low": 0.01, "high": 0.09}
+    assert chapter4.clears(d) and not chapter4.clears({**d, "low": -0.01})
+    assert not chapter4.clears({**d, "band": {"mean": 0.0, "low": -0.06, "high": 0.06}})  # inside its null
+    assert chapter4.clears({**d, "band": {"mean": 0.0, "low": -0.04, "high": 0.04}})
 
 
 def test_the_planted_reading_follows_the_plant_the_reward_and_the_aligned_shares(tmp_path, monkeypatch):
@@ -776,10 +792,11 @@ def test_the_planted_reading_follows_the_plant_the_reward_and_the_aligned_shares
 
     ch = setup("04_ex2", {"world": {"n_classes": 6}, "artifacts_dir": str(tmp_path)}, chapter4.PARAMETERS)
 
-    def took(gap, observed, reliance=1.0):
-        def interval(v):
-            return {"value": v, "low": v - 0.01, "high": v + 0.01, "per_seed": [v] * 3}
+    def interval(v, band=0.005):
+        null = {"mean": 0.0, "low": -band, "high": band}
+        return {"value": v, "low": v - 0.01, "high": v + 0.01, "per_seed": [v] * 3, "band": null}
 
+    def took(gap, observed, reliance=1.0):
         return {
             "seeds": 3,
             "reward_images_habitat_correlation": 0.8,
@@ -792,6 +809,8 @@ def test_the_planted_reading_follows_the_plant_the_reward_and_the_aligned_shares
     cases = [
         (took(0.0, 0.3), "nothing for EX2 to recover"),
         (took(0.05, 0.0), "RL did not recover"),
+        ({**took(0.05, 0.3), "observed": interval(0.3, band=0.4)}, "RL did not recover"),  # inside its null band
+        ({**took(0.05, 0.3), "reward_gap": interval(0.05, band=0.1)}, "nothing for EX2 to recover"),
         (took(0.05, -0.3), "against the rewards"),
         (took(-0.05, -0.3), "does not follow what the VLM relies on"),
         (took(0.05, 0.3), "that is the way the measured reliance differs"),

@@ -395,15 +395,17 @@ def test_intro_table_has_one_row_per_method_with_the_verdict(tmp_path):
     assert "no agreement beyond its null" in next(line for line in lines if line.startswith("| DN-CBM"))
     ex2_row = next(line for line in lines if line.startswith("| EX2"))
     assert "is not EX2" in ex2_row and "habitat shortcut" not in ex2_row  # chapter 4 not run: nothing tested
-    for observed, reliance, verdict in (
-        (-0.4, 1.0, "points the other way"),
-        (0.3, 1.0, "detected"),
-        (0.0, 1.0, "not detected"),
+    for observed, reliance, null, verdict in (
+        (-0.4, 1.0, 0.05, "points the other way"),
+        (0.3, 1.0, 0.05, "detected"),
+        (0.3, 1.0, 0.5, "not detected"),  # outside 0 but inside its label-swap null band
+        (0.0, 1.0, 0.05, "not detected"),
     ):
+        band = {"mean": 0.0, "low": -null, "high": null}
         plant = {
             "seeds": 3,
             "reliance": {"value": reliance},
-            "observed": {"value": observed, "low": observed - 0.1, "high": observed + 0.1},
+            "observed": {"value": observed, "low": observed - 0.1, "high": observed + 0.1, "band": band},
         }
         (tmp_path / "04_ex2.json").write_text(json.dumps({"results": {"planted": {"plant": plant}}}))
         ex2_row = next(line for line in chapter.intro_table(tmp_path).splitlines() if line.startswith("| EX2"))

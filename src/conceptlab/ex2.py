@@ -34,6 +34,7 @@ from tqdm.auto import tqdm
 
 from .artifacts import ArtifactStore, atomic_write_json, process_state
 from .models import encode_images, encode_texts
+from .stats import bootstrap_interval
 from .world import PARTS, ConceptWorld
 
 TEMPLATES: tuple[str, ...] = (
@@ -648,19 +649,27 @@ def kind_table(preference: pd.DataFrame, reference: str = "class", seed: int = 0
     return pd.DataFrame(rows).T.sort_values("reward", ascending=False).rename_axis("kind")
 
 
-def planted_reward_gap(
-    control: pd.DataFrame, planted: pd.DataFrame, kind: str, reference: str = "class", seed: int = 0
-) -> tuple[float, float, float]:
-    """Did a plant take? ``(gap, low, high)``: how much more the planted VLM's reward prefers ``kind``
-    sentences over ``reference`` ones than the control's does, per class, with a 95 % interval paired over
-    classes. ``control`` and ``planted`` are :func:`kind_preference` frames of the same sentences."""
-    from .stats import paired_difference_interval
+def planted_reward_differences(
+    control: pd.DataFrame, planted: pd.DataFrame, kind: str, reference: str = "class"
+) -> pd.Series:
+    """Per class: how much more the planted VLM's reward prefers ``kind`` sentences over ``reference`` ones
+    than the control's does. ``control`` and ``planted`` are :func:`kind_preference` frames of the same sentences."""
 
     def relative(preference: pd.DataFrame) -> pd.Series:
         per_class = preference.pivot_table(index="class_index", columns="kind", values="reward", aggfunc="mean")
         return per_class[kind] - per_class[reference]
 
-    return paired_difference_interval(relative(planted), relative(control), seed=seed)
+    return relative(planted) - relative(control)
+
+
+def planted_reward_gap(
+    control: pd.DataFrame, planted: pd.DataFrame, kind: str, reference: str = "class", seed: int = 0
+) -> tuple[float, float, float]:
+    """Did a plant take? ``(gap, low, high)``: the mean over classes of :func:`planted_reward_differences`,
+    with a 95 % bootstrap interval over classes."""
+    d = planted_reward_differences(control, planted, kind, reference).to_numpy()
+    low, high = bootstrap_interval(d, seed=seed)
+    return float(d.mean()), low, high
 
 
 def optimal_mix(reference: pd.Series, reward: pd.Series, beta: float, scale: float = 1.0) -> pd.Series:

@@ -798,30 +798,56 @@ def _over_seeds(per_seed: list[float], one_seed: tuple[float, float] | None = No
     return {"value": value, "low": low, "high": high, "per_seed": per_seed}
 
 
+def label_swap_band(per_seed: Sequence[np.ndarray], n_permutations: int = 1000, seed: int = 0) -> dict[str, float]:
+    """The null of a shortcut-minus-no-shortcut mean (mean over seeds of each seed's mean over its units): the
+    two models' labels swapped at random on each unit (a slot, a class), i.e. its difference's sign flipped;
+    the mean and 95 % band of the result. A difference is a finding only outside this band."""
+
+    def draw(rng: np.random.Generator) -> float:
+        return float(np.mean([(d * rng.choice((-1.0, 1.0), size=len(d))).mean() for d in per_seed]))
+
+    mean, low, high = permutation_band(draw, n_permutations, seed=seed)
+    return {"mean": mean, "low": low, "high": high}
+
+
+def clears(d: dict[str, Any]) -> bool:
+    """Whether a difference (an :func:`_over_seeds` dict) is a finding: its interval excludes 0 and, when it
+    has a null band, its value lies outside that band."""
+    band = d.get("band")
+    outside = band is None or not band["low"] <= d["value"] <= band["high"]
+    return excludes(d["low"], d["high"]) and outside
+
+
 def planted_difference(r: Result, kind: str = "habitat") -> dict[str, Any]:
     """Share of ``kind`` sentences after alignment, shortcut minus no-shortcut VLM of the same seed (the same
-    slots): per seed, and its mean over seeds with a 95 % t interval over seeds (one seed: over its slots)."""
+    slots): per seed, and its mean over seeds with a 95 % t interval over seeds (one seed: over its slots),
+    and its label-swap null band over slots (:func:`label_swap_band`)."""
     world = r.planted["world"]
     slots = [_slot_shares(b["after"], world, kind) - _slot_shares(a["after"], world, kind) for a, b in _pairs(r)]
     within = bootstrap_interval(slots[0], seed=0) if len(slots) == 1 else None
-    return _over_seeds([float(d.mean()) for d in slots], within)
+    return {**_over_seeds([float(d.mean()) for d in slots], within), "band": label_swap_band(slots)}
 
 
 def plant_took(ch: Chapter, r: Result) -> dict[str, Any]:
     """The plant, its reward and what RL predicts, per seed and over seeds (95 % t intervals; one seed: the
     reward gap over classes, the aligned share over slots): the measured habitat reliance, shortcut minus
-    no-shortcut; how much more the shortcut VLM's reward prefers habitat sentences over a class-name caption;
-    the difference of aligned habitat shares KL-regularised RL predicts from the two kind rewards; and the
-    observed difference (:func:`planted_difference`)."""
+    no-shortcut; how much more the shortcut VLM's reward prefers habitat sentences over a class-name caption
+    (with its label-swap band over classes); the difference of aligned habitat shares KL-regularised RL
+    predicts from the two kind rewards; and the observed difference (:func:`planted_difference`)."""
     pairs = _pairs(r)
-    gaps = [
-        ex2.planted_reward_gap(a["preference"], b["preference"], "habitat", seed=ch.params["seed"]) for a, b in pairs
+    seed = ch.params["seed"]
+    per_class = [
+        ex2.planted_reward_differences(a["preference"], b["preference"], "habitat").to_numpy() for a, b in pairs
     ]
+    within = bootstrap_interval(per_class[0], seed=seed) if len(pairs) == 1 else None
     return {
         "seeds": len(pairs),
         "reward_images_habitat_correlation": r.planted["world"].config.habitat_correlation,
         "reliance": _over_seeds([b["habitat reliance"] - a["habitat reliance"] for a, b in pairs]),
-        "reward_gap": _over_seeds([g[0] for g in gaps], gaps[0][1:] if len(gaps) == 1 else None),
+        "reward_gap": {
+            **_over_seeds([float(d.mean()) for d in per_class], within),
+            "band": label_swap_band(per_class, seed=seed),
+        },
         "predicted": _over_seeds([_predicted_share(r, b) - _predicted_share(r, a) for a, b in pairs]),
         "observed": planted_difference(r),
     }
@@ -1103,28 +1129,32 @@ def plant_sentence(ch: Chapter, r: Result) -> str:
             return f"{d['value']:+.{digits}f}"
         return _interval(d["value"], d["low"], d["high"], digits)
 
+    def band(d: dict, digits: int) -> str:
+        return f" (null band [{d['band']['low']:+.{digits}f}, {d['band']['high']:+.{digits}f}])"
+
+    nulls = "null bands: 95 % of the differences with the two models' labels swapped at random per class or slot"
     said = (
         f"On chapter 7's planted CLIPs ({seeds} seed{'s' if seeds > 1 else ''} per condition; reward images whose "
         f"habitat is the class's own {t['reward_images_habitat_correlation']:.0%} of the time), the shortcut VLM's "
         f"measured habitat reliance exceeds the no-shortcut VLM's by {stated(rel, 2)}; its reward prefers habitat "
-        f"sentences over a class-name caption by {stated(gap, 4)} more; KL-regularised RL predicts the aligned "
-        f"share of habitat sentences to differ by {stated(pred, 3)}, and after alignment it differs by "
-        f"{stated(obs, 3)} ("
+        f"sentences over a class-name caption by {stated(gap, 4)} more{band(gap, 4)}; KL-regularised "
+        f"RL predicts the aligned share of habitat sentences to differ by {stated(pred, 3)}, and after alignment "
+        f"it differs by {stated(obs, 3)}{band(obs, 3)} ("
         + (
-            f"per seed {per_seed}; intervals: 95 % t over seeds). "
+            f"per seed {per_seed}; intervals: 95 % t over seeds; {nulls}). "
             if seeds > 1
-            else "one seed: the intervals are over its classes and slots and say nothing about other seeds). "
+            else f"one seed: the intervals are over its classes and slots and say nothing about other seeds; {nulls}). "
         )
     )
-    if not excludes(gap["low"], gap["high"]):
+    if not clears(gap):
         return said + (
-            "The reward gap's interval includes 0: the plant did not reach the reward, so there was nothing for "
-            "EX2 to recover."
+            "The reward gap's interval includes 0 or its value lies inside its null band: the plant did not reach "
+            "the reward, so there was nothing for EX2 to recover."
         )
-    if not excludes(obs["low"], obs["high"]):
+    if not clears(obs):
         return said + (
-            "Alignment did not move the habitat share beyond its interval although the rewards differ: RL did not "
-            "recover the reward's preference."
+            "Alignment did not move the habitat share beyond its interval and null band although the rewards "
+            "differ: RL did not recover the reward's preference."
         )
     if np.sign(obs["value"]) != np.sign(gap["value"]):
         return said + "Alignment moved the habitat share against the rewards' difference."
@@ -1146,14 +1176,16 @@ def planted_verdict(res: dict) -> str | None:
         return None
     t = res["planted"]["plant"]
     obs, rel = t["observed"], t["reliance"]["value"]
-    if not excludes(obs["low"], obs["high"]):
+    if not clears(obs):
         verdict = "not detected"
     else:
         verdict = "detected" if np.sign(obs["value"]) == np.sign(rel) else "points the other way"
     return (
         f"habitat shortcut {verdict} (chapter 4: EX2's LM, GRPO and judge on chapter 7's planted CLIPs, "
         f"{t['seeds']} seeds): aligned habitat share, shortcut minus no-shortcut, "
-        f"{obs['value']:+.3f} [{obs['low']:+.3f}, {obs['high']:+.3f}]; measured habitat reliance {rel:+.2f}"
+        f"{obs['value']:+.3f} [{obs['low']:+.3f}, {obs['high']:+.3f}]"
+        + (f" (null band [{obs['band']['low']:+.3f}, {obs['band']['high']:+.3f}])" if "band" in obs else "")
+        + f"; measured habitat reliance {rel:+.2f}"
     )
 
 
