@@ -27,6 +27,7 @@ from conceptlab.judges import (
     parse_choice,
 )
 from conceptlab.models import encode_images, encode_texts
+from conceptlab.stats import bootstrap_interval
 from conceptlab.textlm import (
     WorldLMConfig,
     answer_loss,
@@ -725,15 +726,15 @@ def _preference(rng, n_classes=6, per_kind=8, raised=0.0):
     return pd.DataFrame(rows)
 
 
-def test_planted_reward_gap_sees_a_plant_that_took_and_not_one_that_did_not():
+def test_planted_reward_differences_see_a_plant_that_took_and_not_one_that_did_not():
     rng = np.random.default_rng(0)
     control = _preference(rng)
-    took = ex2.planted_reward_gap(control, _preference(rng, raised=0.05), "web_seen")
-    assert took[0] == pytest.approx(0.05, abs=0.01) and took[1] > 0
-    same = ex2.planted_reward_gap(control, control, "web_seen")
-    assert same == (0.0, 0.0, 0.0)
-    flat = ex2.planted_reward_gap(control, _preference(rng), "web_seen")
-    assert flat[1] < 0 < flat[2]
+    took = ex2.planted_reward_differences(control, _preference(rng, raised=0.05), "web_seen")
+    assert len(took) == 6 and took.mean() == pytest.approx(0.05, abs=0.01) and (took > 0).all()
+    assert (ex2.planted_reward_differences(control, control, "web_seen") == 0).all()
+    flat = ex2.planted_reward_differences(control, _preference(rng), "web_seen").to_numpy()
+    low, high = bootstrap_interval(flat)
+    assert low < 0 < high
 
 
 def _planted_result(world, shares: dict[tuple[str, int], float]) -> chapter4.Result:

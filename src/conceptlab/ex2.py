@@ -13,7 +13,8 @@
    whose every claim is false are their own category ("false"), never spurious.
 6. On the world: what the LM knows before RL (:func:`knowledge_gate`), the VLM's preference per kind
    of sentence (:func:`kind_preference`) and the mix KL-regularised RL predicts (:func:`optimal_mix`),
-   and how much more one VLM's reward prefers a kind than another's (:func:`planted_reward_gap`).
+   and, per class, how much more one VLM's reward prefers a kind than another's
+   (:func:`planted_reward_differences`).
 """
 
 from __future__ import annotations
@@ -34,7 +35,6 @@ from tqdm.auto import tqdm
 
 from .artifacts import ArtifactStore, atomic_write_json, process_state
 from .models import encode_images, encode_texts
-from .stats import bootstrap_interval
 from .world import PARTS, ConceptWorld
 
 TEMPLATES: tuple[str, ...] = (
@@ -660,16 +660,6 @@ def planted_reward_differences(
         return per_class[kind] - per_class[reference]
 
     return relative(planted) - relative(control)
-
-
-def planted_reward_gap(
-    control: pd.DataFrame, planted: pd.DataFrame, kind: str, reference: str = "class", seed: int = 0
-) -> tuple[float, float, float]:
-    """Did a plant take? ``(gap, low, high)``: the mean over classes of :func:`planted_reward_differences`,
-    with a 95 % bootstrap interval over classes."""
-    d = planted_reward_differences(control, planted, kind, reference).to_numpy()
-    low, high = bootstrap_interval(d, seed=seed)
-    return float(d.mean()), low, high
 
 
 def optimal_mix(reference: pd.Series, reward: pd.Series, beta: float, scale: float = 1.0) -> pd.Series:
