@@ -68,3 +68,19 @@ def test_every_library_module_is_in_the_api_reference():
     names.discard("conceptlab")
     missing = sorted(n for n in names if f"automodule:: {n}\n" not in api)
     assert not missing, f"add {missing} to book/api.md"
+
+
+def test_every_name_in_the_api_summaries_exists():
+    """A summary line naming a function that was renamed or removed renders as a dead entry."""
+    import importlib
+    import re
+
+    api = (PACKAGE.parents[1] / "book" / "api.md").read_text()
+    summaries = re.findall(r"\.\. currentmodule:: (\S+)\n\n\.\. autosummary::\n\n((?:   \S+\n)+)", api)
+    assert len(summaries) == api.count("autosummary::")  # every summary read
+    stale = []
+    for module, block in summaries:
+        names = block.split()
+        assert names, module
+        stale += [f"{module}.{n}" for n in names if not hasattr(importlib.import_module(module), n)]
+    assert not stale, f"remove or rename {stale} in book/api.md"
