@@ -691,10 +691,15 @@ def sentence_kinds(descriptions: pd.DataFrame, world: ConceptWorld) -> pd.DataFr
 
 def sentence_kind_shares(descriptions: pd.DataFrame, world: ConceptWorld) -> pd.Series:
     """Share of the sentences of ``descriptions`` of each kind (every kind present, 0 where absent)."""
+    return kind_shares_of(sentence_kinds(descriptions, world))
+
+
+def kind_shares_of(kinds: pd.DataFrame) -> pd.Series:
+    """Share of each kind among the sentences of a :func:`sentence_kinds` frame (every kind present, 0 where
+    absent): for callers that keep the kinds to count them several ways."""
     from .judges import SENTENCE_KINDS
 
-    kinds = sentence_kinds(descriptions, world).kind
-    return kinds.value_counts(normalize=True).reindex(list(SENTENCE_KINDS), fill_value=0.0)
+    return kinds.kind.value_counts(normalize=True).reindex(list(SENTENCE_KINDS), fill_value=0.0)
 
 
 def reweighted_kind_shares(

@@ -731,13 +731,23 @@ def rescored(descriptions: pd.DataFrame, reward: ex2.CLIPReward) -> pd.DataFrame
     return out
 
 
+def _kinds(r: Result, v: dict, stage: str) -> tuple[int, pd.DataFrame]:
+    """``(number of descriptions, their sentence kinds)`` for a planted model's ``stage`` descriptions in slot
+    order; judged once per model and stage (the table, the reading and the results all count them)."""
+    cache = v.setdefault("sentence kinds", {})
+    if stage not in cache:
+        ordered = v[stage].sort_values(list(ex2.PAIR_KEYS)).reset_index(drop=True)
+        cache[stage] = len(ordered), ex2.sentence_kinds(ordered, r.planted["world"])
+    return cache[stage]
+
+
 def _planted_kind_share(r: Result, v: dict, stage: str, kind: str = "habitat") -> float:
-    return float(ex2.sentence_kind_shares(v[stage], r.planted["world"])[kind])
+    return float(ex2.kind_shares_of(_kinds(r, v, stage)[1])[kind])
 
 
 def _predicted_share(r: Result, v: dict, kind: str = "habitat") -> float:
     """The aligned share of ``kind`` that KL-regularised RL predicts from the model's kind rewards."""
-    before = ex2.sentence_kind_shares(v["before"], r.planted["world"])
+    before = ex2.kind_shares_of(_kinds(r, v, "before")[1])
     reward = ex2.kind_table(v["preference"])["reward"]
     return float(ex2.optimal_mix(before, reward, r.align.beta, scale=reward_spread(v["before"]))[kind])
 
@@ -822,8 +832,7 @@ def planted_difference(r: Result, kind: str = "habitat") -> dict[str, Any]:
     """Share of ``kind`` sentences after alignment, shortcut minus no-shortcut VLM of the same seed (the same
     slots): per seed, and its mean over seeds with a 95 % t interval over seeds (one seed: over its slots),
     and its label-swap null band over slots (:func:`label_swap_band`)."""
-    world = r.planted["world"]
-    slots = [_slot_shares(b["after"], world, kind) - _slot_shares(a["after"], world, kind) for a, b in _pairs(r)]
+    slots = [_slot_shares(r, b, kind) - _slot_shares(r, a, kind) for a, b in _pairs(r)]
     within = bootstrap_interval(slots[0], seed=0) if len(slots) == 1 else None
     return {**_over_seeds([float(d.mean()) for d in slots], within), "band": label_swap_band(slots)}
 
@@ -853,12 +862,12 @@ def plant_took(ch: Chapter, r: Result) -> dict[str, Any]:
     }
 
 
-def _slot_shares(descriptions: pd.DataFrame, world: ConceptWorld, kind: str) -> np.ndarray:
-    """Per description, in the order of its (class, template, sample) slot, the share of its sentences of ``kind``."""
-    ordered = descriptions.sort_values(list(ex2.PAIR_KEYS)).reset_index(drop=True)
-    kinds = ex2.sentence_kinds(ordered, world)
+def _slot_shares(r: Result, v: dict, kind: str) -> np.ndarray:
+    """Per aligned description of planted model ``v``, in the order of its (class, template, sample) slot, the
+    share of its sentences of ``kind``."""
+    n, kinds = _kinds(r, v, "after")
     share = (kinds.kind == kind).groupby(kinds.description_index).mean()
-    return share.reindex(range(len(ordered)), fill_value=0.0).to_numpy()
+    return share.reindex(range(n), fill_value=0.0).to_numpy()
 
 
 # ---------------------------------------------------------------------------- the whole run
