@@ -309,7 +309,8 @@ r.mentions_against_reliance().round(3) if r.reliance is not None else None
 # KL-regularised RL predicts from those rewards; and what alignment did. Each difference comes
 # with its interval over seeds and with its null: the same difference after swapping the two
 # models' labels at random, per class for the rewards and per slot for the aligned shares
-# (`label_swap_band`). With three seeds, the interval over seeds is the stricter test.
+# (`label_swap_band`). The band covers only the sampling within a seed (which slots, which
+# classes); the interval over seeds also covers how trained models differ.
 
 # %%
 show_source(chapter.label_swap_band)

@@ -828,6 +828,12 @@ def clears(d: dict[str, Any]) -> bool:
     return excludes(d["low"], d["high"]) and outside
 
 
+def _null_band(d: dict[str, Any], digits: int) -> str:
+    """`` (null band [low, high])`` for a difference with a band, else nothing."""
+    band = d.get("band")
+    return f" (null band [{band['low']:+.{digits}f}, {band['high']:+.{digits}f}])" if band else ""
+
+
 def planted_difference(r: Result, kind: str = "habitat") -> dict[str, Any]:
     """Share of ``kind`` sentences after alignment, shortcut minus no-shortcut VLM of the same seed (the same
     slots): per seed, and its mean over seeds with a 95 % t interval over seeds (one seed: over its slots),
@@ -1138,17 +1144,14 @@ def plant_sentence(ch: Chapter, r: Result) -> str:
             return f"{d['value']:+.{digits}f}"
         return _interval(d["value"], d["low"], d["high"], digits)
 
-    def band(d: dict, digits: int) -> str:
-        return f" (null band [{d['band']['low']:+.{digits}f}, {d['band']['high']:+.{digits}f}])"
-
     nulls = "null bands: 95 % of the differences with the two models' labels swapped at random per class or slot"
     said = (
         f"On chapter 7's planted CLIPs ({seeds} seed{'s' if seeds > 1 else ''} per condition; reward images whose "
         f"habitat is the class's own {t['reward_images_habitat_correlation']:.0%} of the time), the shortcut VLM's "
         f"measured habitat reliance exceeds the no-shortcut VLM's by {stated(rel, 2)}; its reward prefers habitat "
-        f"sentences over a class-name caption by {stated(gap, 4)} more{band(gap, 4)}; KL-regularised "
+        f"sentences over a class-name caption by {stated(gap, 4)} more{_null_band(gap, 4)}; KL-regularised "
         f"RL predicts the aligned share of habitat sentences to differ by {stated(pred, 3)}, and after alignment "
-        f"it differs by {stated(obs, 3)}{band(obs, 3)} ("
+        f"it differs by {stated(obs, 3)}{_null_band(obs, 3)} ("
         + (
             f"per seed {per_seed}; intervals: 95 % t over seeds; {nulls}). "
             if seeds > 1
@@ -1193,7 +1196,7 @@ def planted_verdict(res: dict) -> str | None:
         f"habitat shortcut {verdict} (chapter 4: EX2's LM, GRPO and judge on chapter 7's planted CLIPs, "
         f"{t['seeds']} seeds): aligned habitat share, shortcut minus no-shortcut, "
         f"{obs['value']:+.3f} [{obs['low']:+.3f}, {obs['high']:+.3f}]"
-        + (f" (null band [{obs['band']['low']:+.3f}, {obs['band']['high']:+.3f}])" if "band" in obs else "")
+        + _null_band(obs, 3)
         + f"; measured habitat reliance {rel:+.2f}"
     )
 
