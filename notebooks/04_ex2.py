@@ -334,7 +334,8 @@ if r.planted is not None:
 # class name lacks; for the no-shortcut CLIP the habitat is a concept of its own, and where a
 # class sits in its home habitat most of the time, the class's mean image carries that habitat.
 # Exercise 5 tests the account: it draws the reward's images with the habitat independent of
-# the class.
+# the class. Exercise 6 is the positive control: a preference planted in the text, not in the
+# images.
 
 # %% [markdown]
 # ## Results
@@ -397,3 +398,16 @@ if ch.on_world:  # the solutions are judged against the world's ground truth
 # %% tags=["hide-cell"]
 if ch.on_world and planted:  # the planted CLIPs are world CLIPs
     display(ch.exercise("habitat-independent reward images", chapter.exercise_planted, planted_reward_habitat=0.0))
+
+# %% [markdown]
+# **6. A positive control.** The plant above is in the *images*. Plant a preference in the
+# *text* instead: a CLIP trained on the no-shortcut world's images whose captions never name the
+# habitat (`planted_condition="habitat-unnamed"`: habitat captions 0 instead of 0.2 of the mix,
+# the only setting that differs). Its images give the habitat the same use, so the measured
+# reliance should not move; its text tower never learnt the habitat words. Does its reward gap
+# fall beyond its null, and does alignment lower the habitat share with it? If both do, EX2
+# recovers a preference of the reward, and one the classifier's reliance does not share.
+
+# %% tags=["hide-cell"]
+if ch.on_world and planted:  # the planted CLIPs are world CLIPs
+    display(ch.exercise("habitat never named", chapter.exercise_planted, planted_condition="habitat-unnamed"))

@@ -157,6 +157,19 @@ def test_an_exercise_runs_both_settings_once_and_reports_the_change(tmp_path):
     assert ch.exercise("double", _count, factor=3.0).loc["factor = 3.0", "score"] == 30
 
 
+def _unsorted(ch, factor: float = 1.0) -> dict[str, float]:
+    return {"value": factor, "value: low": factor - 1, "value: high": factor + 1, "clears": 1.0}
+
+
+def test_an_exercise_table_keeps_the_order_its_function_gives(tmp_path):
+    """Stored solutions keep the order of the exercise's numbers (a value before its interval), not the
+    sorted keys of a JSON object, on the first run and when loaded from the store."""
+    ch = setup("99_test", _namespace(tmp_path), SPEC)
+    for _ in range(2):
+        table = ch.exercise("order", _unsorted, factor=2.0)
+        assert list(table.columns) == ["value", "value: low", "value: high", "clears"]
+
+
 def test_differences_say_which_side_the_run_follows():
     switches = {
         "detach": Switch(paper=False, original=True, what="map losses reach the model or not"),

@@ -669,9 +669,10 @@ def test_sentence_kinds_tell_seen_from_unseen_web_phrases(tiny_world):
 
 def test_the_planted_pair_differs_in_one_setting_and_loads_chapter_7s_models(tmp_path, monkeypatch):
     """Chapter 4's planted CLIPs are chapter 7's (the same recipe parameters give the same models): per seed a
-    shortcut and a no-shortcut model whose keys differ in the training world's habitat correlation only."""
+    shortcut and a no-shortcut model whose keys differ in the training world's habitat correlation only; the
+    positive control's pair differs in the caption mix only."""
     from conceptlab import verdict as vd
-    from conceptlab.chapter import setup
+    from conceptlab.chapter import ParameterError, setup
     from conceptlab.chapters import verdict as chapter7
 
     recipe = {"planted_steps": 2, "planted_n_train": 64, "planted_batch_size": 8}
@@ -691,6 +692,13 @@ def test_the_planted_pair_differs_in_one_setting_and_loads_chapter_7s_models(tmp
     ch7 = setup("07_verdict", {**common, "n_seeds": 2}, chapter7.PARAMETERS)
     assert trained[0][1] == chapter7.planted_recipe(ch7)  # chapter 7 trains (and stores) the same models
     assert [train.seed for _, train in trained] == [0, 1, 0, 1]
+    positive = setup("04_ex2", {**common, "planted_condition": "habitat-unnamed"}, chapter4.PARAMETERS)
+    calm, raised = (s.key["world"] for s in chapter4.planted_subjects(positive) if s.seed == 0)
+    assert [k for k in calm if calm[k] != raised[k]] == ["caption_mix"]  # the positive control: the text only
+    share = [w["caption_mix"]["habitat"] / sum(w["caption_mix"].values()) for w in (calm, raised)]
+    assert share == pytest.approx([0.2, 0.0])
+    with pytest.raises(ParameterError, match="planted_condition"):
+        setup("04_ex2", {**common, "planted_condition": "habitat"}, chapter4.PARAMETERS)
     world = chapter4.planted_reward_world(ch)
     assert world.class_names == ch.world.class_names[: vd.PLANTED_CLASSES]
     assert world.config.habitat_correlation == ch.world_cfg.habitat_correlation
@@ -755,7 +763,7 @@ def _planted_result(world, shares: dict[tuple[str, int], float]) -> chapter4.Res
             "seed": seed,
             **{stage: pd.DataFrame(v) for stage, v in rows.items()},
         }
-    return chapter4.Result(planted={"world": world, "models": models})
+    return chapter4.Result(planted={"world": world, "models": models, "pair": ("no-shortcut", "shortcut")})
 
 
 def test_the_planted_difference_pairs_models_of_a_seed_and_spreads_over_seeds(tiny_world):
@@ -815,13 +823,17 @@ def test_the_planted_reading_follows_the_plant_the_reward_and_the_aligned_shares
         (took(0.05, -0.3), "against the rewards"),
         (took(-0.05, -0.3), "does not follow what the VLM relies on"),
         (took(0.05, 0.3), "that is the way the measured reliance differs"),
+        (took(0.05, 0.3, reliance=0.0), "the measured reliance does not differ"),  # the positive control
     ]
     one = took(-0.05, -0.3)
     one.update(seeds=1, reliance={"value": 1.0, "low": 1.0, "high": 1.0, "per_seed": [1.0]})
     cases.append((one, "one seed: the intervals are over its classes and slots"))
+    pair = {"pair": ("no-shortcut", "shortcut")}
     for t, expected in cases:
         monkeypatch.setattr(chapter4, "plant_took", lambda ch, r, t=t: t)
-        assert expected in chapter4.plant_sentence(ch, chapter4.Result())
+        assert expected in chapter4.plant_sentence(ch, chapter4.Result(planted=pair))
+    positive = chapter4.plant_sentence(ch, chapter4.Result(planted={"pair": ("no-shortcut", "habitat-unnamed")}))
+    assert "the habitat-unnamed VLM's measured habitat reliance exceeds the no-shortcut VLM's" in positive
 
 
 def test_run_on_world_aligns_any_world_clip_and_pairs_its_samples(tiny_lm, tiny_clip, tiny_world, tiny_store):

@@ -400,13 +400,15 @@ def test_intro_table_has_one_row_per_method_with_the_verdict(tmp_path):
         (0.3, 1.0, 0.05, "detected"),
         (0.3, 1.0, 0.5, "not detected"),  # outside 0 but inside its label-swap null band
         (0.0, 1.0, 0.05, "not detected"),
+        (-0.4, 0.0, 0.05, "moves the descriptions, with no measured reliance to follow"),  # a text-side plant
     ):
         band = {"mean": 0.0, "low": -null, "high": null}
         plant = {
             "seeds": 3,
-            "reliance": {"value": reliance},
+            "reliance": {"value": reliance, "low": reliance - 0.2, "high": reliance + 0.2},
             "observed": {"value": observed, "low": observed - 0.1, "high": observed + 0.1, "band": band},
         }
-        (tmp_path / "04_ex2.json").write_text(json.dumps({"results": {"planted": {"plant": plant}}}))
+        planted = {"plant": plant, "pair": ["no-shortcut", "shortcut"]}
+        (tmp_path / "04_ex2.json").write_text(json.dumps({"results": {"planted": planted}}))
         ex2_row = next(line for line in chapter.intro_table(tmp_path).splitlines() if line.startswith("| EX2"))
         assert f"habitat shortcut {verdict} (chapter 4" in ex2_row and f"{observed:+.3f}" in ex2_row

@@ -457,8 +457,9 @@ class Chapter:
             rows[label] = self.store.get_or_build(
                 "exercise",
                 key,
-                lambda d, kw=kwargs: atomic_write_json(d / "result.json", self._exercise(run, kw)),  # type: ignore[misc]
-                lambda d: json.loads((d / "result.json").read_text()),
+                # (name, value) pairs: JSON objects are written with sorted keys, the table keeps run's order
+                lambda d, kw=kwargs: atomic_write_json(d / "result.json", list(self._exercise(run, kw).items())),  # type: ignore[misc]
+                lambda d: dict(json.loads((d / "result.json").read_text())),
             )
         table = pd.DataFrame(rows).T.apply(pd.to_numeric, errors="coerce")
         table.loc["change"] = table.iloc[1] - table.iloc[0]

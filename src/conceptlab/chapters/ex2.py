@@ -74,6 +74,9 @@ def _planted(p: dict) -> bool:
     return p["dataset"] == "world" and p["model"] == "world" and p["planted"]
 
 
+PLANTED_CONDITIONS = ("shortcut", "habitat-unnamed")  # what a planted CLIP may differ in from the no-shortcut one
+
+
 def _planted_problem(value: bool, p: dict) -> str | None:
     try:
         n = WorldConfig(**p["world"]).n_classes
@@ -153,6 +156,14 @@ PARAMETERS: dict[str, Param] = {
         help="also run EX2 on chapter 7's planted shortcut and no-shortcut CLIPs (they differ in one setting)",
     ),
     "planted_seeds": Param(3, int, min=1, applies=_planted, help="planted CLIPs per condition (chapter 7's seeds)"),
+    "planted_condition": Param(
+        "shortcut",
+        str,
+        choices=PLANTED_CONDITIONS,
+        applies=_planted,
+        help="the planted CLIP set against the no-shortcut one: the habitat shortcut in its training images, or "
+        "no habitat captions in its training text (the positive control, exercise 6)",
+    ),
     "planted_reward_habitat": Param(
         None,
         float,
@@ -647,18 +658,21 @@ def examples(r: Result, n_classes: int = 4) -> pd.DataFrame:
 
 
 # ---------------------------------------------------------------------------- the planted shortcut
-PLANTED_PAIR = ("no-shortcut", "shortcut")  # chapter 7's conditions: the training habitat random, or the class's own
+def planted_pair(ch: Chapter) -> tuple[str, str]:
+    """The two planted conditions compared: no-shortcut (the training habitat random) and
+    ``planted_condition`` (the habitat the class's own, or no habitat captions)."""
+    return "no-shortcut", ch.params["planted_condition"]
 
 
 def planted_subjects(ch: Chapter, progress: bool = False) -> list[vd.Subject]:
-    """Chapter 7's planted no-shortcut and shortcut CLIPs, seeds ``0 .. planted_seeds - 1``: trained once into
-    the store with chapter 7's recipe (chapters 1 and 7 load the same models)."""
+    """The planted CLIPs of :func:`planted_pair`, seeds ``0 .. planted_seeds - 1``: trained once into the store
+    with chapter 7's recipe (chapters 1, 4 and 7 load the same models)."""
     p = ch.params
     return vd.planted_models(
         ch.store,
         ch.world_cfg,
         planted_recipe(ch),
-        PLANTED_PAIR,
+        planted_pair(ch),
         p["planted_seeds"],
         vd.PLANTED_BLIND,
         vd.PLANTED_CLASSES,
@@ -720,7 +734,7 @@ def run_planted(ch: Chapter, r: Result, progress: bool = True) -> None:
                 ),
                 "preference": ex2.kind_preference(reward, world, ch.params["preference_sentences"], ch.params["seed"]),
             }
-    r.planted = {"world": world, "align": settings, "models": models}
+    r.planted = {"world": world, "align": settings, "models": models, "pair": planted_pair(ch)}
 
 
 def rescored(descriptions: pd.DataFrame, reward: ex2.CLIPReward) -> pd.DataFrame:
@@ -777,7 +791,7 @@ def planted_figure(r: Result) -> plt.Axes:
     habitat reliance; the dashed line is the share before alignment (the same samples for every model)."""
     table = planted_table(r)
     _, ax = plt.subplots(figsize=(6, 3))
-    for condition, color in zip(PLANTED_PAIR, ("tab:blue", "tab:red")):
+    for condition, color in zip(r.planted["pair"], ("tab:blue", "tab:red")):
         t = table[table.condition == condition]
         x = t["habitat reliance (measured)"].astype(float)
         ax.scatter(x, t["after"].astype(float), color=color, label=f"{condition}: after alignment")
@@ -791,11 +805,17 @@ def planted_figure(r: Result) -> plt.Axes:
     return ax
 
 
+def _versus(pair: Sequence[str]) -> str:
+    """ "shortcut minus no-shortcut": how a planted difference is taken."""
+    return f"{pair[1]} minus {pair[0]}"
+
+
 def _pairs(r: Result) -> list[tuple[dict, dict]]:
-    """(no-shortcut, shortcut) models of the same seed."""
+    """(no-shortcut, planted condition) models of the same seed."""
     by = {(v["condition"], v["seed"]): v for v in r.planted["models"].values()}
     seeds = sorted({seed for _, seed in by})
-    return [(by[("no-shortcut", s)], by[("shortcut", s)]) for s in seeds]
+    control, planted = r.planted["pair"]
+    return [(by[(control, s)], by[(planted, s)]) for s in seeds]
 
 
 def _over_seeds(per_seed: list[float], one_seed: tuple[float, float] | None = None) -> dict[str, Any]:
@@ -971,7 +991,7 @@ def results(ch: Chapter, r: Result) -> dict:
     if r.planted is not None:
         table = planted_table(r)
         out["planted"] = {
-            "pair": list(PLANTED_PAIR),
+            "pair": list(r.planted["pair"]),
             "grpo_steps": r.planted["align"].steps,
             "models": {
                 name: {k: (v if isinstance(v, str) else float(v)) for k, v in row.items()}
@@ -1022,7 +1042,7 @@ def headline(ch: Chapter, r: Result) -> dict[str, Reported]:
     if r.planted is not None:
         t = plant_took(ch, r)
         d = t["observed"]
-        out["habitat sentences after alignment, shortcut minus no-shortcut VLM"] = Reported(
+        out[f"habitat sentences after alignment, {_versus(r.planted['pair'])} VLM"] = Reported(
             d["value"],
             d["low"],
             d["high"],
@@ -1059,7 +1079,7 @@ def fidelity_rows(res: dict) -> dict[str, dict]:
         },
     }
     if "planted" in res:
-        rows["habitat sentences after alignment, shortcut minus no-shortcut VLM"] = {
+        rows[f"habitat sentences after alignment, {_versus(res['planted']['pair'])} VLM"] = {
             "paper": "non-visual attributes (e.g. habitat) carry preference",
             "original code": "not tested on a known shortcut",
             "this book": res["planted"]["plant"]["observed"]["value"],
@@ -1138,6 +1158,7 @@ def plant_sentence(ch: Chapter, r: Result) -> str:
     rel, gap, pred, obs = (t[k] for k in ("reliance", "reward_gap", "predicted", "observed"))
     per_seed = ", ".join(f"{v:+.3f}" for v in obs["per_seed"])
     seeds = t["seeds"]
+    control, planted = r.planted["pair"]
 
     def stated(d: dict, digits: int) -> str:
         if seeds == 1 and d["low"] == d["high"]:
@@ -1147,8 +1168,8 @@ def plant_sentence(ch: Chapter, r: Result) -> str:
     nulls = "null bands: 95 % of the differences with the two models' labels swapped at random per class or slot"
     said = (
         f"On chapter 7's planted CLIPs ({seeds} seed{'s' if seeds > 1 else ''} per condition; reward images whose "
-        f"habitat is the class's own {t['reward_images_habitat_correlation']:.0%} of the time), the shortcut VLM's "
-        f"measured habitat reliance exceeds the no-shortcut VLM's by {stated(rel, 2)}; its reward prefers habitat "
+        f"habitat is the class's own {t['reward_images_habitat_correlation']:.0%} of the time), the {planted} VLM's "
+        f"measured habitat reliance exceeds the {control} VLM's by {stated(rel, 2)}; its reward prefers habitat "
         f"sentences over a class-name caption by {stated(gap, 4)} more{_null_band(gap, 4)}; KL-regularised "
         f"RL predicts the aligned share of habitat sentences to differ by {stated(pred, 3)}, and after alignment "
         f"it differs by {stated(obs, 3)}{_null_band(obs, 3)} ("
@@ -1173,6 +1194,11 @@ def plant_sentence(ch: Chapter, r: Result) -> str:
     said += (
         "Alignment moved the habitat share the way the rewards differ: the mechanism recovers what the reward prefers"
     )
+    if not excludes(rel["low"], rel["high"]):
+        return said + (
+            "; the measured reliance does not differ (its interval includes 0): the preference EX2 recovered lies in "
+            "how the text side scores the sentences, not in what the classifier uses."
+        )
     if np.sign(obs["value"]) == np.sign(rel["value"]):
         return said + ", and that is the way the measured reliance differs."
     return said + (
@@ -1186,15 +1212,17 @@ def planted_verdict(res: dict) -> str | None:
     table): detected when the aligned habitat share differs, beyond its interval, the way the reliance does."""
     if "planted" not in res:
         return None
-    t = res["planted"]["plant"]
+    t, pair = res["planted"]["plant"], res["planted"]["pair"]
     obs, rel = t["observed"], t["reliance"]["value"]
     if not clears(obs):
         verdict = "not detected"
+    elif not excludes(t["reliance"]["low"], t["reliance"]["high"]):
+        verdict = "moves the descriptions, with no measured reliance to follow"
     else:
         verdict = "detected" if np.sign(obs["value"]) == np.sign(rel) else "points the other way"
     return (
-        f"habitat shortcut {verdict} (chapter 4: EX2's LM, GRPO and judge on chapter 7's planted CLIPs, "
-        f"{t['seeds']} seeds): aligned habitat share, shortcut minus no-shortcut, "
+        f"{'habitat shortcut' if pair[1] == 'shortcut' else pair[1]} {verdict} (chapter 4: EX2's LM, GRPO and judge "
+        f"on chapter 7's planted CLIPs, {t['seeds']} seeds): aligned habitat share, {_versus(pair)}, "
         f"{obs['value']:+.3f} [{obs['low']:+.3f}, {obs['high']:+.3f}]"
         + _null_band(obs, 3)
         + f"; measured habitat reliance {rel:+.2f}"
@@ -1257,21 +1285,29 @@ def exercise_images_per_class(ch: Chapter, reward_images: int | None = None) -> 
 
 
 def exercise_planted(ch: Chapter) -> dict[str, float]:
-    """EX2 on the planted CLIPs with the chapter's ``planted_reward_habitat`` (shortcut minus no-shortcut, means
-    over seeds): the measured habitat reliance, the habitat reward gap, and the aligned habitat share, predicted
-    and observed (with its 95 % interval over seeds)."""
+    """EX2 on the planted CLIPs with the chapter's ``planted_reward_habitat`` and ``planted_condition`` (planted
+    minus no-shortcut, means over seeds): the measured habitat reliance, the habitat reward gap and the aligned
+    habitat share, predicted and observed; the reliance, the gap and the share with their 95 % intervals over
+    seeds, and whether the gap and the share clear their nulls (:func:`clears`: 1 yes, 0 no)."""
     r = Result()
     load_models(ch, r, progress=False)
     sample_before(ch, r)
     run_planted(ch, r, progress=False)
     t = plant_took(ch, r)
+    reliance, gap, share = t["reliance"], t["reward_gap"], t["observed"]
     return {
-        "habitat reliance": t["reliance"]["value"],
-        "habitat reward gap": t["reward_gap"]["value"],
+        "habitat reliance": reliance["value"],
+        "reliance: low": reliance["low"],
+        "reliance: high": reliance["high"],
+        "habitat reward gap": gap["value"],
+        "reward gap: low": gap["low"],
+        "reward gap: high": gap["high"],
+        "reward gap clears its null": float(clears(gap)),
         "habitat share predicted by RL": t["predicted"]["value"],
-        "habitat share after alignment": t["observed"]["value"],
-        "its interval: low": t["observed"]["low"],
-        "its interval: high": t["observed"]["high"],
+        "habitat share after alignment": share["value"],
+        "share: low": share["low"],
+        "share: high": share["high"],
+        "share clears its null": float(clears(share)),
     }
 
 
