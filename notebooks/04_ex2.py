@@ -80,6 +80,7 @@ judge_min_true = 1
 n_counterfactual = 512
 planted = True  # EX2 on chapter 7's planted shortcut and no-shortcut CLIPs
 planted_seeds = 3
+planted_condition = "shortcut"  # or "habitat-unnamed": captions that never name the habitat (exercise 6)
 planted_reward_habitat = None  # habitat correlation of their reward images; None: the world's
 planted_n_images = 256  # images measuring their habitat reliance (chapter 7's n_images)
 planted_steps = 150  # their recipe is chapter 7's: the same values load the same stored models
