@@ -67,7 +67,8 @@ CONDITIONS: dict[str, dict] = {
     "shortcut": {"habitat_correlation": 1.0},  # the habitat alone tells the class (one class per habitat)
     "no-shortcut": {"habitat_correlation": 0.0},  # the habitat is independent of the class
     "blind": {"habitat_correlation": 0.0},  # and `blind_factor` is drawn at random in training
-    "habitat-unnamed": {"habitat_correlation": 0.0, "caption_mix": NO_HABITAT_CAPTIONS},  # no-shortcut, text without
+    # no-shortcut images, captions that never name the habitat
+    "habitat-unnamed": {"habitat_correlation": 0.0, "caption_mix": NO_HABITAT_CAPTIONS},
 }
 PLANTED_CLASSES = 6  # classes of a planted world
 PLANTED_BLIND = "head colour"  # the attribute a blind model never sees

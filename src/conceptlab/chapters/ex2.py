@@ -806,7 +806,7 @@ def planted_figure(r: Result) -> plt.Axes:
 
 
 def _versus(pair: Sequence[str]) -> str:
-    """ "shortcut minus no-shortcut": how a planted difference is taken."""
+    """How a planted difference is taken, e.g. "shortcut minus no-shortcut"."""
     return f"{pair[1]} minus {pair[0]}"
 
 
