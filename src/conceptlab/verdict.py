@@ -104,8 +104,9 @@ def planted_recipe(train: TrainConfig, **changes: Any) -> TrainConfig:
 def planted_world(condition: str, base: WorldConfig, blind_factor: str, n_classes: int) -> WorldConfig:
     """The world a planted model of ``condition`` is trained on (``base`` gives everything else)."""
     blind = (blind_factor,) if condition == "blind" else ()
-    changes = {name: dict(v) if isinstance(v, dict) else v for name, v in CONDITIONS[condition].items()}
-    return replace(base, n_classes=n_classes, **{"caption_mix": dict(PLANTED_CAPTIONS), "blind": blind, **changes})
+    cfg = replace(base, n_classes=n_classes, caption_mix=dict(PLANTED_CAPTIONS), blind=blind)
+    changes: dict[str, Any] = {name: dict(v) if isinstance(v, dict) else v for name, v in CONDITIONS[condition].items()}
+    return replace(cfg, **changes)
 
 
 def planted_models(
