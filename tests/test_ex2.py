@@ -699,6 +699,10 @@ def test_the_planted_pair_differs_in_one_setting_and_loads_chapter_7s_models(tmp
     assert share == pytest.approx([0.2, 0.0])
     with pytest.raises(ParameterError, match="planted_condition"):
         setup("04_ex2", {**common, "planted_condition": "habitat"}, chapter4.PARAMETERS)
+    with pytest.raises(ParameterError, match="conditions"):  # the control is chapter 4's, not a verdict model
+        setup(
+            "07_verdict", {**common, "conditions": ["shortcut", "no-shortcut", "habitat-unnamed"]}, chapter7.PARAMETERS
+        )
     world = chapter4.planted_reward_world(ch)
     assert world.class_names == ch.world.class_names[: vd.PLANTED_CLASSES]
     assert world.config.habitat_correlation == ch.world_cfg.habitat_correlation

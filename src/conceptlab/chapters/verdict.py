@@ -32,8 +32,11 @@ from .report import Reported
 NAME = "07_verdict"
 
 
+CONDITIONS = ("shortcut", "no-shortcut", "blind")  # the verdict's planted models (not chapter 4's positive control)
+
+
 def _check_conditions(value: list[str], p: dict[str, Any]) -> str | None:
-    if set(value) <= {"shortcut", "no-shortcut", "blind"} and {"shortcut", "no-shortcut"} <= set(value):
+    if set(value) <= set(CONDITIONS) and {"shortcut", "no-shortcut"} <= set(value):
         return None
     return f"got {value!r}: use 'shortcut', 'no-shortcut' and optionally 'blind'"
 
@@ -61,7 +64,7 @@ PARAMETERS: dict[str, Param] = {
     ),
     "data_root": Param(None, "dir", applies=lambda p: p["dataset"] != "world", help="folder of a real data set"),
     "conditions": Param(
-        ["shortcut", "no-shortcut", "blind"],
+        list(CONDITIONS),
         list,
         item=str,
         check=_check_conditions,
