@@ -26,7 +26,7 @@ import shutil
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, is_dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -252,6 +252,29 @@ class ArtifactStore:
                 yield d
             finally:
                 fcntl.flock(lock, fcntl.LOCK_UN)
+
+    def busy(self, kind: str, params: Any) -> bool:
+        """Whether another process holds the artifact's lock now (it is building it; a finished one is never busy)."""
+        d = self.root / kind / params_key(params)
+        if (d / DONE).exists() or not (d / ".lock").exists():
+            return False
+        with open(d / ".lock", "a") as lock:
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return True
+            fcntl.flock(lock, fcntl.LOCK_UN)
+        return False
+
+    def free_first(self, items: Sequence[T], artifact: Callable[[T], tuple[str, Any]]) -> Iterator[T]:
+        """``items`` in order, except that one whose artifact (``artifact(item) -> (kind, key)``) another process
+        is building waits until no other is free: two book lanes that need the same models (chapters 4 and 7)
+        then build different ones side by side instead of one waiting on the other's lock. The caller builds
+        or loads each item before asking for the next; what an item builds does not depend on the order."""
+        pending = list(items)
+        while pending:
+            i = next((i for i, item in enumerate(pending) if not self.busy(*artifact(item))), 0)
+            yield pending.pop(i)
 
     def get_or_build(
         self, kind: str, key: Any, build: Callable[[Path], Any], load: Callable[[Path], T], collective: bool = False

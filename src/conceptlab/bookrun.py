@@ -22,12 +22,13 @@ import contextlib
 import difflib
 import json
 import os
+import queue
 import shutil
 import signal
 import subprocess
 import sys
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -164,6 +165,110 @@ def run_chapter(chapter: str, out_dir: Path, parameters: dict | None = None, ker
     return target
 
 
+# ------------------------------------------------------------------------------------------- lanes
+# Chapter 1 trains the CLIP every later chapter loads: in a lane the other lanes would only wait on its lock, so it
+# runs alone, with every core, before the lanes start.
+RUNS_ALONE = ("01_world_and_model",)
+
+
+def lane_threads(lanes: int) -> int:
+    """Threads per lane: this process's cores shared out (at least one)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, cores // lanes)
+
+
+def longest_first(names: list[str], results_dir: Path) -> list[str]:
+    """``names`` ordered by the seconds the last build's time table gives them, longest first (book order for
+    chapters it does not list), so that two lanes end close together."""
+    path = results_dir / "timings.json"
+    last = json.loads(path.read_text()).get("chapters", {}) if path.is_file() else {}
+    return sorted(names, key=lambda name: -float((last.get(name) or {}).get("seconds", 0.0)))
+
+
+def _lane_chapter(chapter: str, out_dir: Path, parameters: dict, done: Any) -> None:
+    """A lane's chapter: run it, report ``(chapter, seconds, error)`` on ``done``."""
+    t0, error = time.perf_counter(), None
+    try:
+        with terminate_as_exception():
+            run_chapter(chapter, out_dir, parameters)
+    except BaseException as err:  # reported to the parent, which stops the build
+        last = (str(err).strip().splitlines() or [""])[-1]
+        error = f"{type(err).__name__}: {last[:300]}"
+    done.put((chapter, time.perf_counter() - t0, error))
+
+
+def _lane(worker: Callable[..., None], threads: int, *job: Any) -> None:
+    """A lane's process: ``threads`` threads for torch here and in the kernel it starts, then ``worker(*job)``."""
+    import torch
+
+    for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        os.environ[name] = str(threads)
+    torch.set_num_threads(threads)
+    worker(*job)
+
+
+def run_in_lanes(
+    jobs: list[tuple[str, dict]],
+    out_dir: Path,
+    lanes: int,
+    threads: int,
+    on_done: Callable[[str, float], None],
+    worker: Callable[..., None] = _lane_chapter,
+) -> None:
+    """Run ``(chapter, parameters)`` jobs, ``lanes`` at a time, each in its own process with ``threads`` threads
+    (on this project's 2-core machine two one-thread lanes did 1.10-1.14 times the work of one two-thread
+    process: ``python -m conceptlab.bench lanes``; more cores, which these small models use poorly, leave more to
+    gain). Jobs start in the order given. ``on_done(chapter, seconds)`` is
+    called as each finishes. A failed chapter stops the build: the running ones finish, the others do not
+    start, and the error is raised; SIGTERM stops every lane (each keeps its partly executed copy in ``failed/``).
+    ``worker`` (importable, with :func:`_lane_chapter`'s signature) runs one job in its process.
+    Torch's results depend on the thread count at float rounding, so a build in lanes is identical to another
+    build in the same lanes, not bitwise to one without."""
+    import multiprocessing as mp
+    from multiprocessing.connection import wait
+
+    context = mp.get_context("spawn")  # a fresh interpreter per chapter, as a fresh kernel is
+    done = context.Queue()
+    pending = list(jobs)
+    running: dict[str, Any] = {}  # chapter -> its process
+    reports: dict[str, tuple[float, str | None]] = {}
+    failures: list[str] = []
+    try:
+        while pending or running:
+            while pending and len(running) < lanes and not failures:
+                chapter, params = pending.pop(0)
+                running[chapter] = context.Process(
+                    target=_lane, args=(worker, threads, chapter, out_dir, params, done), name=chapter
+                )
+                running[chapter].start()
+            if not running:
+                break
+            wait([p.sentinel for p in running.values()])
+            finished = [chapter for chapter, process in running.items() if not process.is_alive()]
+            while any(chapter not in reports for chapter in finished):
+                try:
+                    chapter, seconds, error = done.get(timeout=10)
+                except queue.Empty:  # a process killed outright (out of memory) reports nothing
+                    break
+                reports[chapter] = (seconds, error)
+            for chapter in finished:
+                process = running.pop(chapter)
+                process.join()
+                seconds, error = reports.pop(chapter, (0.0, f"its process ended with code {process.exitcode}"))
+                if error:
+                    failures.append(f"{chapter}: {error}")
+                else:
+                    on_done(chapter, seconds)
+    except BaseException:
+        for process in running.values():
+            process.terminate()  # SIGTERM: the lane keeps its partly executed copy
+        for process in running.values():
+            process.join()
+        raise
+    if failures:
+        raise RuntimeError("chapters failed in their lanes: " + "; ".join(failures))
+
+
 def _hide_injected_parameters(path: Path) -> None:
     """Collapse papermill's injected-parameters cell on the page, like the parameters cell."""
     import nbformat
@@ -269,14 +374,23 @@ def chapter_timing(chapter: str, seconds: float, executed: Path | None, results_
 
 
 def write_timings(
-    path: Path, chapter_rows: Mapping[str, Mapping[str, Any]], total: float, from_scratch: bool, artifacts_dir: Path
+    path: Path,
+    chapter_rows: Mapping[str, Mapping[str, Any]],
+    total: float,
+    from_scratch: bool,
+    artifacts_dir: Path,
+    lanes: int = 1,
+    threads: int | None = None,
 ) -> dict[str, Any]:
-    """Save and print the build's time table (``timings.json``)."""
+    """Save and print the build's time table (``timings.json``); with ``lanes`` > 1 a chapter's seconds are
+    those of its lane (``threads`` threads, beside the other lanes)."""
     record = {
         "total_seconds": round(total, 2),
         "from_scratch": from_scratch,
         "from_scratch_total_seconds": round(total, 2) if from_scratch else None,
         "artifacts_dir": str(artifacts_dir),
+        "lanes": lanes,
+        "threads_per_lane": threads if lanes > 1 else None,
         "chapters": dict(chapter_rows),
     }
     atomic_write_json(path, record)
@@ -292,7 +406,9 @@ def timings_text(record: Mapping[str, Any]) -> str:
         for stage, s in sorted((row.get("stages") or {}).items(), key=lambda kv: -kv[1]):
             lines.append(f"  {stage:<40.40}{s:>9.1f}")
     scratch = "yes" if record["from_scratch"] else "no (artifacts reused)"
-    lines.append(f"total {record['total_seconds']:.0f} s; from an empty artifact store: {scratch}")
+    lanes = record.get("lanes", 1)
+    side = f"; {lanes} lanes of {record.get('threads_per_lane')} thread(s) after {RUNS_ALONE[0]}" if lanes > 1 else ""
+    lines.append(f"total {record['total_seconds']:.0f} s; from an empty artifact store: {scratch}{side}")
     return "\n".join(lines)
 
 
@@ -533,11 +649,20 @@ def _main(argv: list[str] | None) -> int:
     )
     ap.add_argument("--out", type=Path, default=None, help="where executed notebooks (with --params: the book) go")
     ap.add_argument("--chapters", default="all", help="comma-separated chapter stems, or 'all'")
+    ap.add_argument(
+        "--lanes",
+        type=int,
+        default=1,
+        help="run chapters N at a time, each in its own process with the cores shared out (chapter 1 runs first, "
+        "alone); `python -m conceptlab.bench lanes` measures the gain on your machine",
+    )
     args = ap.parse_args(argv)
     names = chapters() if args.chapters == "all" else args.chapters.split(",")
     unknown = sorted(set(names) - set(chapters()))
     if unknown:
         ap.error(f"unknown chapters {unknown}; known: {chapters()}")
+    if args.lanes < 1:
+        ap.error(f"--lanes {args.lanes}: give 1 (one chapter after another) or more")
     if args.params is not None:
         if args.out is None:
             ap.error("--params needs --out DIR (the book of your run is built there)")
@@ -548,23 +673,40 @@ def _main(argv: list[str] | None) -> int:
         except ValueError as err:
             ap.error(str(err))
     kind = "smoke" if args.smoke else "lesson" if args.lesson else None
+    if kind == "smoke" and args.lanes > 1:
+        ap.error("--smoke runs every chapter in one warm kernel; drop --lanes (or use --lesson or the book)")
     out = (args.out or (ROOT / "_build" / kind if kind else ROOT / "book" / "chapters")).resolve()
     results = out / "results" if kind else ROOT / "book" / "results"
     artifacts = out / "artifacts" if kind == "smoke" else DEFAULT_ARTIFACTS
     from_scratch, start, rows = store_is_empty(artifacts), time.perf_counter(), {}
+
+    def parameters(name: str) -> dict:
+        if kind == "smoke":
+            return smoke_parameters(name, out)
+        if kind == "lesson":
+            return {**parameter_set("lesson", name), "results_dir": str(results)}
+        return {}
+
+    def finished(name: str, seconds: float, target: Path | None = None) -> None:
+        rows[name] = {**chapter_timing(name, seconds, target or out / f"{name}.ipynb", results), "status": "ran"}
+        print(f"{name}: {seconds:.0f} s", flush=True)
+
+    first = [name for name in names if args.lanes == 1 or name in RUNS_ALONE]
     with WarmKernel() if kind == "smoke" else contextlib.nullcontext() as kernel:  # smoke: one kernel for all
-        for name in names:
+        for name in first:
             t0 = time.perf_counter()
-            if kind == "smoke":
-                params = smoke_parameters(name, out)
-            elif kind == "lesson":
-                params = {**parameter_set("lesson", name), "results_dir": str(results)}
-            else:
-                params = {}
-            target = run_chapter(name, out, params, kernel)
-            rows[name] = {**chapter_timing(name, time.perf_counter() - t0, target, results), "status": "ran"}
-            print(f"{name}: {rows[name]['seconds']:.0f} s", flush=True)
-    write_timings(results / "timings.json", rows, time.perf_counter() - start, from_scratch, artifacts)
+            target = run_chapter(name, out, parameters(name), kernel)
+            finished(name, time.perf_counter() - t0, target)
+    threads = lane_threads(args.lanes)
+    lanes = [name for name in names if name not in first]
+    if lanes:
+        print(f"{', '.join(lanes)}: {args.lanes} lanes of {threads} thread(s) each", flush=True)
+        jobs = [(name, parameters(name)) for name in longest_first(lanes, results)]
+        run_in_lanes(jobs, out, args.lanes, threads, finished)
+    rows = {name: rows[name] for name in names}  # book order
+    write_timings(
+        results / "timings.json", rows, time.perf_counter() - start, from_scratch, artifacts, args.lanes, threads
+    )
     if kind is None:
         (results / "headline.md").write_text(intro_table(results))  # the intro includes it
     return 0

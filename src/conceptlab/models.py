@@ -514,6 +514,11 @@ def train_world_clip(
     return run.history
 
 
+def world_clip_artifact(world_cfg: WorldConfig, train_cfg: TrainConfig) -> tuple[str, dict]:
+    """The store's ``(kind, key)`` of the world CLIP for these parameters."""
+    return "world_clip", {"world": world_cfg.to_dict(), "train": asdict(train_cfg)}
+
+
 def world_clip(store: ArtifactStore, world_cfg: WorldConfig, train_cfg: TrainConfig, progress: bool = True):
     """The world CLIP for these parameters: loaded from the store, or trained and stored.
 
@@ -525,8 +530,7 @@ def world_clip(store: ArtifactStore, world_cfg: WorldConfig, train_cfg: TrainCon
         return model, preprocess, tokenizer, json.loads((d / "history.json").read_text())
 
     return store.get_or_build(
-        "world_clip",
-        {"world": world_cfg.to_dict(), "train": asdict(train_cfg)},
+        *world_clip_artifact(world_cfg, train_cfg),
         lambda d: train_world_clip(ConceptWorld(world_cfg), train_cfg, d, progress=progress),
         load,
     )

@@ -166,7 +166,12 @@ def stored_intervene(
         base = world.sample(n, "test", edit=prototypical(world))
         return Interventions(base, tuple(factors), *(data[k] for k in arrays))
 
-    return store.get_or_build(kind, {**key, "n": n, "seed": seed, "factors": list(factors)}, build, load)
+    return store.get_or_build(kind, intervention_key(key, n, seed, factors), build, load)
+
+
+def intervention_key(key: dict, n: int, seed: int, factors: Sequence[str] = FACTORS) -> dict:
+    """The store key of :func:`stored_intervene`'s results: the caller's ``key`` with what the measurement adds."""
+    return {**key, "n": n, "seed": seed, "factors": list(factors)}
 
 
 def counterfactual_reliance(

@@ -42,12 +42,13 @@ from scipy.stats import rankdata
 from torch import nn
 
 from .artifacts import params_key
-from .models import TrainConfig, world_clip
+from .models import TrainConfig, world_clip, world_clip_artifact
 from .reliance import (
     FACTORS,
     Interventions,
     intervene,
     intervention_batches,
+    intervention_key,
     stored_intervene,
     zero_shot_scorer,
 )
@@ -78,6 +79,7 @@ PLANTED_BLIND = "head colour"  # the attribute a blind model never sees
 PLANTED_RECIPE = {"steps": 150, "batch_size": 64, "n_train": 2000, "lr": 1e-3}
 REGIONS: tuple[str, ...] = ("background", *PARTS)  # what a map can point at; the habitat is the background
 GRANULARITIES = ("region", "factor")
+RELIANCE_KIND = "verdict_reliance"  # the store's kind for a planted model's measured reliance
 
 
 # ---------------------------------------------------------------------------- planted models
@@ -122,25 +124,26 @@ def planted_models(
     """Every planted CLIP (``conditions`` x ``n_seeds``, seed s trained with ``train``'s recipe and seed s):
     trained once into ``store``, then loaded. The models are evaluated on the condition's own world
     without blinding, so that every factor can be changed on the test images; the prototypical test
-    images of every condition are then the same images."""
-    subjects = []
-    for condition in conditions:
-        cfg = planted_world(condition, base_world, blind_factor, n_classes)
-        for seed in range(n_seeds):
-            recipe = replace(train, seed=seed)
-            clip, _, tokenizer, _ = world_clip(store, cfg, recipe, progress=progress)
-            subjects.append(
-                Subject(
-                    f"{condition} {seed}",
-                    condition,
-                    seed,
-                    clip.eval(),
-                    tokenizer,
-                    ConceptWorld(replace(cfg, blind=())),
-                    {"world": cfg.to_dict(), "train": asdict(recipe)},
-                )
-            )
-    return subjects
+    images of every condition are then the same images. Models another process is training are taken last
+    (:meth:`~conceptlab.artifacts.ArtifactStore.free_first`); the list keeps the order above."""
+    runs = [
+        (condition, seed, planted_world(condition, base_world, blind_factor, n_classes), replace(train, seed=seed))
+        for condition in conditions
+        for seed in range(n_seeds)
+    ]
+    subjects = {}
+    for condition, seed, cfg, recipe in store.free_first(runs, lambda run: world_clip_artifact(run[2], run[3])):
+        clip, _, tokenizer, _ = world_clip(store, cfg, recipe, progress=progress)
+        subjects[condition, seed] = Subject(
+            f"{condition} {seed}",
+            condition,
+            seed,
+            clip.eval(),
+            tokenizer,
+            ConceptWorld(replace(cfg, blind=())),
+            {"world": cfg.to_dict(), "train": asdict(recipe)},
+        )
+    return [subjects[condition, seed] for condition, seed, _, _ in runs]
 
 
 def measure(
@@ -156,12 +159,13 @@ def measure(
     if store is None:
         return intervene(scorer(), subject.world, n, "test", FACTORS, seed, images() if images is not None else None)
     key = {"subject": subject.key}
-    return stored_intervene(store, "verdict_reliance", key, scorer, subject.world, n, seed, FACTORS, images)
+    return stored_intervene(store, RELIANCE_KIND, key, scorer, subject.world, n, seed, FACTORS, images)
 
 
 def measure_all(subjects: Sequence[Subject], n: int, seed: int = 0, store=None) -> dict[str, Interventions]:
     """:func:`measure` for every subject, each world's intervention images rendered once (when needed) and
-    shared by its models (chapter 7's nine planted models render three sets, one per condition)."""
+    shared by its models (chapter 7's nine planted models render three sets, one per condition). Models another
+    process is measuring are taken last; the mapping keeps the order of ``subjects``."""
     rendered: dict[str, Sequence[WorldBatch]] = {}
 
     def images(subject: Subject) -> Sequence[WorldBatch]:
@@ -170,7 +174,12 @@ def measure_all(subjects: Sequence[Subject], n: int, seed: int = 0, store=None) 
             rendered[world] = intervention_batches(subject.world, n, "test", FACTORS, seed)
         return rendered[world]
 
-    return {s.name: measure(s, n, seed, store, partial(images, s)) for s in subjects}
+    def artifact(subject: Subject) -> tuple[str, dict]:
+        return RELIANCE_KIND, intervention_key({"subject": subject.key}, n, seed)
+
+    order = subjects if store is None else store.free_first(subjects, artifact)
+    measured = {s.name: measure(s, n, seed, store, partial(images, s)) for s in order}
+    return {s.name: measured[s.name] for s in subjects}
 
 
 def planted_check(truths: Mapping[str, Interventions], subjects: Sequence[Subject], blind_factor: str) -> pd.DataFrame:

@@ -1,0 +1,71 @@
+"""Book lanes: chapters side by side in their own processes (``bookrun --lanes``), and the store's order that
+keeps two lanes from waiting on each other's models."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+import pytest
+
+from conceptlab import bookrun
+from conceptlab.artifacts import ArtifactStore
+
+
+def fake_chapter(chapter: str, out_dir: Path, parameters: dict, done) -> None:
+    """A lane's worker that records when it ran, in which process and with which threads."""
+    start = time.time()
+    time.sleep(parameters["sleep"])
+    record = {"start": start, "end": time.time(), "pid": os.getpid(), "omp": os.environ.get("OMP_NUM_THREADS")}
+    (out_dir / f"{chapter}.json").write_text(json.dumps(record))
+    done.put((chapter, time.time() - start, parameters.get("error")))
+
+
+def test_lanes_run_chapters_side_by_side_never_more_than_asked(tmp_path):
+    jobs = [("a", {"sleep": 2.0}), ("b", {"sleep": 2.0}), ("c", {"sleep": 0.2})]
+    finished = []
+    bookrun.run_in_lanes(jobs, tmp_path, 2, 1, lambda name, s: finished.append(name), worker=fake_chapter)
+    runs = {name: json.loads((tmp_path / f"{name}.json").read_text()) for name in "abc"}
+    assert sorted(finished) == ["a", "b", "c"] and finished[-1] == "c"
+    assert runs["b"]["start"] < runs["a"]["end"] and runs["a"]["start"] < runs["b"]["end"]  # side by side
+    assert runs["c"]["start"] >= min(runs["a"]["end"], runs["b"]["end"])  # a third lane never opened
+    assert len({r["pid"] for r in runs.values()}) == 3 and {r["omp"] for r in runs.values()} == {"1"}
+
+
+def test_a_failed_chapter_stops_the_lanes_and_says_which(tmp_path):
+    jobs = [("bad", {"sleep": 0.1, "error": "ValueError: no such file"}), ("later", {"sleep": 0.1})]
+    with pytest.raises(RuntimeError, match="bad: ValueError: no such file"):
+        bookrun.run_in_lanes(jobs, tmp_path, 1, 1, lambda name, s: None, worker=fake_chapter)
+    assert not (tmp_path / "later.json").exists()  # nothing starts after a failure
+
+
+def test_lanes_start_with_the_chapters_the_last_build_took_longest_on(tmp_path):
+    (tmp_path / "timings.json").write_text(
+        json.dumps({"chapters": {"03_deal": {"seconds": 50}, "04_ex2": {"seconds": 400}}})
+    )
+    assert bookrun.longest_first(["02_descriptors", "03_deal", "04_ex2"], tmp_path) == [
+        "04_ex2",
+        "03_deal",
+        "02_descriptors",
+    ]
+    assert bookrun.longest_first(["03_deal", "02_descriptors"], tmp_path / "none") == ["03_deal", "02_descriptors"]
+
+
+@pytest.mark.parametrize("argv", [["--smoke", "--lanes", "2"], ["--lanes", "0"]])
+def test_bad_lanes_are_refused_before_anything_runs(argv, capsys):
+    with pytest.raises(SystemExit):
+        bookrun.main(argv)
+    assert "--lanes" in capsys.readouterr().err
+
+
+def test_a_model_another_process_is_building_comes_last(tmp_path):
+    store = ArtifactStore(tmp_path)
+    items = [("world_clip", {"seed": 0}), ("world_clip", {"seed": 1}), ("world_clip", {"seed": 2})]
+    store.get_or_build(*items[2], lambda d: (d / "x").write_text("2"), lambda d: None)
+    with store.building(*items[0]):  # as another lane would hold it (flock: another open file)
+        assert store.busy(*items[0]) and not store.busy(*items[1]) and not store.busy(*items[2])
+        order = store.free_first(items, lambda item: item)
+        assert next(order) == items[1] and next(order) == items[2]
+    assert next(order) == items[0] and next(order, None) is None
