@@ -41,16 +41,9 @@ def test_a_failed_chapter_stops_the_lanes_and_says_which(tmp_path):
     assert not (tmp_path / "later.json").exists()  # nothing starts after a failure
 
 
-def test_lanes_start_with_the_chapters_the_last_build_took_longest_on(tmp_path):
-    (tmp_path / "timings.json").write_text(
-        json.dumps({"chapters": {"03_deal": {"seconds": 50}, "04_ex2": {"seconds": 400}}})
-    )
-    assert bookrun.longest_first(["02_descriptors", "03_deal", "04_ex2"], tmp_path) == [
-        "04_ex2",
-        "03_deal",
-        "02_descriptors",
-    ]
-    assert bookrun.longest_first(["03_deal", "02_descriptors"], tmp_path / "none") == ["03_deal", "02_descriptors"]
+def test_lanes_start_with_the_slowest_chapters_and_unknown_ones_last():
+    names = ["02_descriptors", "07_verdict", "99_new", "04_ex2", "03_deal"]
+    assert bookrun.slowest_first(names) == ["04_ex2", "07_verdict", "03_deal", "02_descriptors", "99_new"]
 
 
 @pytest.mark.parametrize("argv", [["--smoke", "--lanes", "2"], ["--lanes", "0"]])
