@@ -62,3 +62,25 @@ def test_a_model_another_process_is_building_comes_last(tmp_path):
         order = store.free_first(items, lambda item: item)
         assert next(order) == items[1] and next(order) == items[2]
     assert next(order) == items[0] and next(order, None) is None
+
+
+def test_the_book_runs_chapter_one_alone_then_the_rest_in_lanes(tmp_path, monkeypatch):
+    calls: dict[str, list] = {"alone": [], "lanes": []}
+
+    def run_chapter(name, out, params, kernel=None):
+        calls["alone"].append(name)
+        return out / f"{name}.ipynb"
+
+    def run_in_lanes(jobs, out, lanes, threads, on_done):
+        calls["lanes"].append(([name for name, _ in jobs], lanes, threads))
+        for name, _ in jobs:
+            on_done(name, 1.0)
+
+    monkeypatch.setattr(bookrun, "run_chapter", run_chapter)
+    monkeypatch.setattr(bookrun, "run_in_lanes", run_in_lanes)
+    names = "02_descriptors,07_verdict,01_world_and_model"
+    assert bookrun.main(["--lesson", "--lanes", "2", "--out", str(tmp_path), "--chapters", names]) == 0
+    assert calls["alone"] == ["01_world_and_model"]
+    assert calls["lanes"] == [(["07_verdict", "02_descriptors"], 2, bookrun.lane_threads(2))]
+    timings = json.loads((tmp_path / "results" / "timings.json").read_text())
+    assert timings["lanes"] == 2 and set(timings["chapters"]) == set(names.split(","))

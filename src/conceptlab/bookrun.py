@@ -705,7 +705,7 @@ def _main(argv: list[str] | None) -> int:
         print(f"{', '.join(lanes)}: {args.lanes} lanes of {threads} thread(s) each", flush=True)
         jobs = [(name, parameters(name)) for name in slowest_first(lanes)]
         run_in_lanes(jobs, out, args.lanes, threads, finished)
-    rows = {name: rows[name] for name in names}  # book order
+    rows = {name: rows[name] for name in names}  # the time table in the order asked, not the order finished
     write_timings(
         results / "timings.json", rows, time.perf_counter() - start, from_scratch, artifacts, args.lanes, threads
     )
