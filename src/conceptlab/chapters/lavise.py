@@ -922,14 +922,15 @@ def original_sentence(original: Recall, c: float, k: int) -> str:
     )
 
 
-def sanity_verdict(difference: float, low: float) -> str:
-    """The random-weight CNN control in words, from the trained CNN's recall minus the control's: the check
-    passes when that difference's interval lies above 0 and fails when the control is as good or better."""
+def sanity_verdict(low: float, high: float) -> str:
+    """The random-weight CNN control in words, from the interval of the trained CNN's recall minus the control's:
+    passed above 0, failed below 0, not passed when it holds 0. The point estimate's sign decides nothing: a build
+    that differed from the book's only in float rounding (threads) moved the unseen difference from -0.014 to +0.008."""
     if low > 0:
         return "passed"
-    if difference <= 0:
-        return "failed: a CNN that learned nothing is explained as well or better"
-    return "inconclusive: the difference is inside its interval"
+    if high < 0:
+        return "failed: a CNN that learned nothing is explained better"
+    return "not passed: a CNN that learned nothing is explained about as well (the difference's interval holds 0)"
 
 
 def _sanity(ch: Chapter, r: Result, table: pd.DataFrame) -> str:
@@ -940,7 +941,7 @@ def _sanity(ch: Chapter, r: Result, table: pd.DataFrame) -> str:
         d = table.loc[f"R@{k} {label}: trained CNN - random-weight CNN"]
         parts.append(
             f"{label} R@{k} {_f(r.recalls[CONTROL][f'R@{k} {label}'].value)} against the trained CNN's "
-            f"{_f(trained.value)} ({sanity_verdict(d['difference'], d['low'])})"
+            f"{_f(trained.value)} ({sanity_verdict(d['low'], d['high'])})"
         )
     return "Sanity check, the same explainer on a random-weight copy of the CNN: " + "; ".join(parts) + "."
 
