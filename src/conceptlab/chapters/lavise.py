@@ -930,7 +930,7 @@ def sanity_verdict(low: float, high: float) -> str:
         return "passed"
     if high < 0:
         return "failed: a CNN that learned nothing is explained better"
-    return "not passed: a CNN that learned nothing is explained about as well (the difference's interval holds 0)"
+    return "not passed: the difference's interval holds 0, a CNN that learned nothing is explained about as well"
 
 
 def _sanity(ch: Chapter, r: Result, table: pd.DataFrame) -> str:
