@@ -84,3 +84,10 @@ def test_the_book_runs_chapter_one_alone_then_the_rest_in_lanes(tmp_path, monkey
     assert calls["lanes"] == [(["07_verdict", "02_descriptors"], 2, bookrun.lane_threads(2))]
     timings = json.loads((tmp_path / "results" / "timings.json").read_text())
     assert timings["lanes"] == 2 and set(timings["chapters"]) == set(names.split(","))
+
+
+def test_an_error_is_told_in_one_line_even_without_a_message():
+    assert bookrun.error_line(ValueError("Traceback ...\nline 3\nno file /x: check the path")) == (
+        "ValueError: no file /x: check the path"
+    )
+    assert bookrun.error_line(KeyboardInterrupt()) == "KeyboardInterrupt: "

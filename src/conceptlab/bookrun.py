@@ -187,6 +187,12 @@ def slowest_first(names: list[str]) -> list[str]:
     return sorted(names, key=lambda name: SLOWEST_FIRST.index(name) if name in SLOWEST_FIRST else len(SLOWEST_FIRST))
 
 
+def error_line(err: BaseException) -> str:
+    """An error in one line: its type and the last line of its message (papermill's messages end with the cause)."""
+    last = (str(err).strip().splitlines() or [""])[-1]
+    return f"{type(err).__name__}: {last[:300]}"
+
+
 def _lane_chapter(chapter: str, out_dir: Path, parameters: dict, done: Any) -> None:
     """A lane's chapter: run it, report ``(chapter, seconds, error)`` on ``done``."""
     t0, error = time.perf_counter(), None
@@ -194,8 +200,7 @@ def _lane_chapter(chapter: str, out_dir: Path, parameters: dict, done: Any) -> N
         with terminate_as_exception():
             run_chapter(chapter, out_dir, parameters)
     except BaseException as err:  # reported to the parent, which stops the build
-        last = (str(err).strip().splitlines() or [""])[-1]
-        error = f"{type(err).__name__}: {last[:300]}"
+        error = error_line(err)
     done.put((chapter, time.perf_counter() - t0, error))
 
 
@@ -588,7 +593,7 @@ def book_from_file(path: Path, out: Path, names: list[str]) -> int:
         try:
             target = run_chapter(plan.chapter, executed, plan.params)
         except Exception as err:  # one chapter's failure does not stop the others
-            failed[plan.chapter] = f"{type(err).__name__}: {str(err).strip().splitlines()[-1][:300]}"
+            failed[plan.chapter] = error_line(err)
             target = None
         seconds = time.perf_counter() - t0
         rows[plan.chapter] = {
@@ -700,10 +705,10 @@ def _main(argv: list[str] | None) -> int:
             target = run_chapter(name, out, parameters(name), kernel)
             finished(name, time.perf_counter() - t0, target)
     threads = lane_threads(args.lanes)
-    lanes = [name for name in names if name not in first]
-    if lanes:
-        print(f"{', '.join(lanes)}: {args.lanes} lanes of {threads} thread(s) each", flush=True)
-        jobs = [(name, parameters(name)) for name in slowest_first(lanes)]
+    in_lanes = [name for name in names if name not in first]
+    if in_lanes:
+        print(f"{', '.join(in_lanes)}: {args.lanes} lanes of {threads} thread(s) each", flush=True)
+        jobs = [(name, parameters(name)) for name in slowest_first(in_lanes)]
         run_in_lanes(jobs, out, args.lanes, threads, finished)
     rows = {name: rows[name] for name in names}  # the time table in the order asked, not the order finished
     write_timings(
