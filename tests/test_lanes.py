@@ -15,21 +15,35 @@ from conceptlab.artifacts import ArtifactStore
 
 
 def fake_chapter(chapter: str, out_dir: Path, parameters: dict, done) -> None:
-    """A lane's worker that records when it ran, in which process and with which threads."""
+    """A lane's worker that records when it ran, in which process, with which threads, and (``meet``) whether the
+    chapter named there was running at the same time (each waits up to 20 s for the other's start)."""
     start = time.time()
+    (out_dir / f"{chapter}.started").touch()
+    other = parameters.get("meet")
+    met = None
+    if other is not None:
+        while not (met := (out_dir / f"{other}.started").exists()) and time.time() - start < 20:
+            time.sleep(0.05)
     time.sleep(parameters["sleep"])
-    record = {"start": start, "end": time.time(), "pid": os.getpid(), "omp": os.environ.get("OMP_NUM_THREADS")}
+    record = {
+        "start": start,
+        "end": time.time(),
+        "pid": os.getpid(),
+        "omp": os.environ.get("OMP_NUM_THREADS"),
+        "met": met,
+    }
     (out_dir / f"{chapter}.json").write_text(json.dumps(record))
     done.put((chapter, time.time() - start, parameters.get("error")))
 
 
 def test_lanes_run_chapters_side_by_side_never_more_than_asked(tmp_path):
-    jobs = [("a", {"sleep": 2.0}), ("b", {"sleep": 2.0}), ("c", {"sleep": 0.2})]
+    jobs = [("a", {"sleep": 0.5, "meet": "b"}), ("b", {"sleep": 0.5, "meet": "a"}), ("c", {"sleep": 0.2})]
     finished = []
     bookrun.run_in_lanes(jobs, tmp_path, 2, 1, lambda name, s: finished.append(name), worker=fake_chapter)
     runs = {name: json.loads((tmp_path / f"{name}.json").read_text()) for name in "abc"}
     assert sorted(finished) == ["a", "b", "c"] and finished[-1] == "c"
-    assert runs["b"]["start"] < runs["a"]["end"] and runs["a"]["start"] < runs["b"]["end"]  # side by side
+    assert runs["a"]["met"] and runs["b"]["met"]  # side by side, however long each process took to start
+    assert runs["b"]["start"] < runs["a"]["end"] and runs["a"]["start"] < runs["b"]["end"]
     assert runs["c"]["start"] >= min(runs["a"]["end"], runs["b"]["end"])  # a third lane never opened
     assert len({r["pid"] for r in runs.values()}) == 3 and {r["omp"] for r in runs.values()} == {"1"}
 
