@@ -1,52 +1,64 @@
-"""Book lanes (``python -m conceptlab.bookrun --lanes 2``): two chapters side by side, the cores shared out,
-against the same work one after the other with every core.
+"""Book lanes (``python -m conceptlab.bookrun --lanes 2``): two chapters side by side, each with every core
+(:func:`~conceptlab.bookrun.lane_threads`, waiting threads asleep: :data:`~conceptlab.bookrun.LANE_ENVIRONMENT`),
+against the same work one after the other.
 
 The work is what dominates a build from scratch: world CLIPs trained with chapter 7's planted recipe (two
 seeds, ``STEPS`` steps each). Baseline, measured in the same run: one process trains both, one after the
-other, with this machine's default threads. Lanes: two processes at once, each with
-:func:`~conceptlab.bookrun.lane_threads` threads. Both pay their processes' start.
+other, with the same threads. Lanes: two processes at once. Both pay their processes' start. The figure also
+says whether the lanes' weights equal the baseline's to the last bit (what lets a build in lanes publish the
+same numbers as one without).
 """
 
 import os
 import subprocess
 import sys
+import tempfile
 import time
 
 from conceptlab.bench import figure
-from conceptlab.bookrun import lane_threads
+from conceptlab.bookrun import LANE_ENVIRONMENT, lane_threads
 
 STEPS = 60
 _TRAIN = """
-import sys, tempfile
+import hashlib, sys, tempfile, torch
 from dataclasses import replace
 from conceptlab import verdict as vd
 from conceptlab.models import TrainConfig, train_world_clip
 from conceptlab.world import ConceptWorld, WorldConfig
 world = ConceptWorld(vd.planted_world("no-shortcut", WorldConfig(), vd.PLANTED_BLIND, vd.PLANTED_CLASSES))
-for seed in map(int, sys.argv[1:]):
+for seed in map(int, sys.argv[2:]):
     cfg = replace(vd.planted_recipe(TrainConfig(), steps={steps}), seed=seed)
     with tempfile.TemporaryDirectory() as out:
         train_world_clip(world, cfg, out, progress=False)
+        weights = torch.load(out + "/model.pt", weights_only=True)
+    digest = hashlib.sha256(b"".join(w.numpy().tobytes() for w in weights.values())).hexdigest()
+    open(f"{{sys.argv[1]}}/{{seed}}", "w").write(digest)
 """
 
 
-def _processes(seed_groups: list[list[int]], threads: int | None) -> float:
-    """Wall seconds of one process per seed group, all started at once."""
-    env = dict(os.environ)
-    if threads is not None:
-        env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
+def _processes(seed_groups: list[list[int]], env: dict[str, str], digests: str) -> float:
+    """Wall seconds of one process per seed group, all started at once; each seed's weight digest in ``digests``."""
     code = _TRAIN.format(steps=STEPS)
     t0 = time.perf_counter()
-    procs = [subprocess.Popen([sys.executable, "-c", code, *map(str, seeds)], env=env) for seeds in seed_groups]
+    procs = [
+        subprocess.Popen([sys.executable, "-c", code, digests, *map(str, seeds)], env=env) for seeds in seed_groups
+    ]
     if any(p.wait() for p in procs):
         raise RuntimeError("a benchmark process failed")
     return time.perf_counter() - t0
 
 
+def _read(folder: str) -> dict[str, str]:
+    return {name: open(os.path.join(folder, name)).read() for name in sorted(os.listdir(folder))}
+
+
 def run() -> list[dict]:
-    sequential = _processes([[0, 1]], None)
-    threads = lane_threads(2)
-    lanes = _processes([[0], [1]], threads)
+    threads = str(lane_threads())
+    env = {**os.environ, "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}
+    with tempfile.TemporaryDirectory() as one, tempfile.TemporaryDirectory() as two:
+        sequential = _processes([[0, 1]], env, one)
+        lanes = _processes([[0], [1]], {**env, **LANE_ENVIRONMENT}, two)
+        identical = _read(one) == _read(two)
     return [
         figure(
             "two_planted_clips_in_two_lanes",
@@ -55,6 +67,7 @@ def run() -> list[dict]:
             baseline=sequential,
             higher_is_better=False,
             steps=STEPS,
-            threads_per_lane=threads,
+            threads_per_lane=int(threads),
+            weights_identical=identical,
         )
     ]

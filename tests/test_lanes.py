@@ -30,6 +30,7 @@ def fake_chapter(chapter: str, out_dir: Path, parameters: dict, done) -> None:
         "end": time.time(),
         "pid": os.getpid(),
         "omp": os.environ.get("OMP_NUM_THREADS"),
+        "wait": os.environ.get("OMP_WAIT_POLICY"),
         "met": met,
     }
     (out_dir / f"{chapter}.json").write_text(json.dumps(record))
@@ -46,6 +47,33 @@ def test_lanes_run_chapters_side_by_side_never_more_than_asked(tmp_path):
     assert runs["b"]["start"] < runs["a"]["end"] and runs["a"]["start"] < runs["b"]["end"]
     assert runs["c"]["start"] >= min(runs["a"]["end"], runs["b"]["end"])  # a third lane never opened
     assert len({r["pid"] for r in runs.values()}) == 3 and {r["omp"] for r in runs.values()} == {"1"}
+    assert {r["wait"] for r in runs.values()} == {"PASSIVE"}  # lanes share the cores: waiting threads sleep
+
+
+def torch_threads(chapter: str, out_dir: Path, parameters: dict, done) -> None:
+    """A lane's worker that records how many threads torch computes with in a kernel the lane starts."""
+    import subprocess
+    import sys
+
+    threads = subprocess.run(
+        [sys.executable, "-c", "import torch; print(torch.get_num_threads())"], capture_output=True, text=True
+    ).stdout
+    (out_dir / f"{chapter}.threads").write_text(threads.strip())
+    done.put((chapter, 0.0, None))
+
+
+def test_a_lane_computes_with_the_threads_of_a_build_without_lanes(tmp_path):
+    """Torch's rounding depends on its thread count: a lane's kernel must use the count a plain kernel uses."""
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "MKL_NUM_THREADS")}
+    plain = subprocess.run(
+        [sys.executable, "-c", "import torch; print(torch.get_num_threads())"], capture_output=True, text=True, env=env
+    ).stdout.strip()
+    jobs = [("a", {}), ("b", {})]
+    bookrun.run_in_lanes(jobs, tmp_path, 2, bookrun.lane_threads(), lambda name, s: None, worker=torch_threads)
+    assert [(tmp_path / f"{name}.threads").read_text() for name in "ab"] == [plain, plain]
 
 
 def test_a_failed_chapter_stops_the_lanes_and_says_which(tmp_path):
@@ -95,7 +123,7 @@ def test_the_book_runs_chapter_one_alone_then_the_rest_in_lanes(tmp_path, monkey
     names = "02_descriptors,07_verdict,01_world_and_model"
     assert bookrun.main(["--lesson", "--lanes", "2", "--out", str(tmp_path), "--chapters", names]) == 0
     assert calls["alone"] == ["01_world_and_model"]
-    assert calls["lanes"] == [(["07_verdict", "02_descriptors"], 2, bookrun.lane_threads(2))]
+    assert calls["lanes"] == [(["07_verdict", "02_descriptors"], 2, bookrun.lane_threads())]
     timings = json.loads((tmp_path / "results" / "timings.json").read_text())
     assert timings["lanes"] == 2 and set(timings["chapters"]) == set(names.split(","))
 

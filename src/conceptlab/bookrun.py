@@ -171,10 +171,17 @@ def run_chapter(chapter: str, out_dir: Path, parameters: dict | None = None, ker
 RUNS_ALONE = ("01_world_and_model",)
 
 
-def lane_threads(lanes: int) -> int:
-    """Threads per lane: this process's cores shared out (at least one)."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    return max(1, cores // lanes)
+def lane_threads() -> int:
+    """Threads per lane: every core of this process, as a build without lanes uses. Torch's results depend on
+    the thread count at float rounding, so with the same count in every lane a build in lanes gives the same
+    bits as one without; the lanes share the cores through :data:`LANE_ENVIRONMENT`."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+# OpenMP threads that wait for work sleep instead of spinning: with every lane on every core, spinning threads
+# take the cores from the other lanes' working ones (two planted CLIPs in two lanes of two threads on 2 cores:
+# 122 s spinning, 49 s sleeping, 58 s one after the other; the weights identical to the last bit in all three).
+LANE_ENVIRONMENT = {"OMP_WAIT_POLICY": "PASSIVE"}
 
 
 # Lanes start with the chapters that took longest in the book's build from an empty store (2026-11-29), so that
@@ -205,11 +212,11 @@ def _lane_chapter(chapter: str, out_dir: Path, parameters: dict, done: Any) -> N
 
 
 def _lane(worker: Callable[..., None], threads: int, *job: Any) -> None:
-    """A lane's process: ``threads`` threads for torch here and in the kernel it starts, then ``worker(*job)``."""
+    """A lane's process: ``threads`` threads for torch here and in the kernel it starts, waiting threads asleep
+    (:data:`LANE_ENVIRONMENT`), then ``worker(*job)``."""
     import torch
 
-    for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
-        os.environ[name] = str(threads)
+    os.environ.update({"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads), **LANE_ENVIRONMENT})
     torch.set_num_threads(threads)
     worker(*job)
 
@@ -223,14 +230,11 @@ def run_in_lanes(
     worker: Callable[..., None] = _lane_chapter,
 ) -> None:
     """Run ``(chapter, parameters)`` jobs, ``lanes`` at a time, each in its own process with ``threads`` threads
-    (on this project's 2-core machine two one-thread lanes did 1.10-1.14 times the work of one two-thread
-    process: ``python -m conceptlab.bench lanes``; more cores, which these small models use poorly, leave more to
-    gain). Jobs start in the order given. ``on_done(chapter, seconds)`` is
+    (:func:`lane_threads`: every core, so the bits are those of a build without lanes; ``python -m conceptlab.bench
+    lanes`` measures the gain on your machine). Jobs start in the order given. ``on_done(chapter, seconds)`` is
     called as each finishes. A failed chapter stops the build: the running ones finish, the others do not
     start, and the error is raised; SIGTERM stops every lane (each keeps its partly executed copy in ``failed/``).
-    ``worker`` (importable, with :func:`_lane_chapter`'s signature) runs one job in its process.
-    Torch's results depend on the thread count at float rounding, so a build in lanes is identical to another
-    build in the same lanes, not bitwise to one without."""
+    ``worker`` (importable, with :func:`_lane_chapter`'s signature) runs one job in its process."""
     import multiprocessing as mp
     from multiprocessing.connection import wait
 
@@ -660,8 +664,9 @@ def _main(argv: list[str] | None) -> int:
         "--lanes",
         type=int,
         default=1,
-        help="run chapters N at a time, each in its own process with the cores shared out (chapter 1 runs first, "
-        "alone); `python -m conceptlab.bench lanes` measures the gain on your machine",
+        help="run chapters N at a time, each in its own process with every core, the results identical to one "
+        "lane (chapter 1 runs first, alone; `make book` uses 2); `python -m conceptlab.bench lanes` measures "
+        "the gain on your machine",
     )
     args = ap.parse_args(argv)
     names = chapters() if args.chapters == "all" else args.chapters.split(",")
@@ -704,7 +709,7 @@ def _main(argv: list[str] | None) -> int:
             t0 = time.perf_counter()
             target = run_chapter(name, out, parameters(name), kernel)
             finished(name, time.perf_counter() - t0, target)
-    threads = lane_threads(args.lanes)
+    threads = lane_threads()
     in_lanes = [name for name in names if name not in first]
     if in_lanes:
         print(f"{', '.join(in_lanes)}: {args.lanes} lanes of {threads} thread(s) each", flush=True)
