@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 JOBS ?= all
-# Chapters 2-7 run LANES at a time, each in its own process with every core (chapter 1 first, alone); the
+# Chapters 2-7 run LANES at a time, each in its own process with one lane's threads (chapter 1 first, alone); the
 # results are those of `make book LANES=1` to the last bit. `python -m conceptlab.bench lanes` measures the
 # gain on your machine (1.28x for two planted CLIPs on this project's 2-core machine, 2026-11-29).
 LANES ?= 2

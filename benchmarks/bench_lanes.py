@@ -1,6 +1,6 @@
-"""Book lanes (``python -m conceptlab.bookrun --lanes 2``): two chapters side by side, each with every core
-(:func:`~conceptlab.bookrun.lane_threads`, waiting threads asleep: :data:`~conceptlab.bookrun.LANE_ENVIRONMENT`),
-against the same work one after the other.
+"""Book lanes (``python -m conceptlab.bookrun --lanes 2``): two chapters side by side, each with the threads of a
+build without lanes and waiting threads asleep (:data:`~conceptlab.bookrun.LANE_ENVIRONMENT`), against the same
+work one after the other.
 
 The work is what dominates a build from scratch: world CLIPs trained with chapter 7's planted recipe (two
 seeds, ``STEPS`` steps each). Baseline, measured in the same run: one process trains both, one after the
@@ -16,7 +16,7 @@ import tempfile
 import time
 
 from conceptlab.bench import figure
-from conceptlab.bookrun import LANE_ENVIRONMENT, lane_threads
+from conceptlab.bookrun import LANE_ENVIRONMENT
 
 STEPS = 60
 _TRAIN = """
@@ -53,8 +53,7 @@ def _read(folder: str) -> dict[str, str]:
 
 
 def run() -> list[dict]:
-    threads = str(lane_threads())
-    env = {**os.environ, "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}
+    env = dict(os.environ)
     with tempfile.TemporaryDirectory() as one, tempfile.TemporaryDirectory() as two:
         sequential = _processes([[0, 1]], env, one)
         lanes = _processes([[0], [1]], {**env, **LANE_ENVIRONMENT}, two)
@@ -67,7 +66,6 @@ def run() -> list[dict]:
             baseline=sequential,
             higher_is_better=False,
             steps=STEPS,
-            threads_per_lane=int(threads),
             weights_identical=identical,
         )
     ]

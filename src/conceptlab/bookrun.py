@@ -171,15 +171,9 @@ def run_chapter(chapter: str, out_dir: Path, parameters: dict | None = None, ker
 RUNS_ALONE = ("01_world_and_model",)
 
 
-def lane_threads() -> int:
-    """Threads per lane: every core of this process, as a build without lanes uses. Torch's results depend on
-    the thread count at float rounding, so with the same count in every lane a build in lanes gives the same
-    bits as one without; the lanes share the cores through :data:`LANE_ENVIRONMENT`."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-
-
-# OpenMP threads that wait for work sleep instead of spinning: with every lane on every core, spinning threads
-# take the cores from the other lanes' working ones (two planted CLIPs in two lanes of two threads on 2 cores:
+# A lane's kernel keeps the threads a kernel without lanes has (torch rounds by its thread count, so a build in
+# lanes gives the same bits as one without), and its OpenMP threads that wait for work sleep instead of spinning,
+# so that lanes sharing the cores take turns on them (two planted CLIPs in two lanes of two threads on 2 cores:
 # 122 s spinning, 49 s sleeping, 58 s one after the other; the weights identical to the last bit in all three).
 LANE_ENVIRONMENT = {"OMP_WAIT_POLICY": "PASSIVE"}
 
@@ -211,13 +205,9 @@ def _lane_chapter(chapter: str, out_dir: Path, parameters: dict, done: Any) -> N
     done.put((chapter, time.perf_counter() - t0, error))
 
 
-def _lane(worker: Callable[..., None], threads: int, *job: Any) -> None:
-    """A lane's process: ``threads`` threads for torch here and in the kernel it starts, waiting threads asleep
-    (:data:`LANE_ENVIRONMENT`), then ``worker(*job)``."""
-    import torch
-
-    os.environ.update({"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads), **LANE_ENVIRONMENT})
-    torch.set_num_threads(threads)
+def _lane(worker: Callable[..., None], *job: Any) -> None:
+    """A lane's process: :data:`LANE_ENVIRONMENT` for the kernel it starts, then ``worker(*job)``."""
+    os.environ.update(LANE_ENVIRONMENT)
     worker(*job)
 
 
@@ -225,13 +215,12 @@ def run_in_lanes(
     jobs: list[tuple[str, dict]],
     out_dir: Path,
     lanes: int,
-    threads: int,
     on_done: Callable[[str, float], None],
     worker: Callable[..., None] = _lane_chapter,
 ) -> None:
-    """Run ``(chapter, parameters)`` jobs, ``lanes`` at a time, each in its own process with ``threads`` threads
-    (:func:`lane_threads`: every core, so the bits are those of a build without lanes; ``python -m conceptlab.bench
-    lanes`` measures the gain on your machine). Jobs start in the order given. ``on_done(chapter, seconds)`` is
+    """Run ``(chapter, parameters)`` jobs, ``lanes`` at a time, each in its own process with the threads a build
+    without lanes has, so the same bits (:data:`LANE_ENVIRONMENT`; ``python -m conceptlab.bench lanes`` measures
+    the gain on your machine). Jobs start in the order given. ``on_done(chapter, seconds)`` is
     called as each finishes. A failed chapter stops the build: the running ones finish, the others do not
     start, and the error is raised; SIGTERM stops every lane (each keeps its partly executed copy in ``failed/``).
     ``worker`` (importable, with :func:`_lane_chapter`'s signature) runs one job in its process."""
@@ -249,7 +238,7 @@ def run_in_lanes(
             while pending and len(running) < lanes and not failures:
                 chapter, params = pending.pop(0)
                 running[chapter] = context.Process(
-                    target=_lane, args=(worker, threads, chapter, out_dir, params, done), name=chapter
+                    target=_lane, args=(worker, chapter, out_dir, params, done), name=chapter
                 )
                 running[chapter].start()
             if not running:
@@ -391,17 +380,15 @@ def write_timings(
     from_scratch: bool,
     artifacts_dir: Path,
     lanes: int = 1,
-    threads: int | None = None,
 ) -> dict[str, Any]:
     """Save and print the build's time table (``timings.json``); with ``lanes`` > 1 a chapter's seconds are
-    those of its lane (``threads`` threads, beside the other lanes)."""
+    those of its lane, beside the other lanes."""
     record = {
         "total_seconds": round(total, 2),
         "from_scratch": from_scratch,
         "from_scratch_total_seconds": round(total, 2) if from_scratch else None,
         "artifacts_dir": str(artifacts_dir),
         "lanes": lanes,
-        "threads_per_lane": threads if lanes > 1 else None,
         "chapters": dict(chapter_rows),
     }
     atomic_write_json(path, record)
@@ -418,7 +405,7 @@ def timings_text(record: Mapping[str, Any]) -> str:
             lines.append(f"  {stage:<40.40}{s:>9.1f}")
     scratch = "yes" if record["from_scratch"] else "no (artifacts reused)"
     lanes = record.get("lanes", 1)
-    side = f"; {lanes} lanes of {record.get('threads_per_lane')} thread(s) after {RUNS_ALONE[0]}" if lanes > 1 else ""
+    side = f"; {lanes} lanes after {RUNS_ALONE[0]}" if lanes > 1 else ""
     lines.append(f"total {record['total_seconds']:.0f} s; from an empty artifact store: {scratch}{side}")
     return "\n".join(lines)
 
@@ -664,9 +651,9 @@ def _main(argv: list[str] | None) -> int:
         "--lanes",
         type=int,
         default=1,
-        help="run chapters N at a time, each in its own process with every core, the results identical to one "
-        "lane (chapter 1 runs first, alone; `make book` uses 2); `python -m conceptlab.bench lanes` measures "
-        "the gain on your machine",
+        help="run chapters N at a time, each in its own process with the threads of one lane, the results "
+        "identical to one lane (chapter 1 runs first, alone; `make book` uses 2); `python -m conceptlab.bench "
+        "lanes` measures the gain on your machine",
     )
     args = ap.parse_args(argv)
     names = chapters() if args.chapters == "all" else args.chapters.split(",")
@@ -709,16 +696,13 @@ def _main(argv: list[str] | None) -> int:
             t0 = time.perf_counter()
             target = run_chapter(name, out, parameters(name), kernel)
             finished(name, time.perf_counter() - t0, target)
-    threads = lane_threads()
     in_lanes = [name for name in names if name not in first]
     if in_lanes:
-        print(f"{', '.join(in_lanes)}: {args.lanes} lanes of {threads} thread(s) each", flush=True)
+        print(f"{', '.join(in_lanes)}: {args.lanes} lanes", flush=True)
         jobs = [(name, parameters(name)) for name in slowest_first(in_lanes)]
-        run_in_lanes(jobs, out, args.lanes, threads, finished)
+        run_in_lanes(jobs, out, args.lanes, finished)
     rows = {name: rows[name] for name in names}  # the time table in the order asked, not the order finished
-    write_timings(
-        results / "timings.json", rows, time.perf_counter() - start, from_scratch, artifacts, args.lanes, threads
-    )
+    write_timings(results / "timings.json", rows, time.perf_counter() - start, from_scratch, artifacts, args.lanes)
     if kind is None:
         (results / "headline.md").write_text(intro_table(results))  # the intro includes it
     return 0
