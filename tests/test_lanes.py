@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -49,15 +51,15 @@ def test_lanes_run_chapters_side_by_side_never_more_than_asked(tmp_path):
     assert {r["wait"] for r in runs.values()} == {"PASSIVE"}  # lanes share the cores: waiting threads sleep
 
 
-def torch_threads(chapter: str, out_dir: Path, parameters: dict, done) -> None:
-    """A lane's worker that records how many threads torch computes with in a kernel the lane starts."""
-    import subprocess
-    import sys
+def kernel_threads() -> str:
+    """How many threads torch computes with in a fresh process started from here (as a chapter's kernel is)."""
+    code = "import torch; print(torch.get_num_threads())"
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).stdout.strip()
 
-    threads = subprocess.run(
-        [sys.executable, "-c", "import torch; print(torch.get_num_threads())"], capture_output=True, text=True
-    ).stdout
-    (out_dir / f"{chapter}.threads").write_text(threads.strip())
+
+def torch_threads(chapter: str, out_dir: Path, parameters: dict, done) -> None:
+    """A lane's worker that records :func:`kernel_threads` in its lane."""
+    (out_dir / f"{chapter}.threads").write_text(kernel_threads())
     done.put((chapter, 0.0, None))
 
 
@@ -65,13 +67,8 @@ def torch_threads(chapter: str, out_dir: Path, parameters: dict, done) -> None:
 def test_a_lane_computes_with_the_threads_of_a_build_without_lanes(tmp_path, monkeypatch, threads):
     """Torch's rounding depends on its thread count: a lane's kernel must use the count a plain kernel uses (one
     thread, then every core: a lane that sets its own count, a share of the cores or all of them, fails one)."""
-    import subprocess
-    import sys
-
     monkeypatch.setenv("OMP_NUM_THREADS", threads)
-    plain = subprocess.run(
-        [sys.executable, "-c", "import torch; print(torch.get_num_threads())"], capture_output=True, text=True
-    ).stdout.strip()
+    plain = kernel_threads()
     jobs = [("a", {}), ("b", {})]
     bookrun.run_in_lanes(jobs, tmp_path, 2, lambda name, s: None, worker=torch_threads)
     assert plain == threads and [(tmp_path / f"{name}.threads").read_text() for name in "ab"] == [plain, plain]
